@@ -1,0 +1,9 @@
+"""sparse-jax: block-sparse, permuted and indexed attention and grouped MoE matmuls for JAX.
+
+Flow: masks -> BlockMask tables -> kernels per backend (pallas_kernels/) -> ops -> layers (nn) -> models.
+"""
+from sparse_jax import backends, masks, reference
+from sparse_jax.block_mask import BlockMask, create_block_mask, gqa_union
+from sparse_jax.ops import block_sparse_attention, grouped_matmul, grouped_matmul_t, grouped_swiglu
+
+__version__ = "0.1.0"

@@ -1,0 +1,93 @@
+"""Shared test fixtures: which kernel backends run, tolerances, random inputs.
+
+Kernel tests are parametrised over ``kernel_backend`` = (backend, interpret):
+compiled Triton on a GPU, compiled Mosaic on a TPU, and both in interpret mode on
+the CPU. ``SPARSE_JAX_TEST_BACKENDS`` overrides, e.g. ``triton:compiled`` or
+``triton:interpret,mosaic_tpu:interpret``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", max_examples=200, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def _kernel_backends():
+    env = os.environ.get("SPARSE_JAX_TEST_BACKENDS")
+    if env:
+        out = []
+        for item in env.split(","):
+            name, _, mode = item.strip().partition(":")
+            out.append((name, mode != "compiled"))
+        return out
+    platform = jax.default_backend()
+    if platform == "gpu":
+        return [("triton", False)]
+    if platform == "tpu":
+        return [("mosaic_tpu", False)]
+    return [("triton", True), ("mosaic_tpu", True)]
+
+
+KERNEL_BACKENDS = _kernel_backends()
+
+
+def backend_id(p):
+    return f"{p[0]}-{'interpret' if p[1] else 'compiled'}"
+
+
+@pytest.fixture(params=KERNEL_BACKENDS, ids=backend_id)
+def kernel_backend(request):
+    """(backend name, interpret flag) for kernel tests."""
+    return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    on_gpu = jax.default_backend() == "gpu"
+    on_tpu = jax.default_backend() == "tpu"
+    slow = os.environ.get("SPARSE_JAX_SLOW") == "1"
+    for item in items:
+        if "gpu" in item.keywords and not on_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "tpu" in item.keywords and not on_tpu:
+            item.add_marker(pytest.mark.skip(reason="needs a TPU"))
+        if "slow" in item.keywords and not slow:
+            item.add_marker(pytest.mark.skip(reason="slow; set SPARSE_JAX_SLOW=1"))
+
+
+def tolerance(dtype, *, interpret: bool = True) -> float:
+    """Relative (Frobenius) error allowed vs the float32 reference."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        # Compiled Triton float32 dots run in tf32 (about 3e-4 relative error).
+        return 2e-5 if interpret else 2e-3
+    return 2e-2
+
+
+def rel_err(x, ref) -> float:
+    x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+    assert x.shape == ref.shape, (x.shape, ref.shape)
+    assert np.all(np.isfinite(x)), "non-finite values in the output"
+    denom = np.linalg.norm(ref)
+    return float(np.linalg.norm(x - ref) / (denom if denom > 0 else 1.0))
+
+
+def assert_close(x, ref, tol, what=""):
+    err = rel_err(x, ref)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def randn(key, shape, dtype=jnp.float32, scale=1.0):
+    return (scale * jax.random.normal(jax.random.key(key) if isinstance(key, int) else key, shape,
+                                      jnp.float32)).astype(dtype)
