@@ -214,12 +214,15 @@ class BlockMask:
     @classmethod
     def from_block_bool(cls, block_bool, q_len: int, kv_len: int, block_size=128, mask_fn=None, *,
                         max_kv_blocks: int | None = None, max_q_blocks: int | None = None,
-                      max_full_kv_blocks: int | None = None, max_full_q_blocks: int | None = None) -> "BlockMask":
+                      max_full_kv_blocks: int | None = None, max_full_q_blocks: int | None = None,
+                      classify: bool = True) -> "BlockMask":
         """Tables from a block selection ``block_bool`` bool [B|1, H|1, nQb, nKb] (or [nQb, nKb]).
 
         Without ``mask_fn`` the selected blocks are fully allowed. With it, a selected
-        block is full or partial by the mask's own classification and unselected blocks
-        are empty. Traceable under jit/vmap; ``max_*`` (static) bound the table widths
+        block is full or partial by the mask's own classification on the layout indices
+        and unselected blocks are empty; with ``classify=False`` every selected block is
+        partial (the kernel evaluates the mask inside it — what a permuted layout, whose
+        mask is evaluated on original positions, needs). Traceable under jit/vmap; ``max_*`` (static) bound the table widths
         (defaults: the exact maximum on the host, the number of blocks under tracing).
         """
         bq, bkv = _normalize_block_size(block_size)
@@ -237,7 +240,10 @@ class BlockMask:
             mask = None
         else:
             mask = masks_lib.as_mask(mask_fn)
-            grid = _classify(mask, sel.shape[0], sel.shape[1], q_len, kv_len, bq, bkv, xp)
+            if classify:
+                grid = _classify(mask, sel.shape[0], sel.shape[1], q_len, kv_len, bq, bkv, xp)
+            else:
+                grid = xp.full(sel.shape, T.PARTIAL, xp.int8)
             grid = xp.where(sel, grid, xp.int8(T.EMPTY))
         return _from_grid(grid, q_len, kv_len, (bq, bkv), mask, xp, max_kv_blocks, max_q_blocks,
                           max_full_kv_blocks, max_full_q_blocks)

@@ -57,11 +57,11 @@ def pytest_collection_modifyitems(config, items):
     on_tpu = jax.default_backend() == "tpu"
     slow = os.environ.get("SPARSE_JAX_SLOW") == "1"
     for item in items:
-        if "gpu" in item.keywords and not on_gpu:
+        if item.get_closest_marker("gpu") and not on_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
-        if "tpu" in item.keywords and not on_tpu:
+        if item.get_closest_marker("tpu") and not on_tpu:
             item.add_marker(pytest.mark.skip(reason="needs a TPU"))
-        if "slow" in item.keywords and not slow:
+        if item.get_closest_marker("slow") and not slow:
             item.add_marker(pytest.mark.skip(reason="slow; set SPARSE_JAX_SLOW=1"))
 
 
