@@ -1,0 +1,12 @@
+"""Flax NNX layers over the sparse_jax ops.
+
+Attention layers share one convention: ``Layer(d_model, num_heads, num_kv_heads,
+head_dim=None, ..., dtype, param_dtype, backend, interpret, rngs)`` and
+``layer(x [B, S, d_model], *, positions=None) -> [B, S, d_model]``, with the
+projections named q_proj / k_proj / v_proj / o_proj so weights move between them.
+"""
+from sparse_jax.nn._common import (
+    EMBED, EXPERT, HEAD_DIM, HEADS, KV_HEADS, MLP, VOCAB, annotate, einsum_projection, expert_weights,
+    head_projection, linear, output_projection)
+from sparse_jax.nn.rope import Rope, apply_rope, rotary_dim
+from sparse_jax.nn.sharding import DEFAULT_RULES, logical_to_mesh, partition_specs, shard_model
