@@ -10,3 +10,5 @@ from sparse_jax.nn._common import (
     head_projection, linear, output_projection)
 from sparse_jax.nn.rope import Rope, apply_rope, rotary_dim
 from sparse_jax.nn.sharding import DEFAULT_RULES, logical_to_mesh, partition_specs, shard_model
+from sparse_jax.nn.attention_base import AttentionBase
+from sparse_jax.nn.attention import BlockSparseAttention, BlockTables, DenseAttention
