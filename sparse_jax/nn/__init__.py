@@ -12,3 +12,4 @@ from sparse_jax.nn.rope import Rope, apply_rope, rotary_dim
 from sparse_jax.nn.sharding import DEFAULT_RULES, logical_to_mesh, partition_specs, shard_model
 from sparse_jax.nn.attention_base import AttentionBase
 from sparse_jax.nn.attention import BlockSparseAttention, BlockTables, DenseAttention
+from sparse_jax.nn.ffn import SwiGLU
