@@ -1,0 +1,246 @@
+"""``permuted_block_sparse_attention``: PBS-Attn (Wang et al., 2025) on top of the block-sparse kernels.
+
+Pipeline (everything under ``jit`` with static table shapes; selection is not differentiated):
+
+1. importance of every key: softmax(Q_last K^T) over the last ``block_size`` queries,
+   averaged over those rows and over the query heads of each kv head;
+2. keys (values follow) sorted by decreasing importance *within* segments of
+   ``segment_size``, per kv head; optionally queries too (:func:`sparse_jax.permutation.query_affinity`);
+3. blocks chosen on the permuted layout: mean-pooled block logits softmaxed over the
+   candidate blocks (earlier segments when causal, other segments otherwise), kept to a
+   cumulative ``threshold``; the block holding token 0 forced; the diagonal segment always
+   computed, masked token by token on the original positions (:class:`~sparse_jax.permutation.SegmentCausal`);
+4. :func:`sparse_jax.block_sparse_attention` on the permuted layout; output rows back in
+   the original order.
+
+Two layouts reach the kernel. *Physical* (default): K/V gathered per kv head and heads
+folded into the batch (q [B*Hkv, S, G, D], k/v [B*Hkv, S, 1, D]) so the per-head original
+positions ride in the op's per-batch ``kv_positions``. *Online* (``online_permutation``):
+K/V stay in place and the kernel reads row ``perm[b, h, j]`` for logical key j
+(``kv_permutation=``), positions following the rows; no gather, no fold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_jax import block_mask as bm_lib
+from sparse_jax import permutation as perm_lib
+from sparse_jax.block_mask import BlockMask
+from sparse_jax.ops.attention import block_sparse_attention
+from sparse_jax.selection import scores as scores_lib
+from sparse_jax.selection import threshold as thr
+
+__all__ = ["permuted_block_sparse_attention", "pbs_block_mask", "PBSAux"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PBSAux:
+    """What ``return_aux=True`` gives back.
+
+    density: float32 scalar, fraction of (query-block, kv-block) pairs computed (over
+      the folded tables [B*Hkv, Ht]).
+    kv_permutation: int32 [B, Hkv, S]; ``k_perm[b, j, h] = k[b, kv_permutation[b, h, j], h]``.
+    q_permutation: int32 [B, Hkv, S] or None (queries in place).
+    block_mask: the tables on the permuted layout, batch folded: [B*Hkv, Ht] with Ht = 1
+      (gqa="union"/"mean") or G (gqa="per_head"); row b*Hkv + h is kv head h of batch b.
+    importance: float32 [B, Hkv, S], the permutation's sort key.
+    """
+
+    density: jax.Array
+    kv_permutation: jax.Array
+    q_permutation: jax.Array | None
+    block_mask: BlockMask
+    importance: jax.Array
+
+
+def _has_kv_permutation_keyword() -> bool:
+    return "kv_permutation" in inspect.signature(block_sparse_attention).parameters
+
+
+def _check(q, k, v, block_size, segment_size, threshold):
+    """Trace-time validation in the caller's shapes (the kernel sees folded ones)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be [B, S, H, D]; got shape {tuple(x.shape)}")
+        if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+            raise ValueError(f"{name} must be float32, bfloat16 or float16; got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"incompatible q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"permuted_block_sparse_attention is for self-attention prefill (Sq == Skv); "
+                         f"got Sq={q.shape[1]}, Skv={k.shape[1]}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
+    block_size, segment_size = int(block_size), int(segment_size)
+    if block_size <= 0 or segment_size <= 0 or segment_size % block_size:
+        raise ValueError(f"segment_size ({segment_size}) must be a positive multiple of block_size ({block_size})")
+    if not isinstance(threshold, jax.core.Tracer):
+        t = np.asarray(threshold, np.float64)
+        if t.ndim > 1 or np.any(np.isnan(t)) or np.any(t < 0):
+            raise ValueError(f"threshold must be a non-negative scalar or per-head vector; got {threshold!r}")
+    return block_size, segment_size
+
+
+def _segment_grids(s: int, block: int, segment: int, causal: bool):
+    """Static bool [nQb, nKb] grids: the diagonal segment, and the candidate blocks."""
+    nb = -(-s // block)
+    seg = np.arange(nb) * block // segment
+    diag = seg[:, None] == seg[None, :]
+    cand = (seg[None, :] < seg[:, None]) if causal else ~diag
+    return diag, cand
+
+
+def pbs_block_mask(qf, kf, kperm_f, *, block_size: int, segment_size: int, threshold, causal: bool,
+                   gqa: str = "union", max_kv_blocks: int | None = None, force_first: bool = True,
+                   scale: float | None = None) -> BlockMask:
+    """PBS block selection on a permuted, head-folded layout.
+
+    qf: [N, S, G, D] (queries, possibly permuted), kf: [N, S, 1, D] (permuted keys),
+    kperm_f: int32 [N, S] (original position of each key row). Returns tables [N, Ht]
+    (Ht = 1 for gqa "union"/"mean", G for "per_head") with :class:`SegmentCausal`
+    (causal) or no mask; static widths: the diagonal segment's blocks (partial) and
+    ``max_kv_blocks`` (default every block) for the selected ones.
+    """
+    n, s, g, _ = qf.shape
+    diag, cand = _segment_grids(s, block_size, segment_size, causal)
+    nb = diag.shape[0]
+    logits = scores_lib.pooled_block_logits(qf, kf, block_size=block_size, pooling="mean", scale=scale)
+    probs = scores_lib.block_softmax(logits, jnp.asarray(cand))  # [N, G, nb, nb]
+    if force_first:
+        first_block = jnp.argmin(kperm_f, axis=-1) // block_size  # where position 0 (or the earliest) sits
+        sink = (jnp.arange(nb)[None, :] == first_block[:, None])[:, None, None, :]  # [N, 1, 1, nb]
+    else:
+        sink = jnp.zeros((1, 1, 1, nb), bool)
+    forced = sink & jnp.asarray(cand)
+
+    def select(x):
+        return thr.cumulative_threshold(x, threshold, allowed=cand, forced=forced)
+
+    cap = None if max_kv_blocks is None else max(1, min(int(max_kv_blocks), nb))
+    # One kv head per folded batch row: "union"/"mean" reduce the G query heads to one table.
+    sel = thr.group_selection(select, probs, 1, gqa, cap, forced) | jnp.asarray(diag)
+    n_diag = int(diag.sum(-1).max())
+    width_full = nb if cap is None else cap
+    if causal:
+        mask = perm_lib.segment_causal(segment_size)
+        return BlockMask.from_block_bool(sel, s, s, block_size, mask, max_kv_blocks=n_diag,
+                                         max_full_kv_blocks=width_full)
+    return BlockMask.from_block_bool(sel, s, s, block_size, None, max_kv_blocks=1,
+                                     max_full_kv_blocks=min(nb, width_full + n_diag))
+
+
+def _fold_threshold(threshold, b: int, hq: int, hkv: int, gqa: str):
+    """A per-head threshold [Hq] (or [Hkv] for gqa="mean") -> [B*Hkv, G|1] for the folded layout."""
+    t = jnp.asarray(threshold, jnp.float32)
+    if t.ndim == 0:
+        return t
+    n = hkv if gqa == "mean" else hq
+    if t.shape != (n,):
+        raise ValueError(f"a per-head threshold must be [{n}] ({'kv' if gqa == 'mean' else 'query'} heads "
+                         f"with gqa={gqa!r}); got shape {tuple(t.shape)}")
+    return jnp.tile(t.reshape(hkv, n // hkv), (b, 1))
+
+
+def _unfold_tables(bm: BlockMask, batch: int) -> BlockMask:
+    """Tables [B*Hkv, Ht, ...] -> [B, Hkv*Ht, ...] (kv head h, group head g -> head h*Ht + g)."""
+    def r(x):
+        return x.reshape(batch, -1, *x.shape[2:])
+    fields = {f: r(getattr(bm, f)) for f in bm_lib._TABLE_FIELDS}
+    return dataclasses.replace(bm, **fields)
+
+
+def permuted_block_sparse_attention(q, k, v, *, block_size: int = 128, segment_size: int = 256, threshold=0.9,
+                                    causal: bool = True, permute_queries: bool = False,
+                                    online_permutation: bool = False, return_aux: bool = False,
+                                    gqa: str = "union", max_kv_blocks: int | None = None,
+                                    importance_rows: int | None = None, force_first: bool = True,
+                                    scale: float | None = None, softcap: float | None = None,
+                                    backend: str | None = None, interpret=False):
+    """Permuted block-sparse attention for self-attention prefill.
+
+    Args:
+      q: [B, S, Hq, D]; k: [B, S, Hkv, D]; v: [B, S, Hkv, Dv] (one float dtype; GQA with
+        Hq a multiple of Hkv: permutations are per kv head, K/V are never repeated).
+      block_size: square block of the tables (kernel granularity).
+      segment_size: keys move only inside segments of this many positions (a multiple of
+        ``block_size``); any S works, the tail segment is shorter.
+      threshold: fraction of each query block's pooled-score mass (over the candidate
+        blocks) to keep; float or per query head [Hq] (gqa="per_head"/"union"). >= 1 keeps
+        every candidate: exact dense (causal) attention.
+      causal: causal self-attention (keys never leave their segment, the diagonal segment
+        is masked on original positions). False: bidirectional.
+      permute_queries: also sort queries within segments (by affinity to the important
+        keys); the output is un-permuted exactly.
+      online_permutation: pass the key permutation to the kernel (``kv_permutation=``)
+        instead of gathering K/V. Needs a block_sparse_attention with that keyword.
+      return_aux: also return a :class:`PBSAux` (density, permutations, tables, importance).
+      gqa: how a group's query heads share tables: "union" (default; one table per kv
+        head, the union of its heads' selections), "mean" or "per_head".
+      max_kv_blocks: static cap on selected (non-diagonal-segment) blocks per row.
+      importance_rows: queries used for the importance (default ``block_size``: the last block).
+      force_first: keep the block that holds token 0 (the attention sink).
+      scale: logit scale (default 1/sqrt(D)); softcap: as in block_sparse_attention.
+      backend / interpret: as in :func:`sparse_jax.block_sparse_attention`.
+
+    Returns:
+      o [B, S, Hq, Dv] in q's dtype (and the aux record). Gradients flow to q, k, v through
+      the gathers and the kernel; the selection itself is treated as a constant.
+    """
+    block_size, segment_size = _check(q, k, v, block_size, segment_size, threshold)
+    if gqa not in thr.GQA_MODES:
+        raise ValueError(f"gqa must be one of {thr.GQA_MODES}; got {gqa!r}")
+    if online_permutation and not _has_kv_permutation_keyword():
+        raise NotImplementedError("online_permutation needs sparse_jax.block_sparse_attention(..., kv_permutation=); "
+                                  "this version lacks it")
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    rows = block_size if importance_rows is None else int(importance_rows)
+    threshold = _fold_threshold(threshold, b, hq, hkv, gqa)
+
+    sg = jax.lax.stop_gradient
+    importance = scores_lib.last_block_importance(sg(q), sg(k), rows=rows, causal=causal, scale=scale)
+    kperm = perm_lib.segment_permutation(importance, segment_size)  # [B, Hkv, S]
+    qperm = None
+    if permute_queries:
+        qperm = perm_lib.segment_permutation(perm_lib.query_affinity(sg(q), sg(k), importance), segment_size)
+
+    qf = perm_lib.permute_heads(q, qperm) if qperm is not None else perm_lib.fold_heads(q, hkv)  # [N, S, G, D]
+    kperm_f = kperm.reshape(b * hkv, s)
+    qperm_f = None if qperm is None else qperm.reshape(b * hkv, s)
+    kf_sel = perm_lib.permute_heads(sg(k), kperm)
+    tables = pbs_block_mask(sg(qf), kf_sel, kperm_f, block_size=block_size, segment_size=segment_size,
+                            threshold=threshold, causal=causal, gqa=gqa, max_kv_blocks=max_kv_blocks,
+                            force_first=force_first, scale=scale)
+    tables = jax.tree_util.tree_map(sg, tables)
+    kw = dict(scale=scale, softcap=softcap, backend=backend, interpret=interpret)
+
+    if online_permutation and qperm is None:
+        # Unfolded: q in place, K/V read through the permutation, tables per (b, head).
+        o = block_sparse_attention(q, k, v, _unfold_tables(tables, b), kv_permutation=kperm, **kw)
+    else:
+        if online_permutation:  # queries move per kv head: fold K/V (no gather) and permute in-kernel
+            kf, vf = perm_lib.fold_heads(k, hkv), perm_lib.fold_heads(v, hkv)
+            extra = dict(kv_permutation=kperm_f[:, None, :], q_positions=qperm_f)
+        else:
+            kf, vf = perm_lib.permute_heads(k, kperm), perm_lib.permute_heads(v, kperm)
+            extra = dict(kv_positions=kperm_f if causal else None, q_positions=qperm_f if causal else None)
+        of = block_sparse_attention(qf, kf, vf, tables, **extra, **kw)  # [N, S, G, Dv]
+        if qperm_f is not None:
+            of = perm_lib.unpermute_rows(of, qperm_f)
+        o = perm_lib.unfold_heads(of, b)
+    if not return_aux:
+        return o
+    aux = PBSAux(density=jnp.asarray(tables.density, jnp.float32), kv_permutation=kperm, q_permutation=qperm,
+                 block_mask=tables, importance=importance)
+    return o, aux
