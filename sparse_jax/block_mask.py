@@ -40,7 +40,7 @@ from sparse_jax import _block_tables as T
 from sparse_jax import masks as masks_lib
 from sparse_jax.masks import Mask
 
-__all__ = ["BlockMask", "create_block_mask", "gqa_union"]
+__all__ = ["BlockMask", "create_block_mask", "gqa_union", "group_sub_blocks"]
 
 _TABLE_FIELDS = (
     "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
@@ -286,6 +286,76 @@ class BlockMask:
     def with_mask(self, mask_fn) -> "BlockMask":
         """The same tables with another mask function for partial blocks."""
         return dataclasses.replace(self, mask=None if mask_fn is None else masks_lib.as_mask(mask_fn))
+
+    def coarsen(self, block_size, *, check: bool = True) -> "BlockMask":
+        """The same pattern on larger blocks: ``block_size`` (int or (bq, bkv)) multiples of this one's.
+
+        A coarse block is FULL when every logical block inside it is full, PARTIAL when
+        any is non-empty, EMPTY otherwise; the mask function is kept and applied inside
+        partial coarse blocks. That is exact when the fine tables agree with the mask on
+        the layout indices (true for :func:`create_block_mask` tables): every empty fine
+        block inside a partial coarse block allows nothing under the mask and every full
+        one allows everything. ``check`` verifies this for host (numpy) tables and raises
+        ValueError otherwise; traced tables are not checked. Without a mask function a
+        coarse block may not mix selected and unselected blocks (checked; traced tables
+        without a mask cannot be coarsened). Traceable.
+        """
+        bq, bkv = _normalize_block_size(block_size)
+        fq, fk = self.block_size
+        if bq % fq or bkv % fk:
+            raise ValueError(f"coarse block {(bq, bkv)} must be a multiple of the current block {(fq, fk)}")
+        rq, rk = bq // fq, bkv // fk
+        if rq == rk == 1:
+            return self
+        xp = np if isinstance(self.kv_indices, np.ndarray) else jnp
+        fine = self.block_classes()
+        sub, valid = group_sub_blocks(fine, rq, rk, xp)
+        nonempty = xp.any((sub != T.EMPTY) & valid, axis=-1)
+        all_full = xp.all((sub == T.FULL) | ~valid, axis=-1)
+        if self.mask is None:
+            if xp is jnp:
+                raise ValueError("coarsen() of a BlockMask without mask function needs host (numpy) tables "
+                                 "so that mixing selected and unselected blocks can be ruled out")
+            all_sel = np.all((sub != T.EMPTY) | ~valid, axis=-1)
+            if np.any(nonempty & ~all_sel):
+                raise ValueError(f"cannot coarsen to {(bq, bkv)}: a coarse block mixes selected and unselected "
+                                 "blocks and there is no mask function to tell them apart")
+            grid = np.where(nonempty, np.int8(T.FULL), np.int8(T.EMPTY))
+        else:
+            grid = xp.where(all_full, xp.int8(T.FULL), xp.where(nonempty, xp.int8(T.PARTIAL), xp.int8(T.EMPTY)))
+            if check and xp is np:
+                b, h = fine.shape[:2]
+                exact, _ = group_sub_blocks(_classify(self.mask, b, h, self.q_len, self.kv_len, fq, fk, np),
+                                            rq, rk, np)
+                partial = (grid == T.PARTIAL)[..., None] & valid
+                bad = partial & (((sub == T.EMPTY) & (exact != T.EMPTY)) | ((sub == T.FULL) & (exact != T.FULL)))
+                if np.any(bad):
+                    raise ValueError(f"cannot coarsen to {(bq, bkv)} exactly: the tables select blocks differently "
+                                     f"from what the mask function {self.mask!r} allows, and a coarse partial block "
+                                     "would apply the mask to blocks the tables leave out (or restrict blocks they "
+                                     "keep whole); use check=False to accept that, or keep the block size")
+        return _from_grid(grid, self.q_len, self.kv_len, (bq, bkv), self.mask, xp)
+
+
+def group_sub_blocks(grid, factor_q: int, factor_kv: int, xp):
+    """Group a class grid [..., nQb, nKb] into coarse blocks of factor_q x factor_kv.
+
+    Returns (sub int8 [..., nQc, nKc, factor_q * factor_kv], valid bool of the same
+    shape): sub-block ``a * factor_kv + c`` of coarse block (i, j) is fine block
+    (i * factor_q + a, j * factor_kv + c); ``valid`` is False for the padding past the
+    fine grid (whose class reads EMPTY).
+    """
+    nq, nk = grid.shape[-2:]
+    nqc, nkc = -(-nq // factor_q), -(-nk // factor_kv)
+    lead = grid.shape[:-2]
+    pad = [(0, 0)] * len(lead) + [(0, nqc * factor_q - nq), (0, nkc * factor_kv - nk)]
+    g = xp.pad(grid, pad)
+    g = g.reshape(*lead, nqc, factor_q, nkc, factor_kv)
+    g = xp.moveaxis(g, -3, -2).reshape(*lead, nqc, nkc, factor_q * factor_kv)
+    qv = (xp.arange(nqc * factor_q) < nq).reshape(nqc, 1, factor_q, 1)
+    kv = (xp.arange(nkc * factor_kv) < nk).reshape(1, nkc, 1, factor_kv)
+    valid = (qv & kv).reshape(nqc, nkc, factor_q * factor_kv)
+    return g.astype(xp.int8), xp.broadcast_to(valid, g.shape)
 
 
 def _classify(mask, B, H, q_len, kv_len, bq, bkv, xp, refine_blocks=None):

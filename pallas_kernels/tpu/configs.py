@@ -1,0 +1,207 @@
+"""Per-TPU-generation facts and default tile sizes for the block-sparse attention kernels.
+
+Why the defaults are what they are (numbers and sources in
+``benchmarks/notes/block_sparse_attention_tpu.md``):
+
+* A grid step costs a fixed ~0.35 us of pipeline bookkeeping, so a step must
+  carry enough MXU work to hide it: on v5e (197 TFLOP/s bf16) a 512 x 512 x 128
+  q/kv tile of one head is ~0.7 us of forward MXU time; on v6e (918 TFLOP/s) the
+  same tile is ~0.15 us, so v6e wants twice the rows per step.
+* K/V are re-read from HBM once per query tile. Per step the kernel moves
+  ``bkv * (D + Dv) * 2`` bytes of K/V and does ``4 * rows * bkv * D`` FLOPs
+  (rows = query positions x GQA heads in the tile), an arithmetic intensity of
+  ``rows`` FLOP/byte: above the ridge point (v5e ~240, v6e ~560 FLOP/byte) the
+  kernel is MXU-bound, so v5e targets 512 rows and v6e 1024.
+* Lane dims are multiples of 128 (the vreg is 8 x 128); the v6e MXU is 256 x 256,
+  so its tiles are multiples of 256 where the logical blocks allow.
+* VMEM (128 MiB on v5e) is not the limit for these tiles: a v6e forward step
+  with 1024 rows x 512 keys, D = 128, holds ~9 MiB (double-buffered q/k/v/o,
+  f32 accumulators, the [rows, bkv] logits). The scoped-VMEM limit is raised
+  only when the estimate gets near the default.
+* Block tables live in SMEM (1 MiB up to v6e); the wrapper checks their size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+
+import jax
+
+MIB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Public (or clearly-labelled assumed) facts about one TPU generation, per TensorCore."""
+
+    name: str
+    peak_bf16_tflops: float
+    hbm_gbps: float
+    vmem_bytes: int
+    scoped_vmem_default: int
+    smem_bytes: int
+    mxu: int  # systolic array side
+    num_mxu: int
+    clock_ghz: float | None  # None: not published
+
+
+CHIPS = {
+    "v4": Chip("v4", 137.5, 614.0, 16 * MIB, 16 * MIB, 1 * MIB, 128, 4, 1.05),  # per TensorCore (2 per chip)
+    "v5e": Chip("v5e", 197.0, 819.0, 128 * MIB, 16 * MIB, 1 * MIB, 128, 4, 1.5),
+    "v5p": Chip("v5p", 229.5, 1382.0, 64 * MIB, 16 * MIB, 1 * MIB, 128, 4, 1.75),  # per TensorCore (2 per chip)
+    "v6e": Chip("v6e", 918.0, 1638.0, 128 * MIB, 32 * MIB, 1 * MIB, 256, 2, None),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TileTargets:
+    """Targets the block chooser aims for (it keeps tiles multiples of the logical blocks).
+
+    rows: query positions x GQA heads per forward / dQ step; block_q_max caps the
+    positions; block_kv: keys per step; dkv_block_q / dkv_block_kv: the dK/dV pass
+    (its rows are kv positions, so it prefers a large kv tile and a moderate q tile).
+    """
+
+    rows: int
+    block_q_max: int
+    block_kv: int
+    dkv_block_q: int
+    dkv_block_kv: int
+    align: int  # preferred multiple for tile sides (MXU side)
+
+
+DEFAULT_TARGETS = {
+    "v4": TileTargets(rows=512, block_q_max=512, block_kv=512, dkv_block_q=256, dkv_block_kv=512, align=128),
+    "v5e": TileTargets(rows=512, block_q_max=512, block_kv=512, dkv_block_q=256, dkv_block_kv=512, align=128),
+    "v5p": TileTargets(rows=512, block_q_max=512, block_kv=512, dkv_block_q=256, dkv_block_kv=512, align=128),
+    "v6e": TileTargets(rows=1024, block_q_max=1024, block_kv=512, dkv_block_q=512, dkv_block_kv=1024, align=256),
+}
+
+OFF_TPU_GENERATION = "v6e"  # what export / interpret mode assume when no TPU is attached
+
+
+def generation(device=None) -> str:
+    """'v4', 'v5e', 'v5p' or 'v6e' from the device kind (newer chips map to 'v6e')."""
+    if device is None:
+        try:
+            devs = jax.devices("tpu")
+        except RuntimeError:
+            return OFF_TPU_GENERATION
+        device = devs[0]
+    kind = getattr(device, "device_kind", "").lower()
+    if "v5 lite" in kind or "v5e" in kind or "v5litepod" in kind:
+        return "v5e"
+    if "v5" in kind:
+        return "v5p"
+    if "v4" in kind:
+        return "v4"
+    return "v6e"
+
+
+@dataclasses.dataclass(frozen=True)
+class Override:
+    """Explicit tile sizes (multiples of the mask's logical blocks and of 128), None = default."""
+
+    block_q: int | None = None
+    block_kv: int | None = None
+    dkv_block_q: int | None = None
+    dkv_block_kv: int | None = None
+    generation: str | None = None
+    vmem_limit_bytes: int | None = None
+
+
+_OVERRIDE: contextvars.ContextVar[Override] = contextvars.ContextVar("sparse_jax_tpu_attention", default=Override())
+
+
+@contextlib.contextmanager
+def override(**kwargs):
+    """Use explicit tile sizes / generation while tracing inside the ``with`` block.
+
+    >>> with configs.override(block_q=256, block_kv=512):
+    ...     o = sparse_jax.block_sparse_attention(q, k, v, bm, backend="mosaic_tpu")
+
+    Read at trace time: a function jitted earlier keeps the tiles it was traced with.
+    """
+    token = _OVERRIDE.set(dataclasses.replace(_OVERRIDE.get(), **kwargs))
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def current_override() -> Override:
+    return _OVERRIDE.get()
+
+
+def _factor(logical: int, target: int, length: int, align: int, explicit: int | None, what: str) -> int:
+    """How many logical blocks one kernel tile spans along an axis.
+
+    The tile (factor x logical) must be a multiple of 128; prefer multiples of
+    ``align``; aim at ``target`` rows; never span more than the axis needs.
+    """
+    if explicit is not None:
+        if explicit % logical or explicit % 128:
+            raise ValueError(f"{what}={explicit} must be a multiple of the mask's logical block ({logical}) "
+                             f"and of 128")
+        return explicit // logical
+    base = 128 // math.gcd(logical, 128)  # smallest factor giving a 128-multiple
+    aligned = align // math.gcd(logical, align)
+    n_blocks = -(-length // logical)
+    cover = base * -(-n_blocks // base)  # smallest base-multiple covering the axis
+    step = aligned if aligned * logical <= max(target, base * logical) else base
+    f = max(base, step * (target // (step * logical)))
+    return max(base, min(f, cover))
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Kernel tile sizes: multiples of the logical blocks (``factor_*``) and of 128."""
+
+    block_q: int
+    block_kv: int
+    factor_q: int
+    factor_kv: int
+    vmem_limit_bytes: int | None
+
+
+def choose_tiles(kind: str, *, logical: tuple[int, int], q_len: int, kv_len: int, group: int,
+                 head_dim: int, head_dim_v: int, itemsize: int) -> Tiles:
+    """Tiles for pass ``kind`` ('fwd', 'dq' or 'dkv') of one problem."""
+    ov = current_override()
+    gen = ov.generation or generation()
+    t = DEFAULT_TARGETS[gen]
+    lq, lk = logical
+    if kind == "dkv":
+        target_q, target_kv = t.dkv_block_q, t.dkv_block_kv
+        exp_q, exp_kv = ov.dkv_block_q or ov.block_q, ov.dkv_block_kv or ov.block_kv
+    else:
+        target_q = min(t.block_q_max, max(128, t.rows // max(group, 1)))
+        target_kv = t.block_kv
+        exp_q, exp_kv = ov.block_q, ov.block_kv
+    fq = _factor(lq, target_q, q_len, t.align, exp_q, "block_q")
+    fk = _factor(lk, target_kv, kv_len, t.align, exp_kv, "block_kv")
+    bq, bkv = fq * lq, fk * lk
+    est = vmem_estimate(kind, bq, bkv, group, head_dim, head_dim_v, itemsize)
+    limit = ov.vmem_limit_bytes
+    chip = CHIPS[gen]
+    if limit is None and est > 0.6 * chip.scoped_vmem_default:
+        limit = int(min(0.75 * chip.vmem_bytes, max(2 * est, chip.scoped_vmem_default)))
+    return Tiles(bq, bkv, fq, fk, limit)
+
+
+def vmem_estimate(kind: str, bq: int, bkv: int, group: int, d: int, dv: int, itemsize: int) -> int:
+    """Bytes of VMEM one grid step holds (double-buffered blocks, scratch, f32 temporaries)."""
+    lanes = 128
+    q = bq * group * d * itemsize
+    do_o = bq * group * dv * itemsize
+    kv = bkv * (d + dv) * itemsize
+    rowstats = 2 * group * bq * 4  # lse / delta rows
+    temps = 4 * bq * bkv * 4  # logits, probabilities, mask, dP / dS
+    if kind == "fwd":
+        return 2 * (q + kv + do_o) + rowstats + group * bq * (2 * lanes + dv) * 4 + temps
+    if kind == "dq":
+        return 2 * (q + kv + 2 * do_o) + 2 * rowstats + group * bq * d * 4 + temps
+    return 2 * (q + do_o + kv) + 2 * (bkv * (d + dv) * itemsize) + 2 * rowstats + bkv * (d + dv) * 4 + temps
