@@ -1,0 +1,140 @@
+"""Grouped forward matmul kernels (gmm, dual gmm, fused SwiGLU) lowered through Pallas-Triton.
+
+One program per (row tile of the :class:`~sparse_jax.group_metadata.GroupMetadata`
+schedule, tn-column block); the grid is the static worst case and programs past
+``num_tiles`` exit at once. Row tiles are group-aligned (a tile never straddles
+groups; loads and stores are row-masked), zero-fill tiles (group -1) write the
+rows of no local group. Programs are ordered in bands of ``band`` row tiles per
+column block so the tiles of one group stream the same weight block through L2
+together. The K loop is an ``scf.for`` Triton software-pipelines with
+``num_stages`` buffers.
+
+Shapes: lhs[i] [M, K] (all one dtype), rhs[j] [G, K, N] ([G, N, K] with
+``transpose_rhs``), outputs [M, N]; float32 accumulation.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.common import gmm_plan
+from pallas_kernels.common.gmm_plan import Fusion, Tiles
+from sparse_jax import _compat
+from sparse_jax.group_metadata import GroupMetadata
+
+# Defaults for an H100 (benchmarks/notes/grouped_matmul.md): big tiles for full, compute-bound
+# row tiles; small tiles for the short tail tiles of small groups (weight streaming).
+BIG = Tiles(tm=128, tn=256, tk=64, num_warps=8, num_stages=3, band=8)
+SMALL = Tiles(tm=32, tn=128, tk=128, num_warps=4, num_stages=4, band=8)
+
+
+def swizzle(pid, rows: int, cols: int, band: int):
+    """Program id -> (row tile, column block): column-major inside bands of ``band`` row tiles."""
+    per_band = band * cols
+    first = (pid // per_band) * band
+    height = jnp.minimum(rows - first, band)
+    r = pid % per_band
+    return first + r % height, r // height
+
+
+def _block_dims(k: int, n: int, tiles: Tiles) -> tuple[int, int]:
+    return gmm_plan.pow2_block(n, tiles.tn), gmm_plan.pow2_block(k, tiles.tk)
+
+
+def forward(xs, ws, meta: GroupMetadata, *, fusion: Fusion, tiles: Tiles, transpose_rhs: bool, out_dtypes,
+            interpret: bool = False, existing=None):
+    """Run ``fusion`` over the tiles of ``meta``; returns ``fusion.num_out`` arrays [M, N].
+
+    ``existing`` (outputs of an earlier launch over other rows) are aliased to the outputs:
+    rows this schedule does not visit keep their values.
+    """
+    M, K = xs[0].shape
+    N = ws[0].shape[1] if transpose_rhs else ws[0].shape[2]
+    tm = meta.tile_m
+    tn, tk = _block_dims(K, N, tiles)
+    nt, nk = gmm_plan.cdiv(N, tn), gmm_plan.cdiv(K, tk)
+    T = meta.max_tiles
+    mask_k, mask_n = K % tk != 0, N % tn != 0
+    in_dtype = xs[0].dtype
+    num_out = fusion.num_out
+
+    dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+
+    def kernel(tg_ref, tr_ref, tlo_ref, thi_ref, nt_ref, *refs):
+        x_refs = refs[:fusion.num_lhs]
+        w_refs = refs[fusion.num_lhs:fusion.num_lhs + fusion.num_rhs]
+        o_refs = refs[len(refs) - num_out:]
+        t, nb = swizzle(pl.program_id(0), T, nt, tiles.band)
+
+        @pl.when(t < nt_ref[0])
+        def _tile():
+            g, row0, lo, hi = tg_ref[t], tr_ref[t], tlo_ref[t], thi_ref[t]
+            rows = row0 + lax.broadcasted_iota(jnp.int32, (tm,), 0)
+            row_ok = (rows >= lo) & (rows < hi)
+            cols = nb * tn + lax.broadcasted_iota(jnp.int32, (tn,), 0)
+            out_mask = row_ok[:, None] & (cols < N)[None, :]
+            rows_ds, cols_ds = pl.ds(row0, tm), pl.ds(nb * tn, tn)
+
+            def step(terms, kb, accs):
+                """One K step of one pass: load each tile its terms use once, accumulate every term."""
+                k0 = pl.multiple_of(kb * tk, tk)
+                k_ok = (k0 + lax.broadcasted_iota(jnp.int32, (tk,), 0)) < K
+                x_mask = row_ok[:, None] & k_ok[None, :] if mask_k else row_ok[:, None]
+                w_masks = []
+                if mask_n:
+                    w_masks.append((cols < N)[:, None] if transpose_rhs else (cols < N)[None, :])
+                if mask_k:
+                    w_masks.append(k_ok[None, :] if transpose_rhs else k_ok[:, None])
+                w_mask = functools.reduce(jnp.logical_and, w_masks) if w_masks else None
+                w_idx = (g, cols_ds, pl.ds(k0, tk)) if transpose_rhs else (g, pl.ds(k0, tk), cols_ds)
+                x_t = {i: plgpu.load(x_refs[i].at[rows_ds, pl.ds(k0, tk)], mask=x_mask, other=0.0)
+                       for i in sorted({i for i, _, _ in terms})}
+                w_t = {j: plgpu.load(w_refs[j].at[w_idx], mask=w_mask, other=None if w_mask is None else 0.0)
+                       for j in sorted({j for _, j, _ in terms})}
+                accs = list(accs)
+                for i, j, a in terms:
+                    accs[a] = accs[a] + lax.dot_general(x_t[i], w_t[j], dims, preferred_element_type=jnp.float32)
+                return tuple(accs)
+
+            @pl.when(g >= 0)
+            def _compute():
+                accs = tuple(jnp.zeros((tm, tn), jnp.float32) for _ in range(fusion.num_acc))
+                for terms in fusion.passes:
+                    accs = lax.fori_loop(0, nk, functools.partial(step, terms), accs)
+                for o_ref, val in zip(o_refs, gmm_plan.epilogue(fusion.epilogue, accs)):
+                    plgpu.store(o_ref.at[rows_ds, cols_ds], val.astype(o_ref.dtype), mask=out_mask)
+
+            @pl.when(g < 0)
+            def _zero_fill():
+                for o_ref in o_refs:
+                    plgpu.store(o_ref.at[rows_ds, cols_ds], jnp.zeros((tm, tn), o_ref.dtype), mask=out_mask)
+
+    out_shape = [jax.ShapeDtypeStruct((M, N), dt) for dt in out_dtypes]
+    args = [*meta.tile_arrays(), *[x.astype(in_dtype) for x in xs], *ws]
+    aliases = {}
+    if existing is not None:
+        aliases = {len(args) + i: i for i in range(num_out)}
+        args += list(existing)
+    itemsize = jnp.dtype(in_dtype).itemsize
+    cost = pl.CostEstimate(
+        flops=2 * M * K * N * fusion.num_terms,
+        bytes_accessed=(M * K * fusion.num_lhs * nt + meta.num_groups * K * N * fusion.num_rhs) * itemsize
+        + M * N * sum(jnp.dtype(d).itemsize for d in out_dtypes),
+        transcendentals=M * N if fusion.epilogue != "none" else 0)
+    call = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(T * nt,),
+        input_output_aliases=aliases,
+        compiler_params=_compat.triton_compiler_params(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+        interpret=interpret,
+        cost_estimate=cost,
+        name=f"gmm_{fusion.name}_{tm}x{tn}x{tk}",
+    )
+    return tuple(call(*args))

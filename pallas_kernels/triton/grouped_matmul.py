@@ -1,0 +1,86 @@
+"""GPU entry points of the grouped matmuls: schedule, tile choice, kernel launches.
+
+``forward`` runs a forward :class:`~pallas_kernels.common.gmm_plan.Fusion` (gmm, dual
+gmm, SwiGLU) and ``transposed`` the weight-gradient kernel; both take group sizes,
+build the :class:`~sparse_jax.group_metadata.GroupMetadata` on device and launch.
+
+Adaptive tile height: each group's rows are split between a big-tile launch (full,
+compute-bound tiles) and a small-tile launch (the tail of a group, or whole small
+groups, where a big tile would mostly compute padding) by the device-side cost model
+of :func:`~pallas_kernels.common.gmm_plan.split_rows`. Both launches always run (the
+second writes into the first's output buffer); a launch with no tiles costs one
+launch of early-exiting programs. No ``lax.switch`` (an XLA:GPU conditional reads its
+predicate on the host), no host sync.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels.common import gmm_plan
+from pallas_kernels.common.gmm_plan import Fusion, Tiles
+from pallas_kernels.triton import gmm as gmm_kernel
+from pallas_kernels.triton import tgmm as tgmm_kernel
+from sparse_jax.group_metadata import local_group_bounds, metadata_from_rows
+
+# (big, small) per fusion kind for 2-byte inputs; benchmarks/tune_gmm.py sweeps them.
+FORWARD_TILES = {
+    "gmm": (gmm_kernel.BIG, gmm_kernel.SMALL),
+    "swiglu": (Tiles(128, 128, 64, num_warps=8, num_stages=3), Tiles(32, 64, 128, num_warps=4, num_stages=4)),
+}
+TRANSPOSED_TILES = tgmm_kernel.DEFAULT
+
+
+def _for_itemsize(t: Tiles, itemsize: int) -> Tiles:
+    """Halve the K step for 4-byte inputs so the pipeline buffers fit shared memory."""
+    if itemsize <= 2:
+        return t
+    return Tiles(t.tm, t.tn, max(16, t.tk * 2 // itemsize), t.num_warps, t.num_stages, t.band)
+
+
+def forward_tiles(fusion: Fusion, itemsize: int) -> tuple[tuple[Tiles, ...], str, gmm_plan.CostModel]:
+    ov = gmm_plan.current_override()
+    policy, cost = "split", gmm_plan.CostModel()
+    if ov is not None:
+        policy, cost = ov.policy, ov.cost or cost
+        if ov.forward is not None:
+            tiles = ov.forward if isinstance(ov.forward, tuple) else (ov.forward,)
+            return tiles, policy, cost
+    kind = "swiglu" if fusion.num_acc == 2 else "gmm"
+    return tuple(_for_itemsize(t, itemsize) for t in FORWARD_TILES[kind]), policy, cost
+
+
+def forward(xs, ws, group_sizes, group_offset, *, fusion: Fusion, transpose_rhs: bool, out_dtypes,
+            interpret: bool = False):
+    """xs: fusion.num_lhs arrays [M, K]; ws: fusion.num_rhs arrays [G, K, N] ([G, N, K] transposed)."""
+    M, K = xs[0].shape
+    G = ws[0].shape[0]
+    N = ws[0].shape[1] if transpose_rhs else ws[0].shape[2]
+    itemsize = jnp.dtype(xs[0].dtype).itemsize
+    tiles, policy, cost = forward_tiles(fusion, itemsize)
+    starts, ends = local_group_bounds(group_sizes, M, G, group_offset)
+    run = dict(fusion=fusion, transpose_rhs=transpose_rhs, out_dtypes=out_dtypes, interpret=interpret)
+    if len(tiles) == 1 or policy in ("big", "small"):
+        t = tiles[-1] if policy == "small" else tiles[0]
+        meta = metadata_from_rows(starts, ends, num_rows=M, tile_m=t.tm, align="group", zero_fill=True,
+                                  visit_empty=False)
+        return gmm_kernel.forward(xs, ws, meta, tiles=t, **run)
+    big, small = tiles
+    split = gmm_plan.split_rows(starts, ends, tm_big=big.tm, tm_small=small.tm, k=K, n=N,
+                                num_rhs=fusion.num_rhs, itemsize=itemsize, cost=cost)
+    meta_big = metadata_from_rows(starts, ends, num_rows=M, tile_m=big.tm, align="group", zero_fill=True,
+                                  visit_empty=False, rows_end=split)
+    meta_small = metadata_from_rows(starts, ends, num_rows=M, tile_m=small.tm, align="group", zero_fill=False,
+                                    visit_empty=False, rows_start=split)
+    outs = gmm_kernel.forward(xs, ws, meta_big, tiles=big, **run)
+    return gmm_kernel.forward(xs, ws, meta_small, tiles=small, existing=outs, **run)
+
+
+def transposed(lhs, rhs, group_sizes, group_offset, *, num_groups: int, out_dtype, interpret: bool = False):
+    """lhs [M, K], rhs: tuple of [M, N] -> tuple of [num_groups, K, N]."""
+    M = lhs.shape[0]
+    ov = gmm_plan.current_override()
+    tiles = ov.transposed if ov is not None and ov.transposed is not None else \
+        _for_itemsize(TRANSPOSED_TILES, jnp.dtype(lhs.dtype).itemsize)
+    starts, ends = local_group_bounds(group_sizes, M, num_groups, group_offset)
+    return tgmm_kernel.transposed(lhs, rhs, starts, ends, tiles=tiles, out_dtype=out_dtype, interpret=interpret)

@@ -1,0 +1,87 @@
+"""Grouped transposed matmul (weight gradient) lowered through Pallas-Triton.
+
+``out[j][g] = lhs[rows of g].T @ rhs[j][rows of g]`` for one or more right operands
+sharing each lhs tile (the SwiGLU backward gets dW_gate and dW_up from one read of x).
+
+One program per (local group, tk-row block, tn-column block) of the output: it
+walks its group's rows ``tm`` at a time (a dynamic-trip-count ``scf.for``, masked
+row loads) and writes its output block once -- no atomics, and an empty group
+writes zeros. Programs are ordered group-major, then in bands over (k, n) blocks
+for L2 reuse of the lhs/rhs row panels.
+
+Shapes: lhs [M, K], rhs[j] [M, N] (one dtype), outputs [G, K, N]; float32 accumulation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.common import gmm_plan
+from pallas_kernels.common.gmm_plan import Tiles
+from pallas_kernels.triton.gmm import swizzle
+from sparse_jax import _compat
+
+DEFAULT = Tiles(tm=64, tn=128, tk=128, num_warps=8, num_stages=3, band=8)
+
+
+def transposed(lhs, rhs, group_starts, group_ends, *, tiles: Tiles, out_dtype, interpret: bool = False):
+    """lhs [M, K], rhs: tuple of [M, N], group rows [group_starts[g], group_ends[g]) (int32 [G],
+    as in :class:`~sparse_jax.group_metadata.GroupMetadata`) -> tuple of [G, K, N] (``out_dtype``).
+
+    Needs no tile schedule: a program walks its group's rows itself.
+    """
+    M, K = lhs.shape
+    N = rhs[0].shape[1]
+    G = group_starts.shape[0]
+    tm = tiles.tm
+    tk, tn = gmm_plan.pow2_block(K, tiles.tk), gmm_plan.pow2_block(N, tiles.tn)
+    kt, nt = gmm_plan.cdiv(K, tk), gmm_plan.cdiv(N, tn)
+    P = len(rhs)
+
+    def kernel(start_ref, end_ref, x_ref, *refs):
+        r_refs, o_refs = refs[:P], refs[P:]
+        pid = pl.program_id(0)
+        g = pid // (kt * nt)
+        kb, nb = swizzle(pid % (kt * nt), kt, nt, tiles.band)
+        start, end = start_ref[g], end_ref[g]
+        ks = kb * tk + lax.broadcasted_iota(jnp.int32, (tk,), 0)
+        ns = nb * tn + lax.broadcasted_iota(jnp.int32, (tn,), 0)
+        k_ok, n_ok = ks < K, ns < N
+
+        def step(i, accs):
+            r0 = start + i * tm
+            row_ok = (r0 + lax.broadcasted_iota(jnp.int32, (tm,), 0)) < end
+            x_mask = row_ok[:, None] & k_ok[None, :] if K % tk else row_ok[:, None]
+            r_mask = row_ok[:, None] & n_ok[None, :] if N % tn else row_ok[:, None]
+            x = plgpu.load(x_ref.at[pl.ds(r0, tm), pl.ds(kb * tk, tk)], mask=x_mask, other=0.0)
+            out = []
+            for acc, r_ref in zip(accs, r_refs):
+                r = plgpu.load(r_ref.at[pl.ds(r0, tm), pl.ds(nb * tn, tn)], mask=r_mask, other=0.0)
+                out.append(acc + lax.dot_general(x, r, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32))
+            return tuple(out)
+
+        steps = (jnp.maximum(end - start, 0) + tm - 1) // tm
+        accs = lax.fori_loop(0, steps, step, tuple(jnp.zeros((tk, tn), jnp.float32) for _ in range(P)))
+        for o_ref, acc in zip(o_refs, accs):
+            plgpu.store(o_ref.at[g, pl.ds(kb * tk, tk), pl.ds(nb * tn, tn)], acc.astype(o_ref.dtype),
+                        mask=k_ok[:, None] & n_ok[None, :])
+
+    itemsize = jnp.dtype(lhs.dtype).itemsize
+    cost = pl.CostEstimate(
+        flops=2 * M * K * N * P,
+        bytes_accessed=(M * K * nt + M * N * P * kt) * itemsize + G * K * N * P * jnp.dtype(out_dtype).itemsize,
+        transcendentals=0)
+    call = pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct((G, K, N), out_dtype) for _ in range(P)],
+        grid=(G * kt * nt,),
+        compiler_params=_compat.triton_compiler_params(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+        interpret=interpret,
+        cost_estimate=cost,
+        name=f"tgmm_{P}_{tm}x{tk}x{tn}",
+    )
+    return tuple(call(group_starts, group_ends, lhs, *[r.astype(lhs.dtype) for r in rhs]))
