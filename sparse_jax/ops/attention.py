@@ -28,12 +28,15 @@ import jax.numpy as jnp
 from sparse_jax import backends
 from sparse_jax import reference
 from sparse_jax.block_mask import BlockMask
+from sparse_jax.reference import kv_permutation as kv_permutation_ref
 
 _KERNEL_MODULES = {
     backends.TRITON: "pallas_kernels.triton.block_sparse_attention",
     backends.MOSAIC_TPU: "pallas_kernels.tpu.block_sparse_attention",
 }
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Backends whose kernels take ``kv_permutation`` (kernel modules receive it as a keyword).
+_KV_PERMUTATION_BACKENDS = (backends.TRITON, backends.XLA)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,22 +56,31 @@ class _Static:
         return importlib.import_module(self.module)
 
 
+def _kernel_kwargs(static, kv_perm):
+    kw = static.kwargs()
+    if kv_perm is not None:
+        kw["kv_permutation"] = kv_perm
+    return kw
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(static, q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos):
-    return static.kernel.forward(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, **static.kwargs())
+def _attention(static, q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, kv_perm=None):
+    return static.kernel.forward(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos,
+                                 **_kernel_kwargs(static, kv_perm))
 
 
-def _attention_fwd(static, q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos):
-    o, lse = static.kernel.forward(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, **static.kwargs())
-    return (o, lse), (q, k, v, o, lse, block_mask, q_seg, kv_seg, q_pos, kv_pos)
+def _attention_fwd(static, q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, kv_perm=None):
+    o, lse = static.kernel.forward(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos,
+                                   **_kernel_kwargs(static, kv_perm))
+    return (o, lse), (q, k, v, o, lse, block_mask, q_seg, kv_seg, q_pos, kv_pos, kv_perm)
 
 
 def _attention_bwd(static, res, cts):
-    q, k, v, o, lse, block_mask, q_seg, kv_seg, q_pos, kv_pos = res
+    q, k, v, o, lse, block_mask, q_seg, kv_seg, q_pos, kv_pos, kv_perm = res
     do, _ = cts  # the lse output is treated as non-differentiable
     dq, dk, dv = static.kernel.backward(q, k, v, o, lse, do, block_mask, q_seg, kv_seg, q_pos, kv_pos,
-                                        **static.kwargs())
-    return dq, dk, dv, None, None, None, None, None
+                                        **_kernel_kwargs(static, kv_perm))
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -120,7 +132,8 @@ def validate(q, k, v, block_mask):
 
 def block_sparse_attention(q, k, v, block_mask: BlockMask, *, scale: float | None = None, segment_ids=None,
                            q_positions=None, kv_positions=None, softcap: float | None = None,
-                           return_lse: bool = False, backend: str | None = None, interpret: bool = False):
+                           return_lse: bool = False, backend: str | None = None, interpret: bool = False,
+                           kv_permutation=None):
     """FlashAttention over the blocks a :class:`BlockMask` lists.
 
     Args:
@@ -136,6 +149,11 @@ def block_sparse_attention(q, k, v, block_mask: BlockMask, *, scale: float | Non
       return_lse: also return the log-sum-exp float32 [B, Hq, Sq] (-inf for empty rows).
       backend: "triton", "mosaic_tpu", "xla" or None (see :mod:`sparse_jax.backends`).
       interpret: run the Pallas kernel in interpret mode (CPU).
+      kv_permutation: int [B, Hkv, Skv] (or [Hkv, Skv] / [Skv]): logical key position j of
+        kv head h reads K/V row ``kv_permutation[b, h, j]`` (online permutation; the block
+        mask is over logical positions, the mask function sees the original rows' positions
+        and segment ids; out-of-range entries are padding). See
+        :mod:`sparse_jax.reference.kv_permutation`. Triton and xla backends.
 
     Returns:
       o [B, Sq, Hq, Dv] in q's dtype (rows with no allowed key are 0), and lse if asked.
@@ -143,7 +161,12 @@ def block_sparse_attention(q, k, v, block_mask: BlockMask, *, scale: float | Non
     validate(q, k, v, block_mask)
     B, Sq, Hq, D = q.shape
     Skv = k.shape[1]
-    backend = backends.resolve(backend, op="block_sparse_attention")
+    kv_perm = None
+    if kv_permutation is not None:
+        kv_perm = kv_permutation_ref.normalize(kv_permutation, B, k.shape[2], Skv)
+    backend = backends.resolve(backend, op="block_sparse_attention",
+                               supported=backends.BACKENDS if kv_perm is None else _KV_PERMUTATION_BACKENDS,
+                               feature=None if kv_perm is None else "kv_permutation")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if softcap is not None and float(softcap) <= 0:
         raise ValueError(f"softcap must be positive; got {softcap}")
@@ -161,6 +184,11 @@ def block_sparse_attention(q, k, v, block_mask: BlockMask, *, scale: float | Non
     if own is not None and explicit is not None:
         raise ValueError("the block mask already holds a document mask; pass segment ids through "
                          "masks.document(...) or segment_ids=, not both")
+    if backend == backends.XLA and kv_perm is not None:
+        out = kv_permutation_ref.attention(
+            q, k, v, block_mask, kv_perm, scale=scale, segment_ids=explicit, q_positions=q_pos,
+            kv_positions=kv_pos, softcap=softcap, return_lse=True)
+        return out if return_lse else out[0]
     if backend == backends.XLA:
         out = reference.block_sparse_attention(
             q, k, v, block_mask, scale=scale, segment_ids=explicit, q_positions=q_pos, kv_positions=kv_pos,
@@ -177,5 +205,5 @@ def block_sparse_attention(q, k, v, block_mask: BlockMask, *, scale: float | Non
     else:
         q_seg = kv_seg = None
     static = _Static(_KERNEL_MODULES[backend], scale, softcap, explicit is not None, bool(interpret))
-    o, lse = _attention(static, q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos)
+    o, lse = _attention(static, q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, kv_perm)
     return (o, lse) if return_lse else o

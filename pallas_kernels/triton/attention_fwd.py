@@ -1,0 +1,112 @@
+"""Forward block-sparse FlashAttention kernel (Pallas, Triton lowering).
+
+Grid: (batch x head programs, query tiles). A program owns one query tile (of one
+head, or of the G heads of a GQA group when packed), walks its row of the block
+tables (full blocks with no mask work, the ragged last block bound-checked,
+partial blocks with the mask) and keeps the online softmax in float32 with exp2
+(log2(e)·scale folded into the exponent's FMA).
+
+Inputs are the flattened operands q2 [B*Sq*Hq, D], k2/v2 [B*Skv*Hkv, D|Dv];
+outputs o2 [B*Sq*Hq, Dv] (input dtype) and lse [B*Sq*Hq] float32 (natural log,
+-inf for rows with no allowed key, whose output is 0), both in query-row order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.common import attention_tiling as tiling_lib
+from pallas_kernels.triton import attention_blocks as blk
+from pallas_kernels.triton.attention_configs import FwdConfig
+from sparse_jax import _compat
+
+NEG_INF = float("-inf")
+
+
+def _kernel(*refs, P: blk.Problem, names, tq, tk, pk, schedule: str):
+    refs = dict(zip(names, refs))
+    n_qb = P.n_q_blocks
+    bh, t = pl.program_id(0), pl.program_id(1)
+    b = blk.div(bh, pk.programs_per_batch)
+    head0 = blk.mod(bh, pk.programs_per_batch) * pk.heads
+    hkv = blk.div(head0, P.group)
+    slot, sub = blk.div(t, tq.n_sub), blk.mod(t, tq.n_sub)
+    if schedule == "sorted" and n_qb > 1:
+        qblk = refs["order"][blk.table_row(P, b, head0, hkv, slot, n_qb)]
+    elif schedule == "reverse":
+        qblk = n_qb - 1 - slot
+    else:
+        qblk = slot
+    row = blk.table_row(P, b, head0, hkv, qblk, n_qb)
+
+    qt = blk.q_tile(P, tq, pk, b, head0, qblk, sub)
+    blk.load_q_meta(P, qt, b, refs)
+    q = blk.load_rows(refs["q"], qt.rows, qt.valid, P.head_dim, P.head_dim_pad)
+    m_rows = q.shape[0]
+    c = blk.log2_factor(P)
+
+    def body(kvblk, kv_sub, carry, kind):
+        acc, m, l = carry
+        kt = blk.kv_tile(P, tk, b, hkv, kvblk, kv_sub, refs.get("perm"), bounds=blk.kind_needs_bounds(kind, tk))
+        blk.load_kv_meta(P, kt, b, hkv, refs)
+        k = blk.load_rows(refs["k"], kt.rows, kt.valid, P.head_dim, P.head_dim_pad)
+        s, _ = blk.scores(P, plgpu.dot(q, k, trans_b=True))
+        allowed = blk.logit_mask(P, kind, b, qt, kt, transposed=False)
+        if allowed is not None:
+            s = jnp.where(allowed, s, NEG_INF)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1) * c)
+        # A row with nothing allowed yet keeps m = -inf; exponentiate against 0 then.
+        m_use = m_new if allowed is None else jnp.where(m_new == NEG_INF, 0.0, m_new)
+        alpha = jnp.exp2(m - m_use)
+        p = jnp.exp2(s * c - m_use[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        v = blk.load_rows(refs["v"], kt.rows, kt.valid, P.head_dim_v, P.head_dim_v_pad)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        return acc, m_new, l
+
+    carry = (jnp.zeros((m_rows, P.head_dim_v_pad), jnp.float32),
+             jnp.full((m_rows,), NEG_INF, jnp.float32),
+             jnp.zeros((m_rows,), jnp.float32))
+    active = None
+    if tq.n_sub_last < tq.n_sub:  # trailing tiles of a ragged last block hold no query
+        active = qblk * P.block_q + sub * tq.tile < P.q_len
+    walk = blk.Walk(tk, P.max_full_kv, P.max_kv, split_tail=True)
+    acc, m, l = blk.walk(walk, (refs["full_num"], refs["full_idx"]), (refs["num"], refs["idx"]), row, carry,
+                         body, active=active)
+
+    has = l > 0
+    o = acc * (1.0 / jnp.where(has, l, 1.0))[:, None]
+    lse = jnp.where(has, (m + jnp.log2(jnp.where(has, l, 1.0))) * blk.LN2, NEG_INF)
+    blk.store_rows(refs["o"], qt.rows, qt.valid, o, P.head_dim_v)
+    # lse in the query-row layout [B, Sq, Hq]: indices of masked lanes never alias valid ones.
+    blk.store_vec(refs["lse"], qt.rows, qt.valid, lse)
+
+
+def plan(P: blk.Problem, cfg: FwdConfig):
+    """(query tiling, key tiling, head packing) of a forward launch."""
+    pk = tiling_lib.head_packing(P.num_q_heads, P.num_kv_heads, P.table_heads, cfg.pack_gqa,
+                                 q_span=min(P.block_q, P.q_len), tile_m=cfg.block_q)
+    tq = tiling_lib.q_tiling(P.block_q, P.q_len, cfg.block_q, pk)
+    tk = tiling_lib.fit_tile(P.block_kv, P.kv_len, cfg.block_kv)
+    return tq, tk, pk
+
+
+def call(P: blk.Problem, cfg: FwdConfig, inputs: dict, *, dtype, interpret):
+    """Launch the forward kernel. ``inputs``: named flat arrays (see block_sparse_attention)."""
+    tq, tk, pk = plan(P, cfg)
+    names = list(inputs)
+    out_names = ["o", "lse"]
+    kernel = functools.partial(_kernel, P=P, names=names + out_names, tq=tq, tk=tk, pk=pk,
+                               schedule=cfg.schedule)
+    out_shape = [jax.ShapeDtypeStruct((P.batch * P.q_len * P.num_q_heads, P.head_dim_v), dtype),
+                 jax.ShapeDtypeStruct((P.batch * P.q_len * P.num_q_heads,), jnp.float32)]
+    grid = (P.batch * pk.programs_per_batch, tq.n_tiles)
+    return pl.pallas_call(
+        kernel, grid=grid, out_shape=out_shape, interpret=interpret, name="block_sparse_attention_fwd",
+        compiler_params=_compat.triton_compiler_params(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+    )(*inputs.values())

@@ -1,0 +1,143 @@
+"""Triton (GPU) entry points of ``sparse_jax.block_sparse_attention``.
+
+Implements the interface documented in :mod:`sparse_jax.ops.attention`::
+
+    forward(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap,
+            segments_everywhere, interpret, kv_permutation=None, config=None) -> (o, lse)
+    backward(q, k, v, o, lse, do, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap,
+             segments_everywhere, interpret, kv_permutation=None, config=None) -> (dq, dk, dv)
+
+This module flattens operands and tables into the layout the kernels read
+(``attention_fwd`` / ``attention_bwd``), picks launch configs
+(``attention_configs``) and post-processes (un-permuting dK/dV).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.common import attention_tiling as tiling_lib
+from pallas_kernels.common import kv_permutation as perm_lib
+from pallas_kernels.triton import attention_blocks as blk
+from pallas_kernels.triton import attention_bwd, attention_configs, attention_fwd
+from pallas_kernels.triton.attention_configs import BwdConfig, FwdConfig
+
+SUPPORTS_KV_PERMUTATION = True
+
+
+def _strip_arrays(mask):
+    """The mask with its array leaves (document ids) replaced by None: kernels pass segment
+    ids to ``Mask.evaluate`` explicitly and must not capture arrays."""
+    if mask is None:
+        return None
+    leaves, tree = jax.tree_util.tree_flatten(mask)
+    return jax.tree_util.tree_unflatten(tree, [None] * len(leaves))
+
+
+def problem(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap, segments_everywhere,
+            kv_permutation) -> blk.Problem:
+    B, Sq, Hq, D = q.shape
+    Skv, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    bt, bh = block_mask.shape[:2]
+    mask = block_mask.mask
+    if mask is not None and mask.needs_segments and q_seg is None:
+        raise ValueError("the mask contains a document mask but no segment ids reached the kernel")
+    uses_segments = q_seg is not None and (segments_everywhere or (mask is not None and mask.needs_segments))
+    has_perm = kv_permutation is not None
+    return blk.Problem(
+        batch=B, q_len=Sq, kv_len=Skv, num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D, head_dim_v=Dv,
+        block_q=block_mask.block_size[0], block_kv=block_mask.block_size[1], table_batch=bt, table_heads=bh,
+        table_head_map=tiling_lib.table_head_map(bh, Hq, Hkv),
+        n_q_blocks=block_mask.num_q_blocks, n_kv_blocks=block_mask.num_kv_blocks,
+        max_kv=block_mask.max_kv_blocks, max_full_kv=block_mask.max_full_kv_blocks,
+        max_q=block_mask.max_q_blocks, max_full_q=block_mask.max_full_q_blocks,
+        scale=float(scale), softcap=None if softcap is None else float(softcap), mask=_strip_arrays(mask),
+        has_q_pos=q_pos is not None and mask is not None,
+        has_kv_pos=(kv_pos is not None or has_perm) and mask is not None,
+        has_segments=uses_segments, segments_everywhere=bool(segments_everywhere and uses_segments),
+        kv_meta_heads=Hkv if has_perm else 1, has_perm=has_perm)
+
+
+def _flat(x):
+    return jnp.asarray(x).astype(jnp.int32).reshape(-1)
+
+
+def _meta_inputs(P: blk.Problem, q_seg, kv_seg, q_pos, kv_pos, perm) -> dict:
+    """Positions / segment ids / permutation the kernels read (only those they need)."""
+    out = {}
+    if P.has_q_pos:
+        out["q_pos"] = _flat(q_pos)
+    if P.has_kv_pos:
+        if perm is None:
+            out["kv_pos"] = _flat(kv_pos)
+        else:
+            out["kv_pos"] = _flat(perm if kv_pos is None else perm_lib.permuted_rows(kv_pos, perm))
+    if P.has_segments:
+        out["q_seg"] = _flat(q_seg)
+        out["kv_seg"] = _flat(kv_seg if perm is None else perm_lib.permuted_rows(kv_seg, perm))
+    if perm is not None:
+        out["perm"] = _flat(perm)
+    return out
+
+
+def _row_tables(block_mask, schedule: bool) -> dict:
+    t = {"num": _flat(block_mask.kv_num_blocks), "idx": _flat(block_mask.kv_indices),
+         "full_num": _flat(block_mask.full_kv_num_blocks), "full_idx": _flat(block_mask.full_kv_indices)}
+    if schedule and block_mask.num_q_blocks > 1:
+        t["order"] = _flat(tiling_lib.heavy_first_order(jnp.asarray(block_mask.kv_num_blocks),
+                                                        jnp.asarray(block_mask.full_kv_num_blocks)))
+    return t
+
+
+def _col_tables(block_mask) -> dict:
+    return {"q_num": _flat(block_mask.q_num_blocks), "q_idx": _flat(block_mask.q_indices),
+            "full_q_num": _flat(block_mask.full_q_num_blocks), "full_q_idx": _flat(block_mask.full_q_indices)}
+
+
+def _prepare_perm(kv_permutation, q, k):
+    if kv_permutation is None:
+        return None
+    B, Skv, Hkv = k.shape[:3]
+    return perm_lib.sanitize(perm_lib.normalize(kv_permutation, B, Hkv, Skv), Skv)
+
+
+def forward(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap, segments_everywhere,
+            interpret, kv_permutation=None, config: FwdConfig | None = None):
+    """o [B, Sq, Hq, Dv] (q.dtype), lse float32 [B, Hq, Sq]."""
+    perm = _prepare_perm(kv_permutation, q, k)
+    P = problem(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, scale=scale, softcap=softcap,
+                segments_everywhere=segments_everywhere, kv_permutation=perm)
+    cfg = config or attention_configs.forward_config(P.head_dim_pad, q.dtype, min(P.block_q, P.q_len))
+    inputs = _row_tables(block_mask, cfg.schedule == "sorted")
+    inputs.update(q=q.reshape(-1, P.head_dim), k=k.reshape(-1, P.head_dim), v=v.reshape(-1, P.head_dim_v))
+    inputs.update(_meta_inputs(P, q_seg, kv_seg, q_pos, kv_pos, perm))
+    o, lse = attention_fwd.call(P, cfg, inputs, dtype=q.dtype, interpret=interpret)
+    return (o.reshape(P.batch, P.q_len, P.num_q_heads, P.head_dim_v),
+            lse.reshape(P.batch, P.q_len, P.num_q_heads).transpose(0, 2, 1))
+
+
+def backward(q, k, v, o, lse, do, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap,
+             segments_everywhere, interpret, kv_permutation=None, config: BwdConfig | None = None):
+    """(dq, dk, dv) shaped and typed like (q, k, v)."""
+    perm = _prepare_perm(kv_permutation, q, k)
+    P = problem(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, scale=scale, softcap=softcap,
+                segments_everywhere=segments_everywhere, kv_permutation=perm)
+    cfg = config or attention_configs.backward_config(P.head_dim_pad, q.dtype)
+    do = do.astype(q.dtype)
+    # Row statistics in the query-row layout [B, Sq, Hq] of the flattened operands.
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1).reshape(-1)
+    lse2 = jnp.where(jnp.isfinite(lse), lse * blk.LOG2E, jnp.inf).transpose(0, 2, 1).reshape(-1)
+    ops = dict(q=q.reshape(-1, P.head_dim), k=k.reshape(-1, P.head_dim), v=v.reshape(-1, P.head_dim_v),
+               do=do.reshape(-1, P.head_dim_v), lse2=lse2, delta=delta)
+    meta = _meta_inputs(P, q_seg, kv_seg, q_pos, kv_pos, perm)
+    dq = attention_bwd.dq_call(P, cfg, {**_row_tables(block_mask, True), **ops, **meta}, dtype=q.dtype,
+                               interpret=interpret)
+    dk, dv = attention_bwd.dkdv_call(P, cfg, {**_col_tables(block_mask), **ops, **meta}, k_dtype=k.dtype,
+                                     v_dtype=v.dtype, interpret=interpret)
+    dq = dq.reshape(q.shape)
+    dk = dk.reshape(k.shape)
+    dv = dv.reshape(v.shape)
+    if perm is not None:
+        dk, dv = perm_lib.scatter_back(dk, perm), perm_lib.scatter_back(dv, perm)
+    return dq, dk, dv
