@@ -173,3 +173,30 @@ def environment() -> dict:
 def dump(results: Sequence[Result], path: str, **meta) -> None:
     with open(path, "w") as f:
         json.dump({"meta": meta, "results": [r.to_json() for r in results]}, f, indent=1, default=str)
+
+
+def time_budget(fn: Callable, make_args: Callable[[int], Sequence[Any]], *, budget_s: float = 2.0,
+                min_iters: int = 3, max_iters: int = 20, warmup: int = 1, rotations: int = 3) -> Timing:
+    """Like :func:`time_fn`, with the repetition count picked so the case costs about ``budget_s``.
+
+    For work whose duration spans orders of magnitude across a sweep (host-side table
+    building from microseconds to seconds): one probe call after warm-up sets
+    ``iters = clamp(budget_s / probe, min_iters, max_iters)``.
+    """
+    arg_sets = [tuple(make_args(i)) for i in range(rotations)]
+    for a in arg_sets:
+        _block(a)
+    for i in range(warmup):
+        _block(fn(*arg_sets[i % rotations]))
+    t0 = time.perf_counter()
+    _block(fn(*arg_sets[warmup % rotations]))
+    probe = time.perf_counter() - t0
+    iters = int(min(max_iters, max(min_iters, budget_s / max(probe, 1e-9))))
+    times = []
+    for i in range(iters):
+        a = arg_sets[i % rotations]
+        t0 = time.perf_counter()
+        _block(fn(*a))
+        times.append(time.perf_counter() - t0)
+    ts = np.asarray(times)
+    return Timing(float(np.median(ts)), float(np.percentile(ts, 10)), float(np.percentile(ts, 90)), len(ts))
