@@ -1,21 +1,26 @@
 """Kernel tables over *coarse* tiles that span several logical blocks, exact per sub-block.
 
-A kernel whose tile is ``factor_q x factor_kv`` logical blocks of a
-:class:`~sparse_jax.BlockMask` (TPUs want 512-row tiles; FlexAttention-style masks
-come in 128-blocks) walks, for each tile row, the list of tiles that contain any
-non-empty logical block. So that nothing is lost by coarsening, every list slot
-also carries the class (empty / partial / full) of each logical sub-block inside
-the tile, and, for per-query-head masks under GQA, of each query head of the group:
-the kernel computes the tile once per head, skips heads whose sub-blocks are all
-empty, drops the mask work where they are all full, and otherwise builds the
-element mask from the sub-block classes (full: allowed; partial: the mask
-function; empty: not allowed). The result is exactly the fine tables' semantics.
+A kernel whose tiles are larger than a :class:`~sparse_jax.BlockMask`'s logical
+blocks (TPUs want 512-row tiles; FlexAttention-style masks come in 128-blocks)
+walks, for each tile row, the list of tiles that overlap any non-empty logical
+block. So that nothing is lost by coarsening, every list slot also carries the
+class (empty / partial / full) of each logical block the tile overlaps (its
+*sub-blocks*) and, for per-query-head masks under GQA, of each query head of the
+group: the kernel computes the tile once per head, skips heads whose sub-blocks
+are all empty, drops the mask work where they are all full, and otherwise builds
+the element mask from the sub-block classes (full: allowed; partial: the mask
+function; empty: not allowed) -- exactly the fine tables' semantics.
+
+Tiles need not be multiples of the logical blocks (:class:`AxisTiles`): a tile
+overlaps up to ``n_sub`` consecutive blocks, the first of which it may start
+inside. Aligned tiles (multiples) are the common, cheaper case.
 
 Packed classes: a slot holds ``words_per_slot = head_fields * words_per_head``
-int32 words. Sub-block ``s = a * factor_kv + c`` (``a`` along q, ``c`` along kv) of
-head field ``g`` sits in word ``g * words_per_head + s // 16`` at bits
-``2 * (s % 16)``. Sub-blocks past the end of the sequence are packed as FULL (the
-kernel bound-checks the ragged last tile) but never make a tile active.
+int32 words. Sub-block ``s = a * n_sub_kv + c`` (``a``-th overlapped block along q,
+``c``-th along kv) of head field ``g`` sits in word ``g * words_per_head + s // 16``
+at bits ``2 * (s % 16)``. Sub-block slots a tile does not overlap, and blocks past
+the end of the sequence, are packed as FULL (the kernel never selects the former
+and bound-checks the latter) but never make a tile active.
 
 Lists (like the BlockMask's): ascending tile indices, slots past a row's count
 repeat the last index; a row with no active tile repeats the previous row's last
@@ -36,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_jax import _block_tables as T
-from sparse_jax.block_mask import BlockMask, group_sub_blocks
+from sparse_jax.block_mask import BlockMask
 
 SUBS_PER_WORD = 16
 _BITS = 2
@@ -78,35 +83,84 @@ class SlotTables:
 
 
 @dataclasses.dataclass(frozen=True)
-class Coarse:
-    """Geometry of a coarsening: tiles of ``factor`` logical blocks along each axis."""
+class AxisTiles:
+    """Tiles of ``tile`` rows over logical blocks of ``block`` rows along an axis of ``length``.
 
-    factor_q: int
-    factor_kv: int
-    block_q: int  # logical block sizes
-    block_kv: int
-    q_len: int
-    kv_len: int
+    Tile t covers rows [t * tile, (t + 1) * tile) and overlaps logical blocks
+    ``first(t) .. last(t)``; ``n_sub`` is the largest overlap. ``aligned`` tiles
+    start on block boundaries (tile % block == 0), so sub-block k of every tile
+    starts at row k * block of the tile; otherwise tile t starts ``offset(t)``
+    rows into its first block.
+    """
+
+    tile: int
+    block: int
+    length: int
+
+    @property
+    def n_tiles(self) -> int:
+        return -(-self.length // self.tile)
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.length // self.block)
+
+    @property
+    def aligned(self) -> bool:
+        return self.tile % self.block == 0
+
+    def first(self, t):
+        return (t * self.tile) // self.block
+
+    def last(self, t):
+        return np.minimum(((t + 1) * self.tile - 1) // self.block, self.n_blocks - 1)
+
+    def offset(self, t):
+        return (t * self.tile) % self.block
+
+    @property
+    def n_sub(self) -> int:
+        t = np.arange(self.n_tiles)
+        return int((self.last(t) - self.first(t) + 1).max())
+
+    def sub_blocks(self):
+        """(block index int32 [n_tiles, n_sub] clipped to the grid, valid bool [n_tiles, n_sub])."""
+        t = np.arange(self.n_tiles)[:, None]
+        idx = self.first(t) + np.arange(self.n_sub)[None, :]
+        valid = idx <= self.last(t)
+        return np.minimum(idx, self.n_blocks - 1).astype(np.int32), valid
+
+
+@dataclasses.dataclass(frozen=True)
+class Coarse:
+    """Kernel tiles over a BlockMask's logical blocks, along q and kv."""
+
+    q: AxisTiles
+    kv: AxisTiles
+
+    @classmethod
+    def make(cls, tile_q: int, tile_kv: int, block_size, q_len: int, kv_len: int) -> "Coarse":
+        return cls(AxisTiles(tile_q, block_size[0], q_len), AxisTiles(tile_kv, block_size[1], kv_len))
 
     @property
     def tile_q(self) -> int:
-        return self.factor_q * self.block_q
+        return self.q.tile
 
     @property
     def tile_kv(self) -> int:
-        return self.factor_kv * self.block_kv
+        return self.kv.tile
 
     @property
     def n_q_tiles(self) -> int:
-        return -(-self.q_len // self.tile_q)
+        return self.q.n_tiles
 
     @property
     def n_kv_tiles(self) -> int:
-        return -(-self.kv_len // self.tile_kv)
+        return self.kv.n_tiles
 
     @property
     def subs(self) -> int:
-        return self.factor_q * self.factor_kv
+        return self.q.n_sub * self.kv.n_sub
 
     @property
     def words_per_head(self) -> int:
@@ -114,7 +168,7 @@ class Coarse:
 
     def sub_word_and_shift(self, a: int, c: int) -> tuple[int, int]:
         """(word within a head's field, bit shift) of sub-block (a, c); static ints."""
-        s = a * self.factor_kv + c
+        s = a * self.kv.n_sub + c
         return s // SUBS_PER_WORD, _BITS * (s % SUBS_PER_WORD)
 
     def full_pattern(self, w: int) -> int:
@@ -152,9 +206,14 @@ def _sub_classes(block_mask: BlockMask, coarse: Coarse, num_q_heads: int, num_kv
     bt, ht = cls.shape[:2]
     hk, gt = head_fields(ht, num_q_heads, num_kv_heads)
     cls = cls.reshape(bt, hk, gt, *cls.shape[2:])
-    sub, valid = group_sub_blocks(cls, coarse.factor_q, coarse.factor_kv, xp)  # [.., nQt, nKt, subs]
+    qi, qv = coarse.q.sub_blocks()
+    ki, kv = coarse.kv.sub_blocks()
+    sub = cls[..., qi[:, None, :, None], ki[None, :, None, :]]  # [Bt, Hk, G_t, nQt, nKt, nsq, nsk]
+    valid = (qv[:, None, :, None] & kv[None, :, None, :])
+    sub = sub.reshape(*sub.shape[:-2], -1)
+    valid = valid.reshape(*valid.shape[:-2], -1)
     active = xp.any((sub != T.EMPTY) & valid, axis=(2, -1))  # over head fields and sub-blocks
-    sub = xp.where(valid, sub, xp.int8(T.FULL))
+    sub = xp.where(valid, sub, xp.int8(T.FULL))  # never-hit / past-the-end sub-blocks: see the module doc
     sub = xp.moveaxis(sub, 2, -2)  # [Bt, Hk, nQt, nKt, G_t, subs]
     return sub, active, gt
 
@@ -215,10 +274,10 @@ def build(block_mask: BlockMask, coarse: Coarse, *, num_q_heads: int, num_kv_hea
     if transpose:
         active = xp.swapaxes(active, -1, -2)
         words = xp.swapaxes(words, -2, -3)
-        # a tile column gathers factor_kv fine columns of every head field
-        bound = gt * coarse.factor_kv * (block_mask.max_q_blocks + block_mask.max_full_q_blocks)
+        # a tile column gathers n_sub fine columns of every head field
+        bound = gt * coarse.kv.n_sub * (block_mask.max_q_blocks + block_mask.max_full_q_blocks)
     else:
-        bound = gt * coarse.factor_q * (block_mask.max_kv_blocks + block_mask.max_full_kv_blocks)
+        bound = gt * coarse.q.n_sub * (block_mask.max_kv_blocks + block_mask.max_full_kv_blocks)
     counts, idx, w, slots = _lists(active, words, bound, xp)
     bt, hk, rows = counts.shape
     return SlotTables(_flat(idx, xp), _flat(counts, xp), _flat(w, xp), bt, hk, rows, slots, gt,

@@ -72,7 +72,7 @@ def _dq_kernel(idx_ref, cnt_ref, words_ref, *refs, P: at.Problem, coarse: Coarse
             s, t = at.softcapped(P, s)
             if masked:
                 allowed = at.tile_mask(P, coarse, words_ref, base, g if meta.head_fields > 1 else 0, s.shape,
-                                       rows_are_q=True, b=b, hq=h * G + g, q_start=q_start, kv_start=kv_start,
+                                       rows_are_q=True, b=b, hq=h * G + g, q_tile=i, kv_tile=kv_blk,
                                        refs=metas, partial=partial, bounds="kv" if ragged_kv else None)
             else:
                 allowed = at.fast_mask(P, s.shape, rows_are_q=True, q_start=q_start, kv_start=kv_start,
@@ -126,10 +126,9 @@ def _dkv_kernel(idx_ref, cnt_ref, words_ref, *refs, P: at.Problem, coarse: Coars
             lse = r["lse"][pl.ds(g, 1), :]  # [1, bq]
             delta = r["delta"][pl.ds(g, 1), :]
             if masked and ragged_q:  # query rows past q_len hold garbage; they must add exactly 0
-                ok_rows = lax.broadcasted_iota(jnp.int32, (bq, 1), 0) + q_start < P.q_len
                 ok_cols = lax.broadcasted_iota(jnp.int32, (1, bq), 1) + q_start < P.q_len
-                q = jnp.where(ok_rows, q, 0)
-                do = jnp.where(ok_rows, do, 0)
+                q = jnp.where(lax.broadcasted_iota(jnp.int32, q.shape, 0) + q_start < P.q_len, q, 0)
+                do = jnp.where(lax.broadcasted_iota(jnp.int32, do.shape, 0) + q_start < P.q_len, do, 0)
                 lse = jnp.where(ok_cols, lse, 0.0)
                 delta = jnp.where(ok_cols, delta, 0.0)
             k = r["k"][...]
@@ -138,7 +137,7 @@ def _dkv_kernel(idx_ref, cnt_ref, words_ref, *refs, P: at.Problem, coarse: Coars
             s, t = at.softcapped(P, s)
             if masked:
                 allowed = at.tile_mask(P, coarse, words_ref, base, g if meta.head_fields > 1 else 0, s.shape,
-                                       rows_are_q=False, b=b, hq=h * G + g, q_start=q_start, kv_start=kv_start,
+                                       rows_are_q=False, b=b, hq=h * G + g, q_tile=q_blk, kv_tile=c,
                                        refs=metas, partial=partial, bounds="q" if ragged_q else None)
             else:
                 allowed = at.fast_mask(P, s.shape, rows_are_q=False, q_start=q_start, kv_start=kv_start,

@@ -65,7 +65,7 @@ def _kernel(idx_ref, cnt_ref, words_ref, *refs, P: at.Problem, coarse: Coarse, m
             s, _ = at.softcapped(P, s)
             if masked:
                 allowed = at.tile_mask(P, coarse, words_ref, base, g if meta.head_fields > 1 else 0, s.shape,
-                                       rows_are_q=True, b=b, hq=h * G + g, q_start=q_start, kv_start=kv_start,
+                                       rows_are_q=True, b=b, hq=h * G + g, q_tile=i, kv_tile=kv_blk,
                                        refs=metas, partial=partial, bounds="kv" if ragged_kv else None)
             else:
                 allowed = at.fast_mask(P, s.shape, rows_are_q=True, q_start=q_start, kv_start=kv_start,

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common.coarse_tables import Coarse, SlotTables
+from pallas_kernels.common.coarse_tables import AxisTiles, Coarse, SlotTables
 from sparse_jax import _block_tables as T
 
 LANES = 128
@@ -237,37 +237,41 @@ def tile_axes(P: Problem, shape, *, rows_are_q: bool, q_start, kv_start, refs) -
                     load("q_seg", rows_are_q), load("kv_seg", not rows_are_q))
 
 
-def _sub_index(local, f: int, block: int):
-    """Which of ``f`` consecutive sub-blocks of ``block`` rows each local index is in."""
+def _sub_index(local, axis: AxisTiles, tile_idx):
+    """Which of the tile's overlapped logical blocks each local index falls in (int32, same shape).
+
+    Aligned tiles: block k starts at k * block; otherwise the tile starts ``offset``
+    rows into its first block and block k starts at k * block - offset.
+    """
+    off = 0 if axis.aligned else lax.rem(tile_idx * axis.tile, axis.block)
     out = jnp.zeros_like(local)
-    for a in range(1, f):
-        out = out + (local >= a * block).astype(jnp.int32)
+    for k in range(1, axis.n_sub):
+        out = out + (local >= k * axis.block - off).astype(jnp.int32)
     return out
 
 
-def sub_class_tile(words_ref, base, field: int, coarse: Coarse, shape, *, rows_are_q: bool):
+def sub_class_tile(words_ref, base, field: int, coarse: Coarse, shape, *, rows_are_q: bool, q_tile, kv_tile):
     """int32 [R, C] tile of the logical sub-block classes (0 empty, 1 partial, 2 full).
 
     Separable: one [1, C] line of classes per row sub-block (cheap), then a select
-    over the row sub-blocks on the tile (f_row - 1 compares and selects per element).
+    over the row sub-blocks on the tile (n_sub - 1 compares and selects per element).
     """
     R, C = shape
-    fq, fk = coarse.factor_q, coarse.factor_kv
-    f_row, f_col = (fq, fk) if rows_are_q else (fk, fq)
-    blk_row, blk_col = (coarse.block_q, coarse.block_kv) if rows_are_q else (coarse.block_kv, coarse.block_q)
-    col_sub = _sub_index(lax.broadcasted_iota(jnp.int32, (1, C), 1), f_col, blk_col)
+    row_ax, col_ax = (coarse.q, coarse.kv) if rows_are_q else (coarse.kv, coarse.q)
+    row_t, col_t = (q_tile, kv_tile) if rows_are_q else (kv_tile, q_tile)
+    col_sub = _sub_index(lax.broadcasted_iota(jnp.int32, (1, C), 1), col_ax, col_t)
     lines = []
-    for r in range(f_row):
+    for r in range(row_ax.n_sub):
         line = None
-        for cc in range(f_col):
+        for cc in range(col_ax.n_sub):
             a, c = (r, cc) if rows_are_q else (cc, r)
             cls = sub_class(words_ref, base, field, coarse, a, c)
             line = jnp.full((1, C), cls, jnp.int32) if line is None else jnp.where(col_sub == cc, cls, line)
         lines.append(line)
     out = jnp.broadcast_to(lines[0], shape)
-    if f_row > 1:
-        row_sub = _sub_index(lax.broadcasted_iota(jnp.int32, shape, 0), f_row, blk_row)
-        for r in range(1, f_row):
+    if row_ax.n_sub > 1:
+        row_sub = _sub_index(lax.broadcasted_iota(jnp.int32, shape, 0), row_ax, row_t)
+        for r in range(1, row_ax.n_sub):
             out = jnp.where(row_sub == r, lines[r], out)
     return out
 
@@ -294,8 +298,9 @@ def allowed_tile(P: Problem, ax: TileAxes, *, b, hq, classes=None, partial_scala
             full = classes == T.FULL
             part = classes == T.PARTIAL
             out = full | (part if fn is None else part & fn)
-        elif fn is not None:
-            out = fn | jnp.logical_not(partial_scalar)
+        elif fn is not None:  # one logical block: partial -> the mask, full (a ragged edge) -> everything
+            whole = jnp.full(fn.shape, 1 - partial_scalar.astype(jnp.int32), jnp.int32)
+            out = fn | (whole > 0)
     if P.segments_everywhere:
         out = conj(out, ax.q_seg == ax.kv_seg)
     if bounds == "kv":
@@ -367,12 +372,14 @@ def dispatch_heads(P: Problem, coarse: Coarse, meta: SlotTables, words_ref, base
 
 
 def tile_mask(P: Problem, coarse: Coarse, words_ref, base, field: int, shape, *, rows_are_q: bool, b, hq,
-              q_start, kv_start, refs, partial, bounds):
+              q_tile, kv_tile, refs, partial, bounds):
     """The allowed-pairs tile of the masked path (see :func:`allowed_tile`)."""
+    q_start, kv_start = q_tile * coarse.tile_q, kv_tile * coarse.tile_kv
     ax = tile_axes(P, shape, rows_are_q=rows_are_q, q_start=q_start, kv_start=kv_start, refs=refs)
     classes = None
     if coarse.subs > 1:
-        classes = sub_class_tile(words_ref, base, field, coarse, shape, rows_are_q=rows_are_q)
+        classes = sub_class_tile(words_ref, base, field, coarse, shape, rows_are_q=rows_are_q, q_tile=q_tile,
+                                 kv_tile=kv_tile)
     return allowed_tile(P, ax, b=b, hq=hq, classes=classes, partial_scalar=partial, bounds=bounds, apply_fn=True)
 
 

@@ -3,8 +3,8 @@
 
 Pipeline of one call:
 
-1. Tiles: the kernels work on tiles of ``factor`` logical blocks of the BlockMask
-   along each axis, multiples of 128 and sized per TPU generation
+1. Tiles: the kernels work on tiles that are multiples of 128, sized per TPU
+   generation and, where the mask's logical blocks allow, whole multiples of them
    (:mod:`pallas_kernels.tpu.configs`).
 2. Tables: :mod:`pallas_kernels.common.coarse_tables` turns the BlockMask into
    per-row lists of active tiles with the class of every logical sub-block (and
@@ -29,7 +29,7 @@ from sparse_jax import _compat
 # Half of SMEM: the rest holds the kernel's own scalars and Mosaic's bookkeeping.
 _SMEM_BUDGET_FRACTION = 0.5
 # Sub-blocks per tile beyond which coarsening a fine mask stops paying (mask work per element grows).
-MAX_SUBS_PER_TILE = 64
+MAX_SUBS_PER_TILE = 256
 
 
 def _strip_arrays(mask):
@@ -58,11 +58,12 @@ def plan(kind: str, P: at.Problem, block_mask, *, interpret) -> tuple[coarse_tab
     lq, lk = block_mask.block_size
     tiles = configs.choose_tiles(kind, logical=(lq, lk), q_len=P.q_len, kv_len=P.kv_len, group=P.group,
                                  head_dim=P.head_dim, head_dim_v=P.head_dim_v, itemsize=jnp.dtype(P.dtype).itemsize)
-    if tiles.factor_q * tiles.factor_kv > MAX_SUBS_PER_TILE:
-        raise ValueError(f"the block mask's logical blocks {block_mask.block_size} would need tiles of "
-                         f"{(tiles.block_q, tiles.block_kv)} on TPU ({tiles.factor_q * tiles.factor_kv} logical blocks "
-                         f"each); build it with block sizes that divide or are multiples of 128")
-    coarse = coarse_tables.Coarse(tiles.factor_q, tiles.factor_kv, lq, lk, P.q_len, P.kv_len)
+    coarse = coarse_tables.Coarse.make(tiles.block_q, tiles.block_kv, (lq, lk), P.q_len, P.kv_len)
+    if coarse.subs > MAX_SUBS_PER_TILE:
+        raise ValueError(f"the block mask's logical blocks {block_mask.block_size} are too fine for TPU tiles "
+                         f"{(tiles.block_q, tiles.block_kv)} ({coarse.subs} logical blocks per tile, at most "
+                         f"{MAX_SUBS_PER_TILE}); build the mask with larger blocks or ask for smaller tiles "
+                         "(pallas_kernels.tpu.configs.override)")
     tables = coarse_tables.build(block_mask, coarse, num_q_heads=P.num_q_heads, num_kv_heads=P.num_kv_heads,
                                  transpose=kind == "dkv")
     if not interpret:

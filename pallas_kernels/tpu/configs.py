@@ -103,7 +103,7 @@ def generation(device=None) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Override:
-    """Explicit tile sizes (multiples of the mask's logical blocks and of 128), None = default."""
+    """Explicit tile sizes (multiples of 128), None = default."""
 
     block_q: int | None = None
     block_kv: int | None = None
@@ -136,34 +136,35 @@ def current_override() -> Override:
     return _OVERRIDE.get()
 
 
-def _factor(logical: int, target: int, length: int, align: int, explicit: int | None, what: str) -> int:
-    """How many logical blocks one kernel tile spans along an axis.
+def _tile(logical: int, target: int, length: int, align: int, explicit: int | None, what: str) -> int:
+    """Kernel tile along one axis: a multiple of 128 near ``target``, never longer than needed.
 
-    The tile (factor x logical) must be a multiple of 128; prefer multiples of
-    ``align``; aim at ``target`` rows; never span more than the axis needs.
+    Logical blocks that divide or are multiples of 128 (or whose lcm with 128 is
+    small) get tiles that are whole multiples of them (aligned: the sub-block
+    pattern of a tile is static). Other block sizes get plain 128-multiples that
+    may start inside a logical block.
     """
+    cap = 128 * -(-length // 128)
     if explicit is not None:
-        if explicit % logical or explicit % 128:
-            raise ValueError(f"{what}={explicit} must be a multiple of the mask's logical block ({logical}) "
-                             f"and of 128")
-        return explicit // logical
-    base = 128 // math.gcd(logical, 128)  # smallest factor giving a 128-multiple
-    aligned = align // math.gcd(logical, align)
-    n_blocks = -(-length // logical)
-    cover = base * -(-n_blocks // base)  # smallest base-multiple covering the axis
-    step = aligned if aligned * logical <= max(target, base * logical) else base
-    f = max(base, step * (target // (step * logical)))
-    return max(base, min(f, cover))
+        if explicit % 128:
+            raise ValueError(f"{what}={explicit} must be a multiple of 128")
+        return explicit
+    unit = logical * 128 // math.gcd(logical, 128)  # lcm(logical, 128)
+    if unit <= max(2 * target, 128):
+        aligned_unit = unit * align // math.gcd(unit, align)
+        if aligned_unit > target or aligned_unit > -(-length // unit) * unit:
+            aligned_unit = unit
+        n = max(1, target // aligned_unit)
+        return min(n * aligned_unit, unit * -(-length // unit))
+    return min(align * max(1, target // align), cap)
 
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-    """Kernel tile sizes: multiples of the logical blocks (``factor_*``) and of 128."""
+    """Kernel tile sizes (multiples of 128) and the scoped-VMEM limit to ask for (None: default)."""
 
     block_q: int
     block_kv: int
-    factor_q: int
-    factor_kv: int
     vmem_limit_bytes: int | None
 
 
@@ -181,15 +182,14 @@ def choose_tiles(kind: str, *, logical: tuple[int, int], q_len: int, kv_len: int
         target_q = min(t.block_q_max, max(128, t.rows // max(group, 1)))
         target_kv = t.block_kv
         exp_q, exp_kv = ov.block_q, ov.block_kv
-    fq = _factor(lq, target_q, q_len, t.align, exp_q, "block_q")
-    fk = _factor(lk, target_kv, kv_len, t.align, exp_kv, "block_kv")
-    bq, bkv = fq * lq, fk * lk
+    bq = _tile(lq, target_q, q_len, t.align, exp_q, "block_q")
+    bkv = _tile(lk, target_kv, kv_len, t.align, exp_kv, "block_kv")
     est = vmem_estimate(kind, bq, bkv, group, head_dim, head_dim_v, itemsize)
     limit = ov.vmem_limit_bytes
     chip = CHIPS[gen]
     if limit is None and est > 0.6 * chip.scoped_vmem_default:
         limit = int(min(0.75 * chip.vmem_bytes, max(2 * est, chip.scoped_vmem_default)))
-    return Tiles(bq, bkv, fq, fk, limit)
+    return Tiles(bq, bkv, limit)
 
 
 def vmem_estimate(kind: str, bq: int, bkv: int, group: int, d: int, dv: int, itemsize: int) -> int:
