@@ -48,7 +48,8 @@ class FwdConfig:
 class BwdConfig:
     """Backward launches: the dQ kernel walks rows (``block_q_dq`` x ``block_kv_dq``),
     the dK/dV kernel walks columns (``block_kv_dkv`` keys resident, ``block_q_dkv``
-    queries per step)."""
+    queries per step). ``fused_dq``: no dQ kernel; the dK/dV kernel adds dQ with
+    float32 atomics (fewer matmuls, run-to-run bit differences)."""
 
     block_q_dq: int = 64
     block_kv_dq: int = 64
@@ -59,6 +60,7 @@ class BwdConfig:
     warps_dkv: int = 4
     stages_dkv: int = 2
     pack_gqa: bool | None = None
+    fused_dq: bool = False  # dQ by float32 atomics inside the dK/dV kernel (no dQ kernel)
 
     def __post_init__(self):
         for name in ("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"):

@@ -125,16 +125,23 @@ def backward(q, k, v, o, lse, do, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, s
                 segments_everywhere=segments_everywhere, kv_permutation=perm)
     cfg = config or attention_configs.backward_config(P.head_dim_pad, q.dtype)
     do = do.astype(q.dtype)
-    # Row statistics in the query-row layout [B, Sq, Hq] of the flattened operands.
-    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1).reshape(-1)
-    lse2 = jnp.where(jnp.isfinite(lse), lse * blk.LOG2E, jnp.inf).transpose(0, 2, 1).reshape(-1)
+    # Row statistics head-major [B, Hq, Sq] like lse.
+    delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32)).reshape(-1)
+    lse2 = jnp.where(jnp.isfinite(lse), lse * blk.LOG2E, jnp.inf).reshape(-1)
     ops = dict(q=q.reshape(-1, P.head_dim), k=k.reshape(-1, P.head_dim), v=v.reshape(-1, P.head_dim_v),
                do=do.reshape(-1, P.head_dim_v), lse2=lse2, delta=delta)
     meta = _meta_inputs(P, q_seg, kv_seg, q_pos, kv_pos, perm)
-    dq = attention_bwd.dq_call(P, cfg, {**_row_tables(block_mask, True), **ops, **meta}, dtype=q.dtype,
-                               interpret=interpret)
-    dk, dv = attention_bwd.dkdv_call(P, cfg, {**_col_tables(block_mask), **ops, **meta}, k_dtype=k.dtype,
-                                     v_dtype=v.dtype, interpret=interpret)
+    dkdv_inputs = {**_col_tables(block_mask), **ops, **meta}
+    if cfg.fused_dq:
+        dkdv_inputs["dq_acc"] = jnp.zeros((q.size // P.head_dim, P.head_dim), jnp.float32)
+        dk, dv, dq = attention_bwd.dkdv_call(P, cfg, dkdv_inputs, k_dtype=k.dtype, v_dtype=v.dtype,
+                                             interpret=interpret)
+        dq = (dq * P.scale).astype(q.dtype)
+    else:
+        dq = attention_bwd.dq_call(P, cfg, {**_row_tables(block_mask, True), **ops, **meta}, dtype=q.dtype,
+                                   interpret=interpret)
+        dk, dv = attention_bwd.dkdv_call(P, cfg, dkdv_inputs, k_dtype=k.dtype, v_dtype=v.dtype,
+                                         interpret=interpret)
     dq = dq.reshape(q.shape)
     dk = dk.reshape(k.shape)
     dv = dv.reshape(v.shape)
