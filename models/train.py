@@ -171,12 +171,13 @@ class TrainResult:
 
 
 def train(model: DecoderLM | ModelConfig, task, tc: TrainConfig, *, ckpt_dir: str | None = None,
-          resume: bool = False, desc: str = "train") -> TrainResult:
+          resume: bool = False, until: int | None = None, desc: str = "train") -> TrainResult:
     """Train ``model`` (or a fresh model of a config) on ``task`` for ``tc.steps`` steps in all.
 
     With ``ckpt_dir`` the run checkpoints every ``tc.ckpt_every`` steps and at the end;
     with ``resume`` it first restores the latest checkpoint there (if any) and trains
-    only the remaining steps.
+    only the remaining steps. ``until`` stops after that step (as a preemption would:
+    the schedule still spans ``tc.steps``), saving a checkpoint there.
     """
     if isinstance(model, ModelConfig):
         model = DecoderLM(model, rngs=nnx.Rngs(tc.seed))
@@ -185,6 +186,9 @@ def train(model: DecoderLM | ModelConfig, task, tc: TrainConfig, *, ckpt_dir: st
     optimizer = nnx.Optimizer(model, make_optimizer(tc), wrt=nnx.Param)
     data_key = jax.random.key(tc.data_seed)
     mngr = checkpoint_manager(ckpt_dir, tc) if ckpt_dir is not None else None
+    end = tc.steps if until is None else int(until)
+    if not 0 < end <= tc.steps:
+        raise ValueError(f"until must be in [1, steps={tc.steps}]; got {until}")
     start = 0
     if resume and mngr.latest_step() is not None:
         start, data_key, _ = restore_checkpoint(mngr, model, optimizer)
@@ -199,24 +203,24 @@ def train(model: DecoderLM | ModelConfig, task, tc: TrainConfig, *, ckpt_dir: st
             history.append(dict(step=s, **{k: float(v) for k, v in m.items()}))
         pending.clear()
 
-    bar = tqdm(range(start + 1, tc.steps + 1), desc=desc, disable=not tc.progress, leave=False)
+    bar = tqdm(range(start + 1, end + 1), desc=desc, disable=not tc.progress, leave=False)
     for s in bar:
         pending.append((s, step_fn(model, optimizer, jax.random.fold_in(data_key, s))))
-        if s % 25 == 0 or s == tc.steps:
+        if s % 25 == 0 or s == end:
             flush()
             bar.set_postfix(loss=f"{history[-1]['task_loss']:.3f}")
-        if tc.eval_every and s % tc.eval_every == 0 and s != tc.steps:
+        if tc.eval_every and s % tc.eval_every == 0 and s != end:
             evals.append(dict(step=s, **evaluate(model, task, batches=tc.eval_batches, batch_size=tc.batch_size,
                                                  seed=tc.eval_seed, eval_step=eval_step)))
-        if mngr is not None and tc.ckpt_every and s % tc.ckpt_every == 0 and s != tc.steps:
+        if mngr is not None and tc.ckpt_every and s % tc.ckpt_every == 0 and s != end:
             save_checkpoint(mngr, s, model, optimizer, data_key, meta)
     bar.close()
     flush()
-    if start < tc.steps:
-        evals.append(dict(step=tc.steps, **evaluate(model, task, batches=tc.eval_batches, batch_size=tc.batch_size,
-                                                    seed=tc.eval_seed, eval_step=eval_step)))
+    if start < end:
+        evals.append(dict(step=end, **evaluate(model, task, batches=tc.eval_batches, batch_size=tc.batch_size,
+                                               seed=tc.eval_seed, eval_step=eval_step)))
         if mngr is not None:
-            save_checkpoint(mngr, tc.steps, model, optimizer, data_key, meta)
+            save_checkpoint(mngr, end, model, optimizer, data_key, meta)
     if mngr is not None:
         mngr.close()
     return TrainResult(model, optimizer, history, evals, start, time.perf_counter() - t0)

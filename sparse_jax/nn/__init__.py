@@ -13,3 +13,4 @@ from sparse_jax.nn.sharding import DEFAULT_RULES, logical_to_mesh, partition_spe
 from sparse_jax.nn.attention_base import AttentionBase
 from sparse_jax.nn.attention import BlockSparseAttention, BlockTables, DenseAttention
 from sparse_jax.nn.ffn import SwiGLU
+from sparse_jax.nn.moe import MoEFeedForward

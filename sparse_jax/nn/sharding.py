@@ -4,6 +4,9 @@ Layers annotate parameters with logical names (see :mod:`sparse_jax.nn._common`)
 ``rules`` map each name to a mesh axis (or None: replicated). Names without a
 rule, and rules naming an axis the mesh lacks, replicate, so one rule set serves
 meshes of any shape (a 1-device mesh, ("data", "model"), ("data", "expert")...).
+Meshes are expected to use ``AxisType.Auto`` axes (XLA propagates the shardings
+of the activations); with explicit axes, contractions over sharded dims need
+``out_sharding`` annotations the layers do not make.
 """
 
 from __future__ import annotations
