@@ -80,7 +80,9 @@ def swiglu_grads(g, u, dh):
 class Tiles:
     """One kernel's static tiling. tm: rows per tile; tn/tk: output columns / contraction per step.
 
-    num_warps, num_stages and band (row tiles per L2 swizzle band) are GPU-only.
+    GPU-only: num_warps, num_stages; band (row tiles per L2 swizzle band); occupancy:
+    programs per SM of a persistent forward launch (0: one program per tile slot);
+    programs: a fixed persistent program count instead (tests use a few).
     """
 
     tm: int
@@ -89,9 +91,14 @@ class Tiles:
     num_warps: int = 4
     num_stages: int = 3
     band: int = 8
+    occupancy: int = 1
+    programs: int = 0
 
     def __str__(self):
-        return f"{self.tm}x{self.tn}x{self.tk}/w{self.num_warps}s{self.num_stages}b{self.band}"
+        return f"{self.tm}x{self.tn}x{self.tk}/w{self.num_warps}s{self.num_stages}b{self.band}o{self.occupancy}"
+
+    def replace(self, **kw) -> "Tiles":
+        return dataclasses.replace(self, **kw)
 
 
 def cdiv(a: int, b: int) -> int:

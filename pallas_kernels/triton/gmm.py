@@ -1,12 +1,15 @@
 """Grouped forward matmul kernels (gmm, dual gmm, fused SwiGLU) lowered through Pallas-Triton.
 
-One program per (row tile of the :class:`~sparse_jax.group_metadata.GroupMetadata`
-schedule, tn-column block); the grid is the static worst case and programs past
-``num_tiles`` exit at once. Row tiles are group-aligned (a tile never straddles
-groups; loads and stores are row-masked), zero-fill tiles (group -1) write the
-rows of no local group. Programs are ordered in bands of ``band`` row tiles per
-column block so the tiles of one group stream the same weight block through L2
-together. The K loop is an ``scf.for`` Triton software-pipelines with
+Work items are (row tile of the :class:`~sparse_jax.group_metadata.GroupMetadata`
+schedule, tn-column block). The launch is persistent: ``occupancy`` programs per
+SM each walk the *active* items ``pid, pid + P, ...`` (a dynamic-trip-count loop),
+so the static worst-case tile count costs nothing -- with one program per slot a
+DeepSeek-size schedule would launch ~20k programs that only read ``num_tiles`` and
+exit (about 1 us of SM time each). Items are ordered in bands of ``band`` row
+tiles per column block, so the tiles of one group stream the same weight block
+through L2 together. Row tiles are group-aligned (a tile never straddles groups;
+loads and stores are row-masked); zero-fill tiles (group -1) write the rows of no
+local group. The K loop is an ``scf.for`` Triton software-pipelines with
 ``num_stages`` buffers.
 
 Shapes: lhs[i] [M, K] (all one dtype), rhs[j] [G, K, N] ([G, N, K] with
@@ -43,6 +46,13 @@ def swizzle(pid, rows: int, cols: int, band: int):
     return first + r % height, r // height
 
 
+def num_sms() -> int:
+    """Streaming multiprocessors of the GPU (an H100's 132 when lowering without one)."""
+    if _compat.has_platform("gpu"):
+        return int(getattr(jax.devices("gpu")[0], "core_count", 132) or 132)
+    return 132
+
+
 def _block_dims(k: int, n: int, tiles: Tiles) -> tuple[int, int]:
     return gmm_plan.pow2_block(n, tiles.tn), gmm_plan.pow2_block(k, tiles.tk)
 
@@ -59,21 +69,24 @@ def forward(xs, ws, meta: GroupMetadata, *, fusion: Fusion, tiles: Tiles, transp
     tm = meta.tile_m
     tn, tk = _block_dims(K, N, tiles)
     nt, nk = gmm_plan.cdiv(N, tn), gmm_plan.cdiv(K, tk)
-    T = meta.max_tiles
     mask_k, mask_n = K % tk != 0, N % tn != 0
     in_dtype = xs[0].dtype
     num_out = fusion.num_out
 
     dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+    slots = meta.max_tiles * nt
+    persistent = tiles.occupancy > 0
+    programs = min(slots, tiles.programs or num_sms() * tiles.occupancy) if persistent else slots
 
     def kernel(tg_ref, tr_ref, tlo_ref, thi_ref, nt_ref, *refs):
         x_refs = refs[:fusion.num_lhs]
         w_refs = refs[fusion.num_lhs:fusion.num_lhs + fusion.num_rhs]
         o_refs = refs[len(refs) - num_out:]
-        t, nb = swizzle(pl.program_id(0), T, nt, tiles.band)
+        active = nt_ref[0]
 
-        @pl.when(t < nt_ref[0])
-        def _tile():
+        def work_item(w):
+            """Row tile x column block number ``w`` (< active * nt)."""
+            t, nb = swizzle(w, active, nt, tiles.band)
             g, row0, lo, hi = tg_ref[t], tr_ref[t], tlo_ref[t], thi_ref[t]
             rows = row0 + lax.broadcasted_iota(jnp.int32, (tm,), 0)
             row_ok = (rows >= lo) & (rows < hi)
@@ -115,6 +128,20 @@ def forward(xs, ws, meta: GroupMetadata, *, fusion: Fusion, tiles: Tiles, transp
                 for o_ref in o_refs:
                     plgpu.store(o_ref.at[rows_ds, cols_ds], jnp.zeros((tm, tn), o_ref.dtype), mask=out_mask)
 
+        pid = pl.program_id(0)
+        if persistent:
+            trips = jnp.maximum(active * nt - pid + programs - 1, 0) // programs
+
+            def loop_body(i, carry):
+                work_item(pid + i * programs)
+                return carry
+
+            lax.fori_loop(0, trips, loop_body, jnp.int32(0))
+        else:
+            @pl.when(pid < active * nt)
+            def _():
+                work_item(pid)
+
     out_shape = [jax.ShapeDtypeStruct((M, N), dt) for dt in out_dtypes]
     args = [*meta.tile_arrays(), *[x.astype(in_dtype) for x in xs], *ws]
     aliases = {}
@@ -130,7 +157,7 @@ def forward(xs, ws, meta: GroupMetadata, *, fusion: Fusion, tiles: Tiles, transp
     call = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(T * nt,),
+        grid=(programs,),
         input_output_aliases=aliases,
         compiler_params=_compat.triton_compiler_params(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,

@@ -35,7 +35,7 @@ def _for_itemsize(t: Tiles, itemsize: int) -> Tiles:
     """Halve the K step for 4-byte inputs so the pipeline buffers fit shared memory."""
     if itemsize <= 2:
         return t
-    return Tiles(t.tm, t.tn, max(16, t.tk * 2 // itemsize), t.num_warps, t.num_stages, t.band)
+    return t.replace(tk=max(16, t.tk * 2 // itemsize))
 
 
 def forward_tiles(fusion: Fusion, itemsize: int) -> tuple[tuple[Tiles, ...], str, gmm_plan.CostModel]:

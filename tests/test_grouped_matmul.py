@@ -1,0 +1,303 @@
+"""Grouped matmul kernels (gmm, transposed gmm, fused SwiGLU) vs the pure-jnp references.
+
+Forward and every gradient, on fresh random inputs, for hypothesis-drawn group sizes
+(empty groups, one group holding every row, Zipf skew, sums below and past M,
+negative entries); shapes are not multiples of the tiles. Each (backend, op, dtype)
+compiles once -- group sizes are traced data -- with small tiles forced through
+``gmm_plan.override`` so a few dozen rows already span many tiles, K steps and
+column blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import sparse_jax
+from pallas_kernels.common import gmm_plan
+from pallas_kernels.common.gmm_plan import Tiles, Tiling
+from sparse_jax import _compat, reference
+from tests.conftest import assert_close, randn, tolerance
+
+# Per backend: rows, contraction, columns (none a tile multiple) and the forced tiles
+# (GPU: 3 persistent programs, so each walks several work items).
+SHAPES = {
+    "triton": dict(M=50, K=40, N=24, fwd=Tiles(16, 16, 16, band=2, programs=3), t=Tiles(16, 16, 16, band=2)),
+    "mosaic_tpu": dict(M=50, K=136, N=144, fwd=Tiles(16, 128, 128), t=Tiles(16, 128, 128)),
+}
+G = 4
+HYP = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _sizes(num_groups, M):
+    return st.one_of(
+        st.lists(st.integers(-2, 22), min_size=num_groups, max_size=num_groups),
+        st.integers(0, num_groups - 1).map(lambda g: [M if i == g else 0 for i in range(num_groups)]),
+        st.lists(st.sampled_from([0, 0, 3, 16]), min_size=num_groups, max_size=num_groups),
+        st.just([int(M / (i + 1) ** 1.2 / 2.2) for i in range(num_groups)]),
+        st.just([0] * num_groups),
+    )
+
+
+def _tiling(backend):
+    s = SHAPES[backend]
+    return Tiling(forward=s["fwd"], transposed=s["t"])
+
+
+def _rows_of(sizes, M, G_local, offset):
+    """bool [M]: rows owned by a local group."""
+    sz = np.maximum(np.asarray(sizes), 0)
+    offs = np.minimum(np.concatenate([[0], np.cumsum(sz)]), M)
+    lo = offs[min(offset, len(sz))]
+    hi = offs[min(offset + G_local, len(sz))]
+    r = np.arange(M)
+    return (r >= lo) & (r < hi)
+
+
+def _f32(*xs):
+    return [x.astype(jnp.float32) for x in xs]
+
+
+def _check(outs, refs, dtype, interpret, names):
+    for o, r, name in zip(outs, refs, names):
+        assert o.shape == r.shape, (name, o.shape, r.shape)
+        assert_close(o, r, tolerance(dtype, interpret=interpret), name)
+
+
+# --- grouped_matmul --------------------------------------------------------------------------------
+@functools.cache
+def _gmm_vjp(backend, interpret, transpose_rhs, with_offset, op="kernel"):
+    def f(lhs, rhs, gs, off, ct):
+        def fn(l, r):
+            kw = dict(transpose_rhs=transpose_rhs, group_offset=off if with_offset else None)
+            if op == "reference":
+                return reference.grouped_matmul(l, r, gs, **kw)
+            return sparse_jax.grouped_matmul(l, r, gs, backend=backend, interpret=interpret, **kw)
+        with gmm_plan.override(_tiling(backend)):
+            out, vjp = jax.vjp(fn, lhs, rhs)
+            return (out, *vjp(ct.astype(out.dtype)))
+    return jax.jit(f)
+
+
+def _run_gmm(kernel_backend, dtype, transpose_rhs, sizes, seed, g_local=G, offset=None):
+    backend, interpret = kernel_backend
+    s = SHAPES[backend]
+    M, K, N = s["M"], s["K"], s["N"]
+    lhs = randn(seed, (M, K), dtype)
+    rhs = randn(seed + 1, (g_local, N, K) if transpose_rhs else (g_local, K, N), dtype)
+    ct = randn(seed + 2, (M, N))
+    gs = jnp.asarray(sizes, jnp.int32)
+    off = jnp.int32(offset or 0)
+    got = _gmm_vjp(backend, interpret, transpose_rhs, offset is not None)(lhs, rhs, gs, off, ct)
+    want = _gmm_vjp(backend, interpret, transpose_rhs, offset is not None, "reference")(*_f32(lhs, rhs), gs, off, ct)
+    _check(got, want, dtype, interpret, ["out", "d lhs", "d rhs"])
+    outside = ~_rows_of(sizes, M, g_local, offset or 0)
+    assert np.all(np.asarray(got[0], np.float32)[outside] == 0), "rows of no local group must be exactly zero"
+    assert np.all(np.asarray(got[1], np.float32)[outside] == 0), "their lhs gradient too"
+
+
+@HYP
+@given(sizes=_sizes(G, 50), seed=st.integers(0, 1000))
+def test_gmm_f32(kernel_backend, sizes, seed):
+    _run_gmm(kernel_backend, jnp.float32, False, sizes, seed)
+
+
+@HYP
+@given(sizes=_sizes(G, 50), seed=st.integers(0, 1000))
+def test_gmm_bf16_transpose_rhs(kernel_backend, sizes, seed):
+    _run_gmm(kernel_backend, jnp.bfloat16, True, sizes, seed)
+
+
+@HYP
+@given(sizes=_sizes(6, 50), offset=st.sampled_from([0, 2, 3, 5]), seed=st.integers(0, 1000))
+def test_gmm_group_offset(kernel_backend, sizes, offset, seed):
+    _run_gmm(kernel_backend, jnp.float32, False, sizes, seed, g_local=3, offset=offset)
+
+
+def test_gmm_float16_and_preferred_element_type(kernel_backend):
+    backend, interpret = kernel_backend
+    s = SHAPES[backend]
+    lhs, rhs = randn(3, (s["M"], s["K"]), jnp.float16), randn(4, (G, s["K"], s["N"]), jnp.float16)
+    gs = jnp.array([7, 0, 30, 9], jnp.int32)
+    with gmm_plan.override(_tiling(backend)):
+        out = sparse_jax.grouped_matmul(lhs, rhs, gs, preferred_element_type=jnp.float32, backend=backend,
+                                        interpret=interpret)
+    assert out.dtype == jnp.float32
+    assert_close(out, reference.grouped_matmul(*_f32(lhs, rhs), gs), tolerance(jnp.float16, interpret=interpret))
+
+
+# --- grouped_matmul_t ------------------------------------------------------------------------------
+@functools.cache
+def _tgmm_vjp(backend, interpret, op="kernel"):
+    def f(lhs, grad, gs, off, ct):
+        def fn(l, g):
+            kw = dict(num_groups=3, group_offset=off)
+            if op == "reference":
+                return reference.grouped_matmul_t(l, g, gs, **kw)
+            return sparse_jax.grouped_matmul_t(l, g, gs, backend=backend, interpret=interpret, **kw)
+        with gmm_plan.override(_tiling(backend)):
+            out, vjp = jax.vjp(fn, lhs, grad)
+            return (out, *vjp(ct))
+    return jax.jit(f)
+
+
+@HYP
+@given(sizes=_sizes(5, 50), offset=st.sampled_from([0, 2, 4]), seed=st.integers(0, 1000))
+def test_gmm_t(kernel_backend, sizes, offset, seed):
+    backend, interpret = kernel_backend
+    s = SHAPES[backend]
+    M, K, N = s["M"], s["K"], s["N"]
+    lhs, grad, ct = randn(seed, (M, K)), randn(seed + 1, (M, N)), randn(seed + 2, (3, K, N))
+    gs, off = jnp.asarray(sizes, jnp.int32), jnp.int32(offset)
+    got = _tgmm_vjp(backend, interpret)(lhs, grad, gs, off, ct)
+    want = _tgmm_vjp(backend, interpret, "reference")(lhs, grad, gs, off, ct)
+    _check(got, want, jnp.float32, interpret, ["out", "d lhs", "d grad"])
+    sz = np.maximum(np.asarray(sizes), 0)
+    offs = np.minimum(np.concatenate([[0], np.cumsum(sz)]), M)
+    for g in range(3):
+        gg = min(offset + g, len(sz))
+        if gg >= len(sz) or offs[gg + 1] == offs[gg]:
+            assert np.all(np.asarray(got[0][g]) == 0), f"empty group {g} must give an exactly zero gradient"
+
+
+# --- grouped_swiglu --------------------------------------------------------------------------------
+@functools.cache
+def _swiglu_vjp(backend, interpret, op="kernel"):
+    def f(x, wg, wu, gs, off, ct):
+        def fn(x, wg, wu):
+            if op == "reference":
+                return reference.grouped_swiglu(x, wg, wu, gs, group_offset=off)
+            return sparse_jax.grouped_swiglu(x, wg, wu, gs, group_offset=off, backend=backend, interpret=interpret)
+        with gmm_plan.override(_tiling(backend)):
+            out, vjp = jax.vjp(fn, x, wg, wu)
+            return (out, *vjp(ct.astype(out.dtype)))
+    return jax.jit(f)
+
+
+@HYP
+@given(sizes=_sizes(5, 50), offset=st.sampled_from([0, 1]), seed=st.integers(0, 1000))
+def test_swiglu(kernel_backend, sizes, offset, seed):
+    backend, interpret = kernel_backend
+    s = SHAPES[backend]
+    M, K, F = s["M"], s["K"], s["N"]
+    x, wg, wu = randn(seed, (M, K)), randn(seed + 1, (4, K, F), scale=0.3), randn(seed + 2, (4, K, F), scale=0.3)
+    ct = randn(seed + 3, (M, F))
+    gs, off = jnp.asarray(sizes, jnp.int32), jnp.int32(offset)
+    got = _swiglu_vjp(backend, interpret)(x, wg, wu, gs, off, ct)
+    want = _swiglu_vjp(backend, interpret, "reference")(x, wg, wu, gs, off, ct)
+    _check(got, want, jnp.float32, interpret, ["out", "d x", "d w_gate", "d w_up"])
+
+
+def test_swiglu_bf16(kernel_backend):
+    backend, interpret = kernel_backend
+    s = SHAPES[backend]
+    M, K, F = s["M"], s["K"], s["N"]
+    x, wg, wu = (randn(i, shp, jnp.bfloat16, scale=sc) for i, shp, sc in
+                 ((5, (M, K), 1.0), (6, (4, K, F), 0.3), (7, (4, K, F), 0.3)))
+    gs = jnp.array([11, 0, 25, 6, 0], jnp.int32)
+    ct = randn(8, (M, F))
+    got = _swiglu_vjp(backend, interpret)(x, wg, wu, gs, jnp.int32(1), ct)
+    want = _swiglu_vjp(backend, interpret, "reference")(*_f32(x, wg, wu), gs, jnp.int32(1), ct)
+    _check(got, want, jnp.bfloat16, interpret, ["out", "d x", "d w_gate", "d w_up"])
+
+
+# --- adaptive tile height --------------------------------------------------------------------------
+def test_adaptive_tiles_match_reference(kernel_backend):
+    """GPU: rows split between a big- and a small-tile launch; TPU: lax.switch over tile heights."""
+    backend, interpret = kernel_backend
+    s = SHAPES[backend]
+    M, K, N = 70, s["K"], s["N"]
+    if backend == "triton":
+        # one program per tile slot for the big launch, a 2-program persistent small launch
+        tiles = (Tiles(32, 16, 16, band=2, occupancy=0), Tiles(16, 16, 16, band=2, programs=2))
+        cost = gmm_plan.CostModel(big_tflops=600.0, small_tflops=600.0, bandwidth_gbps=1e9)
+    else:
+        tiles, cost = (Tiles(16, 128, 128), Tiles(32, 128, 128)), None
+    lhs, rhs, ct = randn(1, (M, K)), randn(2, (G, K, N)), randn(3, (M, N))
+    gs = jnp.array([33, 0, 20, 3], jnp.int32)  # 33 = 32 + 1: a big tile plus a small tail
+    if backend == "triton":
+        from sparse_jax.group_metadata import local_group_bounds
+        st_, en = local_group_bounds(gs, M)
+        split = gmm_plan.split_rows(st_, en, tm_big=32, tm_small=16, k=K, n=N, num_rhs=1, itemsize=4, cost=cost)
+        assert int(split[0]) == 32, "the test must exercise both launches"
+
+    def fn(l, r):
+        return sparse_jax.grouped_matmul(l, r, gs, backend=backend, interpret=interpret)
+
+    with gmm_plan.override(Tiling(forward=tiles, transposed=s["t"], cost=cost)):
+        out, vjp = jax.vjp(fn, lhs, rhs)
+        got = (out, *vjp(ct))
+    ref, rvjp = jax.vjp(lambda l, r: reference.grouped_matmul(l, r, gs), lhs, rhs)
+    _check(got, (ref, *rvjp(ct)), jnp.float32, interpret, ["out", "d lhs", "d rhs"])
+
+
+def test_default_tiles_small_problem(kernel_backend):
+    """No override: the shipped tile choice, on a problem far smaller than its tiles."""
+    backend, interpret = kernel_backend
+    lhs, rhs = randn(9, (37, 48), jnp.bfloat16), randn(10, (3, 48, 40), jnp.bfloat16)
+    gs = jnp.array([5, 30, 1], jnp.int32)
+    out = jax.jit(lambda l, r, g: sparse_jax.grouped_matmul(l, r, g, backend=backend, interpret=interpret))(lhs, rhs, gs)
+    assert_close(out, reference.grouped_matmul(*_f32(lhs, rhs), gs), tolerance(jnp.bfloat16, interpret=interpret))
+
+
+# --- bad input -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu", "xla"])
+def test_bad_input_raises_at_trace_time(backend):
+    lhs, rhs = jnp.zeros((8, 16)), jnp.zeros((2, 16, 4))
+    gs = jnp.array([4, 4], jnp.int32)
+    gmm = functools.partial(sparse_jax.grouped_matmul, backend=backend, interpret=True)
+    with pytest.raises(ValueError, match="entries"):
+        gmm(lhs, rhs, jnp.array([4, 2, 2], jnp.int32))
+    with pytest.raises(ValueError, match="int32"):
+        gmm(lhs, rhs, gs.astype(jnp.float32))
+    with pytest.raises(ValueError, match="int32"):
+        gmm(lhs, rhs, gs.astype(jnp.int16))
+    with pytest.raises(ValueError, match="contracting"):
+        gmm(lhs, jnp.zeros((2, 12, 4)), gs)
+    with pytest.raises(ValueError, match="contracting"):
+        gmm(lhs, rhs, gs, transpose_rhs=True)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        gmm(lhs.astype(jnp.int32), rhs, gs)
+    with pytest.raises(ValueError, match="scalar"):
+        gmm(lhs, rhs, gs, group_offset=jnp.array([0, 1]))
+    with pytest.raises(ValueError, match="at least"):
+        gmm(lhs, jnp.zeros((3, 16, 4)), gs, group_offset=0)
+    with pytest.raises(ValueError, match="same rows"):
+        sparse_jax.grouped_matmul_t(lhs, jnp.zeros((7, 4)), gs, backend=backend)
+    with pytest.raises(ValueError, match="disagree on K"):
+        sparse_jax.grouped_swiglu(lhs, jnp.zeros((2, 12, 4)), jnp.zeros((2, 12, 4)), gs, backend=backend)
+    with pytest.raises(ValueError, match="must match"):
+        sparse_jax.grouped_swiglu(lhs, rhs, jnp.zeros((2, 16, 5)), gs, backend=backend)
+
+
+def test_degenerate_shapes():
+    out = sparse_jax.grouped_matmul(jnp.zeros((0, 8)), jnp.ones((2, 8, 4)), jnp.array([0, 0], jnp.int32),
+                                    backend="triton", interpret=True)
+    assert out.shape == (0, 4)
+    dw = sparse_jax.grouped_matmul_t(jnp.ones((5, 8)), jnp.ones((5, 4)), jnp.array([2, 3], jnp.int32), num_groups=0,
+                                     backend="triton", interpret=True)
+    assert dw.shape == (0, 8, 4)
+
+
+# --- lowering for absent platforms -----------------------------------------------------------------
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_export_lowers_forward_and_backward(platform):
+    """Full-size Mixtral-like bf16 shapes lower (Pallas -> Triton IR / Mosaic) with the default tiles."""
+    backend = "triton" if platform == "cuda" else "mosaic_tpu"
+    M, K, F, E = 512, 1024, 1536, 8
+    S = jax.ShapeDtypeStruct
+
+    def loss(x, wg, wu, wd, gs):
+        h = sparse_jax.grouped_swiglu(x, wg, wu, gs, backend=backend)
+        return jnp.sum(sparse_jax.grouped_matmul(h, wd, gs, backend=backend).astype(jnp.float32))
+
+    args = (S((M, K), jnp.bfloat16), S((E, K, F), jnp.bfloat16), S((E, K, F), jnp.bfloat16),
+            S((E, F, K), jnp.bfloat16), S((E,), jnp.int32))
+    exp = _compat.export(jax.grad(loss, argnums=(0, 1, 2, 3)), platform, *args)
+    text = exp.mlir_module()
+    assert text.count("__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") >= 5
