@@ -318,3 +318,50 @@ def test_logical_axes_and_one_device_mesh():
     assert attn.q_proj.kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, "model", None)
     assert_close(nnx.jit(lambda m, x: m(x))(attn, x), want_attn, 1e-6, "sharded attn")
     assert_close(nnx.jit(lambda m, x: m(x))(moe, x), want_moe, 1e-6, "sharded moe")
+
+
+# -- runtime-selected sparsity -----------------------------------------------------------------
+DYNAMIC = {
+    "pbs": (lambda **kw: sjnn.PermutedBlockSparseAttention(segment_size=16, block_size=8, **kw), "threshold", 1.0, 0.3),
+    "xattention": (lambda **kw: sjnn.DynamicSparseAttention(selection="xattention", block_size=8, **kw),
+                   "threshold", 1.0, 0.3),
+    "topk": (lambda **kw: sjnn.DynamicSparseAttention(selection="topk", block_size=8, **kw), "num_blocks", 4, 2),
+    "vertical_slash": (lambda **kw: sjnn.DynamicSparseAttention(selection="vertical_slash", block_size=8,
+                                                                 slash_size=2, last_q=8, **kw),
+                       "vertical_size", 32, 2),
+}
+
+
+@pytest.mark.parametrize("name", list(DYNAMIC))
+def test_dynamic_layers_full_budget_is_dense_and_small_budget_is_sparser(name):
+    make, knob, full, small = DYNAMIC[name]
+    S = 32
+    dense = sjnn.DenseAttention(**layer_kwargs(implementation="xla", record_density=True))
+    x = randn(13, (2, S, 32))
+    want = dense(x)
+    causal_density = float(nnx.pop(dense, nnx.Intermediate)["density"][0])
+    for budget, exact in ((full, True), (small, False)):
+        layer = make(**{**layer_kwargs(record_density=True), "rngs": nnx.Rngs(5), knob: budget})
+        nnx.update(layer, nnx.state(dense, nnx.Param))
+        y = nnx.jit(lambda m, x: m(x))(layer, x)
+        density = float(nnx.pop(layer, nnx.Intermediate)["density"][0])
+        if exact:
+            assert_close(y, want, 1e-5, f"{name} full budget")
+        else:
+            assert density < causal_density, (density, causal_density)
+            assert np.all(np.isfinite(y))
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+    for g in jax.tree.leaves(grads):
+        assert np.all(np.isfinite(g)) and float(jnp.abs(g).max()) > 0
+
+
+def test_dynamic_layer_errors():
+    with pytest.raises(ValueError, match="num_blocks"):
+        sjnn.DynamicSparseAttention(**layer_kwargs(selection="topk"))
+    with pytest.raises(ValueError, match="selection"):
+        sjnn.DynamicSparseAttention(**layer_kwargs(selection="oracle"))
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        sjnn.PermutedBlockSparseAttention(**layer_kwargs(segment_size=24, block_size=16))
+    with pytest.raises(ValueError, match="segment_ids"):
+        sjnn.PermutedBlockSparseAttention(**layer_kwargs(segment_size=16, block_size=8))(
+            jnp.ones((1, 16, 32)), segment_ids=jnp.zeros(16, jnp.int32))

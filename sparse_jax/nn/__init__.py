@@ -14,3 +14,5 @@ from sparse_jax.nn.attention_base import AttentionBase
 from sparse_jax.nn.attention import BlockSparseAttention, BlockTables, DenseAttention
 from sparse_jax.nn.ffn import SwiGLU
 from sparse_jax.nn.moe import MoEFeedForward
+from sparse_jax.nn.permuted import PermutedBlockSparseAttention
+from sparse_jax.nn.dynamic import DynamicSparseAttention

@@ -82,6 +82,7 @@ class BlockSparseAttention(AttentionBase):
 
     def attend(self, q, k, v, *, positions, segment_ids):
         bm = self.tables.get(q.shape[1], k.shape[1])
+        self.record(bm.density)
         return block_sparse_attention(q, k, v, bm, scale=self.scale, segment_ids=segment_ids, softcap=self.softcap,
                                       backend=self.backend, interpret=self.interpret)
 
@@ -111,6 +112,7 @@ class DenseAttention(BlockSparseAttention):
     def attend(self, q, k, v, *, positions, segment_ids):
         if self.implementation == "block_sparse":
             return super().attend(q, k, v, positions=positions, segment_ids=segment_ids)
+        self.record(self.tables.get(q.shape[1], k.shape[1]).density)
         mask = None
         if segment_ids is not None:
             seg = jnp.asarray(segment_ids)

@@ -33,12 +33,16 @@ class AttentionBase(nnx.Module):
       scale: logit scale (default 1/sqrt(D)); softcap: tanh soft-capping of logits.
       dtype: compute dtype (activations, attention); param_dtype: storage dtype.
       backend, interpret: passed to the ops (see :mod:`sparse_jax.backends`).
+      record_density: sow each call's block density (fraction of (query block, kv block)
+        pairs computed, float32 scalar) as ``nnx.Intermediate`` "density"; read it with
+        ``nnx.pop(model, nnx.Intermediate)``. Off by default (keeps the graph static).
     """
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
                  *, rope: Rope | None = Rope(), qk_norm: bool = False, use_bias: bool = False,
                  scale: float | None = None, softcap: float | None = None, dtype=jnp.float32,
-                 param_dtype=jnp.float32, backend: str | None = None, interpret: bool = False, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, backend: str | None = None, interpret: bool = False,
+                 record_density: bool = False, rngs: nnx.Rngs):
         num_heads, num_kv_heads, head_dim = _common.resolve_head_dims(d_model, num_heads, num_kv_heads, head_dim)
         for name, dt in (("dtype", dtype), ("param_dtype", param_dtype)):
             if jnp.dtype(dt) not in _FLOATS:
@@ -55,6 +59,7 @@ class AttentionBase(nnx.Module):
         self.softcap = None if softcap is None else float(softcap)
         self.dtype, self.param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
         self.backend, self.interpret = backend, bool(interpret)
+        self.record_density = bool(record_density)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=use_bias, rngs=rngs)
         self.q_proj = _common.head_projection(d_model, num_heads, head_dim, **kw)
         self.k_proj = _common.head_projection(d_model, num_kv_heads, head_dim, kv=True, **kw)
@@ -78,6 +83,11 @@ class AttentionBase(nnx.Module):
         if self.rope is not None:
             q, k = self.rope(q, positions), self.rope(k, positions)
         return q, k, v
+
+    def record(self, density) -> None:
+        """Sow ``density`` (a scalar) when ``record_density`` is on."""
+        if self.record_density:
+            self.sow(nnx.Intermediate, "density", jnp.asarray(density, jnp.float32))
 
     def attend(self, q, k, v, *, positions, segment_ids):
         """q [B, S, Hq, D], k/v [B, S, Hkv, D] -> o [B, S, Hq, D]. Subclasses implement this."""
