@@ -71,8 +71,10 @@ def moe_ffn(x, router_weights, w_gate, w_up, w_down, *, top_k: int, scoring: str
             jitter: float = 0.0, rng=None, backend: str | None = None, interpret: bool = False):
     """Mixture-of-Experts SwiGLU FFN, dropless by default.
 
-    x [T, D] (float32/bfloat16/float16); router_weights [D, E] (any float dtype; logits
-    in float32); w_gate, w_up [E, D, F]; w_down [E, F, D] (dtype of x).
+    x [T, D] (float32/bfloat16/float16); router_weights [D, E] (any float dtype: the
+    router matmul runs in the promoted dtype of x and router_weights with float32
+    accumulation, so float32 router weights give a float32 router); w_gate, w_up
+    [E, D, F]; w_down [E, F, D] (dtype of x).
     Returns y [T, D] in x.dtype, or (y, :class:`MoEAux`) with ``return_aux``.
 
     Routing: :func:`sparse_jax.moe.route` (``scoring``, ``normalize_topk``, ``bias``,

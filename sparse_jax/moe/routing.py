@@ -69,14 +69,17 @@ class Routing(NamedTuple):
 
 
 def router_logits(x, router_weights):
-    """x [T, D] @ router_weights [D, E] -> float32 [T, E] (both upcast to float32).
+    """x [T, D] @ router_weights [D, E] -> float32 [T, E], float32 accumulation.
 
-    Runs at the default matmul precision, so ``jax.default_matmul_precision`` governs it.
+    The product runs in the promoted dtype of the two: keep ``router_weights`` in
+    float32 for a float32 router (x is upcast), or in x.dtype for a bf16 one.
+    Default matmul precision, so ``jax.default_matmul_precision`` governs it.
     """
     if x.ndim != 2 or router_weights.ndim != 2 or x.shape[1] != router_weights.shape[0]:
         raise ValueError(f"router: x [T, D] and router_weights [D, E] expected; got x {tuple(x.shape)}, "
                          f"router_weights {tuple(router_weights.shape)}")
-    return jnp.dot(x.astype(jnp.float32), router_weights.astype(jnp.float32))
+    dtype = jnp.promote_types(x.dtype, router_weights.dtype)
+    return jnp.dot(x.astype(dtype), router_weights.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def check_route_args(num_experts: int, top_k, scoring, bias, num_groups, topk_groups, jitter, rng) -> None:
