@@ -52,7 +52,8 @@ def _run(results, suite, name, impl, shape, extra, work, *, flops=None, bytes_=N
                               extra=extra))
     except Exception as e:  # noqa: BLE001 - every peer is optional
         extra["traceback"] = traceback.format_exc(limit=3)[-1500:]
-        results.append(Result(suite, name, impl, dict(shape), None, error=_error_text(e), extra=extra))
+        results.append(Result(suite, name, impl, dict(shape), None, flops=flops, bytes=bytes_, error=_error_text(e),
+                              extra=extra))
     finally:
         _release()
     return results[-1]

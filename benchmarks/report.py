@@ -67,16 +67,27 @@ def _ok(r: dict) -> bool:
     return r.get("error") is None and bool(r.get("time_ms"))
 
 
-def main_peer(rows: list[dict], suite: str) -> dict | None:
-    """The row every other row of this case is compared with (None: no usable peer)."""
-    named = [r["extra"]["main_peer"] for r in rows if isinstance(r.get("extra"), dict) and r["extra"].get("main_peer")]
-    order = list(named) + list(MAIN_PEERS.get(suite, ()))
+def main_peer(rows: list[dict], suite: str, row: dict | None = None) -> dict | None:
+    """The row ``row`` (default: the case as a whole) is compared with; None: no usable peer.
+
+    A row may name its own in ``extra["main_peer"]`` (e.g. a jit-path row compared with
+    the peer's jit path); otherwise the suite's MAIN_PEERS order, then the fastest peer.
+    """
     by_impl = {r["impl"]: r for r in rows if _ok(r)}
-    for impl in order:
+    own = (row.get("extra") or {}).get("main_peer") if row is not None else None
+    if own in by_impl:
+        return by_impl[own]
+    for impl in MAIN_PEERS.get(suite, ()):
         if impl in by_impl:
             return by_impl[impl]
     peers = [r for r in rows if _ok(r) and not is_ours(r)]
     return min(peers, key=lambda r: r["time_ms"]) if peers else None
+
+
+def _ratio(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "–"
+    return f"{x:.0f}×" if x >= 100 else f"{x:.1f}×" if x >= 10 else f"{x:.2f}×"
 
 
 def _fmt(x, spec=".2f", none="–"):
@@ -120,12 +131,14 @@ def case_table(rows: list[dict], suite: str, meta: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (not is_ours(r), r.get("time_ms") is None, r.get("time_ms") or 0)):
         spread = f" (±{100 * r['spread'] / 2:.0f}%)" if r.get("spread") is not None and _ok(r) else ""
-        ratio = peer["time_ms"] / r["time_ms"] if peer and _ok(r) else None
+        own = main_peer(rows, suite, r)
+        ratio = _ratio(own["time_ms"] / r["time_ms"]) if own and _ok(r) else "–"
+        if own and peer and own is not peer and _ok(r):
+            ratio += f" vs {own['impl']}"
         name = f"**{r['impl']}**" if is_ours(r) else r["impl"]
         lines.append("| " + " | ".join(_cell(c) for c in (
             name, _ms(r.get("time_ms")) + spread, _fmt(r.get("tflops"), ".1f"), _fmt(_pct(r.get("tflops"), mm), ".0f"),
-            _fmt(r.get("gbps"), ".0f"), _fmt(_pct(r.get("gbps"), bw), ".0f"), _fmt(ratio, ".2f") + ("×" if ratio else ""),
-            _note(r))) + " |")
+            _fmt(r.get("gbps"), ".0f"), _fmt(_pct(r.get("gbps"), bw), ".0f"), ratio, _note(r))) + " |")
     return lines
 
 
@@ -312,17 +325,17 @@ def summary_table(data: dict, max_rows: int = 80) -> list[str]:
     n = 0
     all_cases = cases(data["results"])
     for (suite, name), rows in all_cases.items():
-        ours = [r for r in rows if is_ours(r) and _ok(r)]
+        ours = [r for r in rows if is_ours(r) and _ok(r) and (r.get("extra") or {}).get("summary", True)]
         if not ours:
             continue
         best = min(ours, key=lambda r: r["time_ms"])
-        peer = main_peer(rows, suite)
+        peer = main_peer(rows, suite, best)
         others = [r for r in rows if _ok(r) and not is_ours(r)]
         fastest = min(others, key=lambda r: r["time_ms"]) if others else None
         tf = f"{_fmt(best.get('tflops'), '.1f')} ({_fmt(_pct(best.get('tflops'), mm), '.0f')}%)" \
             if best.get("tflops") else "–"
         gb = f"{_fmt(best.get('gbps'), '.0f')} ({_fmt(_pct(best.get('gbps'), bw), '.0f')}%)" if best.get("gbps") else "–"
-        ratio = f"{peer['time_ms'] / best['time_ms']:.2f}×" if peer else "–"
+        ratio = _ratio(peer["time_ms"] / best["time_ms"]) if peer else "–"
         fp = f"{fastest['impl']} ({_ms(fastest['time_ms'])})" if fastest else "–"
         lines.append("| " + " | ".join(_cell(c) for c in (
             suite, name, _ms(best["time_ms"]), tf, gb, peer["impl"] if peer else "–",

@@ -180,20 +180,21 @@ def time_budget(fn: Callable, make_args: Callable[[int], Sequence[Any]], *, budg
     """Like :func:`time_fn`, with the repetition count picked so the case costs about ``budget_s``.
 
     For work whose duration spans orders of magnitude across a sweep (host-side table
-    building from microseconds to seconds): one probe call after warm-up sets
-    ``iters = clamp(budget_s / probe, min_iters, max_iters)``.
+    building, from microseconds to seconds): after ``warmup`` calls, one probe call sets
+    ``iters = clamp(budget_s / probe, min_iters, max_iters)`` (the probe is the first
+    sample). A probe longer than ``budget_s`` is the only sample (``Timing.n == 1``).
     """
     arg_sets = [tuple(make_args(i)) for i in range(rotations)]
     for a in arg_sets:
         _block(a)
     for i in range(warmup):
         _block(fn(*arg_sets[i % rotations]))
-    t0 = time.perf_counter()
-    _block(fn(*arg_sets[warmup % rotations]))
-    probe = time.perf_counter() - t0
-    iters = int(min(max_iters, max(min_iters, budget_s / max(probe, 1e-9))))
     times = []
-    for i in range(iters):
+    t0 = time.perf_counter()
+    _block(fn(*arg_sets[0]))
+    times.append(time.perf_counter() - t0)
+    iters = 1 if times[0] >= budget_s else int(min(max_iters, max(min_iters, budget_s / max(times[0], 1e-9))))
+    for i in range(1, iters):
         a = arg_sets[i % rotations]
         t0 = time.perf_counter()
         _block(fn(*a))
