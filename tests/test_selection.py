@@ -1,0 +1,337 @@
+"""Runtime block selection: scores vs brute force, threshold / top-k / vertical-slash semantics,
+causality, budgets, GQA, jit / vmap, and the Triton score kernel vs its jnp reference."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sparse_jax as sj
+from sparse_jax import reference as ref
+from sparse_jax import selection as sel
+from sparse_jax.selection import scores, synthetic
+from tests.conftest import assert_close, randn
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def qk(seed, b, sq, skv, hq, hkv, d, dtype=jnp.float32):
+    return randn(seed, (b, sq, hq, d), dtype), randn(seed + 1, (b, skv, hkv, d), dtype)
+
+
+def causal_dense(sq, skv):
+    """bool [Sq, Skv]: queries at the end of the keys."""
+    return np.arange(skv)[None, :] <= np.arange(sq)[:, None] + (skv - sq)
+
+
+def dense_of(bm):
+    return np.asarray(bm.to_dense())
+
+
+def dense_mask(bm, hq):
+    """to_dense() with per-kv-head tables repeated over their query heads: [B, Hq, Sq, Skv]."""
+    m = bm.to_dense()
+    return m if m.shape[1] in (1, hq) else jnp.repeat(m, hq // m.shape[1], axis=1)
+
+
+# -- scores ---------------------------------------------------------------------------------
+def antidiagonal_bruteforce(q, k, block, stride, causal, scale=None):
+    """XAttention's block scores straight from the definition, with the full QK^T in numpy."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    b, sq, hq, d = q.shape
+    skv, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    scale = (1 / math.sqrt(d) if scale is None else scale) / stride
+    nq, nk = -(-sq // block), -(-skv // block)
+    mq, mk = nq * block // stride, nk * block // stride
+    qp = np.zeros((b, mq * stride, hq, d)); qp[:, :sq] = q
+    kp = np.zeros((b, mk * stride, hkv, d)); kp[:, :skv] = k
+    out = np.zeros((b, hq, nq, nk))
+    for h in range(hq):
+        full = np.einsum("bid,bjd->bij", qp[:, :, h], kp[:, :, h // g])
+        anti = np.zeros((b, mq, mk))
+        for j in range(stride):  # antidiagonal of each s x s tile: rows s-1-j, column j
+            anti += full[:, stride - 1 - j::stride, j::stride]
+        logits = anti * scale
+        i, m = np.arange(mq)[:, None], np.arange(mk)[None, :]
+        ok = (m * stride < skv) & np.ones((mq, 1), bool)
+        if causal:
+            ok &= m * stride <= i * stride + stride - 1 + (skv - sq)
+        x = np.where(ok, logits, -np.inf)
+        p = np.exp(x - x.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        p[:, np.arange(mq) * stride >= sq] = 0
+        r = block // stride
+        blocks = p.reshape(b, nq, r, nk, r).sum((2, 4))
+        rows = np.maximum(1, -(-np.minimum(block, sq - np.arange(nq) * block) // stride))
+        out[:, h] = blocks / rows[:, None]
+    return out
+
+
+@pytest.mark.parametrize("b,sq,skv,hq,hkv,d,block,stride,causal", [
+    (1, 96, 96, 2, 1, 16, 32, 8, True),     # GQA 2:1, aligned
+    (2, 70, 150, 2, 2, 8, 16, 4, True),     # chunked prefill (Sq < Skv), ragged everything
+    (1, 64, 80, 3, 1, 8, 16, 2, False),     # MQA, bidirectional
+])
+def test_antidiagonal_scores_match_bruteforce(b, sq, skv, hq, hkv, d, block, stride, causal):
+    q, k = qk(0, b, sq, skv, hq, hkv, d)
+    got = scores.antidiagonal_block_scores_xla(q, k, block_size=block, stride=stride, causal=causal,
+                                               rows_per_chunk=block // stride * 2)
+    want = antidiagonal_bruteforce(q, k, block, stride, causal)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-6)
+    # Rows are distributions over the allowed blocks.
+    np.testing.assert_allclose(np.asarray(got).sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("b,sq,skv,hq,hkv,d,block,stride,causal", [
+    (1, 300, 300, 4, 2, 16, 32, 8, True),
+    (2, 200, 456, 2, 1, 24, 64, 4, True),
+    (1, 128, 128, 2, 2, 32, 32, 1, False),  # stride 1: the exact block mass of softmax(QK^T)
+])
+def test_antidiagonal_kernel_matches_reference(b, sq, skv, hq, hkv, d, block, stride, causal):
+    q, k = qk(3, b, sq, skv, hq, hkv, d)
+    want = scores.antidiagonal_block_scores_xla(q, k, block_size=block, stride=stride, causal=causal)
+    got = scores.antidiagonal_block_scores(q, k, block_size=block, stride=stride, causal=causal,
+                                           backend="triton", interpret=not ON_GPU)
+    # Compiled f32 dots run in tf32: the logits carry ~1e-3 relative error.
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-2 if ON_GPU else 1e-4,
+                               atol=2e-3 if ON_GPU else 1e-6)
+
+
+def test_antidiagonal_kernel_bf16():
+    q, k = qk(5, 1, 256, 256, 2, 1, 32, jnp.bfloat16)
+    want = scores.antidiagonal_block_scores_xla(q, k, block_size=64, stride=8)
+    got = scores.antidiagonal_block_scores(q, k, block_size=64, stride=8, backend="triton", interpret=not ON_GPU)
+    assert_close(got, want, 1e-2, "bf16 antidiagonal scores")
+
+
+def test_stride_must_divide_block():
+    q, k = qk(0, 1, 64, 64, 1, 1, 8)
+    with pytest.raises(ValueError, match="stride"):
+        scores.antidiagonal_block_scores(q, k, block_size=32, stride=5, backend="xla")
+    with pytest.raises(ValueError, match="q_len <= kv_len"):
+        scores.antidiagonal_block_scores(q, k[:, :32], block_size=32, stride=4, backend="xla")
+
+
+def test_pooled_scores_and_pooling():
+    q, k = qk(1, 1, 100, 100, 2, 1, 8)
+    pq = np.asarray(scores.pool_blocks(q, 32, "mean"))
+    np.testing.assert_allclose(pq[0, 3], np.asarray(q)[0, 96:100].mean(0), rtol=1e-6)  # ragged tail
+    pm = np.asarray(scores.pool_blocks(k, 32, "max"))
+    np.testing.assert_allclose(pm[0, 3], np.asarray(k)[0, 96:100].max(0))
+    p = np.asarray(scores.pooled_block_scores(q, k, block_size=32))
+    assert np.allclose(p.sum(-1), 1.0, rtol=1e-5)
+    assert np.all(p[..., np.triu_indices(4, 1)[0], np.triu_indices(4, 1)[1]] == 0)  # no future blocks
+
+
+def test_last_block_importance_is_the_mean_attention_of_the_last_rows():
+    q, k = qk(2, 1, 40, 40, 4, 2, 8)
+    imp = np.asarray(scores.last_block_importance(q, k, rows=8))
+    qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    for h in range(2):
+        ps = []
+        for hq in (2 * h, 2 * h + 1):
+            s = qn[0, 32:, hq] @ kn[0, :, h].T / math.sqrt(8)
+            s = np.where(np.arange(40)[None, :] <= np.arange(32, 40)[:, None], s, -np.inf)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            ps.append(p / p.sum(-1, keepdims=True))
+        np.testing.assert_allclose(imp[0, h], np.mean(ps, axis=(0, 1)), rtol=1e-5, atol=1e-7)
+
+
+# -- cumulative threshold ---------------------------------------------------------------------
+def test_cumulative_threshold_is_minimal_and_sufficient():
+    rng = np.random.default_rng(0)
+    s = rng.exponential(size=(2, 3, 6, 6)).astype(np.float32) ** 3
+    for tau in (0.3, 0.7, 0.95):
+        got = np.asarray(sel.cumulative_threshold(s, tau, force_sink=False, force_local=False))
+        allowed = np.tril(np.ones((6, 6), bool))
+        assert not np.any(got & ~allowed)
+        for idx in np.ndindex(2, 3, 6):
+            row = np.where(allowed[idx[2]], s[idx], 0)
+            kept = row[got[idx]]
+            assert kept.sum() >= tau * row.sum() * (1 - 1e-6)
+            # Minimal: dropping the smallest kept block falls below the threshold.
+            assert kept.sum() - kept.min() < tau * row.sum()
+
+
+def test_cumulative_threshold_edges_and_forced():
+    s = jnp.asarray(np.random.default_rng(1).random((1, 2, 5, 5)), jnp.float32)
+    allowed = np.tril(np.ones((5, 5), bool))
+    assert np.array_equal(np.asarray(sel.cumulative_threshold(s, 1.0))[0, 0], allowed)
+    only_forced = np.asarray(sel.cumulative_threshold(s, 0.0))[0, 0]
+    expect = np.eye(5, dtype=bool) | (allowed & (np.arange(5)[None, :] == 0))
+    assert np.array_equal(only_forced, expect)
+    # Forced blocks count first: a tiny threshold keeps exactly them.
+    assert np.array_equal(np.asarray(sel.cumulative_threshold(s, 1e-6))[0, 0], expect)
+
+
+def test_per_head_thresholds_and_budget_cap():
+    rng = np.random.default_rng(2)
+    s = jnp.asarray(rng.random((1, 2, 8, 8)) ** 4, jnp.float32)
+    got = np.asarray(sel.cumulative_threshold(s, jnp.array([0.2, 1.0])))
+    assert got[0, 0].sum() < got[0, 1].sum() == np.tril(np.ones((8, 8))).sum()
+    capped = np.asarray(sel.cumulative_threshold(s, 1.0, max_kv_blocks=3))
+    assert capped.sum(-1).max() <= 3
+    # The cap keeps the forced (sink, diagonal) blocks and then the best-scored ones.
+    for r in range(8):
+        row = np.asarray(s[0, 1, r, : r + 1])
+        keep = capped[0, 1, r]
+        assert keep[0] and keep[r]
+        others = [c for c in range(1, r) if keep[c]]
+        dropped = [c for c in range(1, r) if not keep[c]]
+        if others and dropped:
+            assert min(row[others]) >= max(row[dropped])
+
+
+def test_limit_blocks_rejects_nonpositive():
+    with pytest.raises(ValueError, match="positive"):
+        sel.limit_blocks(jnp.ones((2, 4), bool), jnp.ones((2, 4)), 0)
+
+
+# -- selectors -------------------------------------------------------------------------------
+def _check_causal_and_forced(bm, sq, skv, block, sink=True, local=True):
+    dense = dense_of(bm)
+    assert not np.any(dense & ~causal_dense(sq, skv)), "a future key was selected"
+    off = skv - sq
+    if sink:  # key 0 (first block) visible to every query
+        assert np.all(dense[..., :, 0])
+    if local:  # each query sees itself
+        rows = np.arange(sq)
+        assert np.all(dense[..., rows, rows + off])
+
+
+def test_xattention_threshold_one_is_dense_causal():
+    q, k = qk(4, 1, 150, 150, 4, 2, 16)
+    bm = sel.xattention(q, k, block_size=32, stride=4, threshold=1.0, backend="xla")
+    assert np.array_equal(dense_of(bm)[0], np.broadcast_to(causal_dense(150, 150), (4, 150, 150)))
+    v = randn(9, (1, 150, 2, 16))
+    out = sj.block_sparse_attention(q, k, v, bm, backend="xla")
+    want = ref.dense_attention(q, k, v, jnp.asarray(causal_dense(150, 150))[None, None])
+    assert_close(out, want, 1e-5, "xattention tau=1 vs dense causal")
+
+
+@pytest.mark.parametrize("sq,skv", [(256, 256), (100, 228)])
+def test_xattention_causal_forced_and_sparse_on_structured_input(sq, skv):
+    q, k = synthetic.structured_qk(0, 1, skv, 4, 4, 16, patterns=("local", "needle", "sink", "vertical"))
+    q = q[:, skv - sq:]
+    bm, s = sel.xattention(q, k, block_size=32, stride=8, threshold=0.9, backend="xla", return_scores=True)
+    _check_causal_and_forced(bm, sq, skv, 32)
+    assert bm.density < 0.9 * causal_dense(sq, skv).mean()  # it does prune
+    # Kept mass (by its own scores) reaches the threshold in every row.
+    kept = np.where(np.asarray(bm.block_classes()) > 0, np.asarray(s), 0).sum(-1)
+    assert np.all(kept >= 0.9 - 1e-5)
+
+
+def test_selectors_jit_vmap_deterministic():
+    q, k = synthetic.structured_qk(1, 2, 128, 2, 1, 16)
+    f = jax.jit(lambda q, k: sel.xattention(q, k, block_size=32, stride=4, threshold=0.8, backend="xla",
+                                             max_kv_blocks=3))
+    a, b_ = f(q, k), f(q, k)
+    eager = sel.xattention(q, k, block_size=32, stride=4, threshold=0.8, backend="xla", max_kv_blocks=3)
+    for x, y, z in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b_), jax.tree_util.tree_leaves(eager)):
+        assert np.array_equal(np.asarray(x), np.asarray(y)) and np.array_equal(np.asarray(x), np.asarray(z))
+    assert a.max_kv_blocks == 1 and a.max_full_kv_blocks == 3  # static widths
+    # vmap over the batch gives the per-example tables.
+    vm = jax.vmap(lambda q, k: sel.topk_blocks(q[None], k[None], block_size=32, num_blocks=2).kv_indices)(q, k)
+    for i in range(2):
+        single = sel.topk_blocks(q[i:i + 1], k[i:i + 1], block_size=32, num_blocks=2).kv_indices
+        assert np.array_equal(np.asarray(vm[i]), np.asarray(single))
+    vs = jax.jit(lambda q, k: sel.vertical_slash(q, k, vertical_size=4, slash_size=4, last_q=16, block_size=32))
+    assert np.array_equal(np.asarray(vs(q, k).to_dense()), np.asarray(vs(q, k).to_dense()))
+
+
+def test_topk_picks_the_true_top_blocks():
+    q, k = qk(6, 1, 192, 192, 2, 1, 16)
+    nb, blk = 3, 32
+    bm = sel.topk_blocks(q, k, block_size=blk, num_blocks=nb, pooling="max", force_sink=False, force_local=False)
+    qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    pq = qn.reshape(1, 6, blk, 2, 16).max(2)
+    pk = kn.reshape(1, 6, blk, 1, 16).max(2)
+    grid = np.asarray(bm.block_classes())[0] > 0
+    for h in range(2):
+        logits = pq[0, :, h] @ pk[0, :, 0].T
+        for r in range(6):
+            cand = np.arange(r + 1)
+            want = set(cand[np.argsort(-logits[r, cand], kind="stable")[:nb]])
+            assert set(np.nonzero(grid[h, r])[0]) == want
+
+
+def test_topk_budget_must_fit_forced_blocks():
+    q, k = qk(6, 1, 64, 64, 1, 1, 8)
+    with pytest.raises(ValueError, match="forced"):
+        sel.topk_blocks(q, k, block_size=16, num_blocks=1)
+
+
+def test_vertical_slash_covers_true_columns_and_diagonals():
+    q, k = synthetic.structured_qk(2, 1, 256, 2, 2, 16, patterns=("vertical", "slash"))
+    vsz, ssz, last = 6, 5, 32
+    bm, (cols, diags) = sel.vertical_slash(q, k, vertical_size=vsz, slash_size=ssz, last_q=last, block_size=32,
+                                            force_sink=False, force_local=False, return_indices=True)
+    qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    dense = dense_of(bm)[0]
+    causal = causal_dense(256, 256)
+    assert not np.any(dense & ~causal)
+    rows = np.arange(256)
+    for h in range(2):
+        s = qn[0, -last:, h] @ kn[0, :, h].T / 4.0
+        s = np.where(np.arange(256)[None, :] <= rows[-last:, None], s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True)); p /= p.sum(-1, keepdims=True)
+        vert = p.sum(0)
+        slash = np.zeros(256)
+        for i, qi in enumerate(rows[-last:]):
+            slash[: qi + 1] += p[i, qi - np.arange(qi + 1)]
+        top_cols = np.argsort(-vert, kind="stable")[:vsz]
+        top_diag = np.argsort(-slash, kind="stable")[:ssz]
+        assert set(top_cols) == set(np.asarray(cols)[0, h]) and set(top_diag) == set(np.asarray(diags)[0, h])
+        needed = np.zeros((256, 256), bool)
+        needed[:, top_cols] = True
+        for dd in top_diag:
+            needed |= (rows[:, None] - np.arange(256)[None, :]) == dd
+        needed &= causal
+        assert np.all(dense[h][needed]), "a selected column or diagonal is not covered"
+
+
+def test_gqa_modes():
+    q, k = synthetic.structured_qk(3, 1, 192, 4, 2, 16)
+    per = sel.threshold_blocks(q, k, block_size=32, threshold=0.6, gqa="per_head")
+    uni = sel.threshold_blocks(q, k, block_size=32, threshold=0.6, gqa="union")
+    mean = sel.threshold_blocks(q, k, block_size=32, threshold=0.6, gqa="mean")
+    assert per.shape[1] == 4 and uni.shape[1] == 2 and mean.shape[1] == 2
+    gp, gu = np.asarray(per.block_classes()) > 0, np.asarray(uni.block_classes()) > 0
+    assert np.array_equal(gu, gp.reshape(1, 2, 2, 6, 6).any(2))
+    assert np.array_equal(np.asarray(sj.gqa_union(per, 2).block_classes()) > 0, gu)
+
+
+def test_per_head_budgets_differ_with_structure():
+    # Head 0: local pattern (few blocks carry the mass); head 1: pure noise (mass spread out).
+    q0, k0 = synthetic.structured_qk(4, 1, 256, 1, 1, 16, patterns=("local",), strength=6.0)
+    q1, k1 = qk(7, 1, 256, 256, 1, 1, 16)
+    q = jnp.concatenate([q0, 0.1 * q1], axis=2)
+    k = jnp.concatenate([k0, 0.1 * k1], axis=2)
+    bm = sel.xattention(q, k, block_size=32, stride=4, threshold=0.9, backend="xla", max_kv_blocks=6)
+    counts = np.asarray(bm.kv_num_blocks + bm.full_kv_num_blocks)[0]
+    assert counts[0].sum() < counts[1].sum()
+    assert counts.max() <= 6
+
+
+@pytest.mark.parametrize("fn", ["xattention", "topk", "vertical_slash"])
+def test_selection_tables_drive_the_attention_op(fn, kernel_backend):
+    backend, interpret = kernel_backend
+    q, k = synthetic.structured_qk(5, 1, 160, 4, 2, 16)
+    v = randn(11, (1, 160, 2, 16))
+    if fn == "xattention":
+        bm = sel.xattention(q, k, block_size=32, stride=4, threshold=0.8, backend="xla", gqa="union")
+    elif fn == "topk":
+        bm = sel.topk_blocks(q, k, block_size=32, num_blocks=3)
+    else:
+        bm = sel.vertical_slash(q, k, vertical_size=8, slash_size=4, last_q=16, block_size=32)
+    try:
+        got = sj.block_sparse_attention(q, k, v, bm, backend=backend, interpret=interpret)
+    except (ImportError, ModuleNotFoundError, NotImplementedError) as e:  # kernel not built for this backend
+        pytest.skip(f"{backend} kernel unavailable: {e}")
+    want = ref.dense_attention(q, k, v, dense_mask(bm, 4))
+    assert_close(got, want, 2e-5 if interpret else 2e-3, f"{fn} tables on {backend}")
