@@ -191,6 +191,15 @@ def to_torch_block_mask(block_mask, Hq: int, dev):
 def _compiled_flex():
     import torch
     from torch.nn.attention.flex_attention import flex_attention
+    cfg = torch._dynamo.config
+    # A sweep compiles once per (shape, mask): past dynamo's recompile limit (8) it would
+    # silently run flex eagerly, which ignores the block tables. Allow many; fail, never fall back.
+    for key, value in (("recompile_limit", 4096), ("cache_size_limit", 4096),
+                       ("accumulated_recompile_limit", 1 << 16), ("accumulated_cache_size_limit", 1 << 16)):
+        if hasattr(cfg, key):
+            setattr(cfg, key, max(getattr(cfg, key), value))
+    if hasattr(cfg, "fail_on_recompile_limit_hit"):
+        cfg.fail_on_recompile_limit_hit = True
     return torch.compile(flex_attention, dynamic=False)
 
 

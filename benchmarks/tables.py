@@ -15,7 +15,8 @@ splash attention (jax.experimental.pallas.ops.tpu.splash_attention)
   splash_mask_info        ``process_mask`` + ``process_mask_dkv`` (forward and dK/dV
                           tables, the pair comparable to ours) on CausalMask / LocalMask,
                           and on a dense NumpyMask for documents (splash has no document
-                          mask class; its kernel takes segment ids at run time instead);
+                          mask class; its kernel takes segment ids at run time instead;
+                          S <= 32K);
                           its lru_cache is cleared before every call
   splash_dynamic_mask_info ``process_dynamic_mask`` (+ dkv) under ``jit`` from a dense
                           [1, S, S] mask array, where that array fits (S <= 32K; the
@@ -40,6 +41,7 @@ DOC_LEN = 4096
 SIZES = (8192, 16384, 32768, 65536, 131072)
 QUICK_SIZES = (8192, 16384)
 KINDS = ("causal", "sliding_window", "document")
+HOST_DENSE_LIMIT = 32768  # a dense numpy [S, S] document mask for splash's NumpyMask (1 GiB)
 
 
 def doc_ids(seed: int, S: int, mean_len: int = DOC_LEN) -> np.ndarray:
@@ -198,8 +200,9 @@ def _case(ctx, kind, S, pred, ours_budget, splash_budget, dense_limit):
         extra={"note": f"{jit_note}, on {ctx.platform}", "main_peer": "splash_dynamic_mask_info"}))
 
     def splash_work():
-        if kind == "document" and S > dense_limit:
-            raise MemoryError(f"splash has no document mask class: a dense NumpyMask needs {S * S / 2**30:.0f} GiB")
+        if kind == "document" and S > HOST_DENSE_LIMIT:
+            raise MemoryError(f"splash has no document mask class: a dense [S, S] NumpyMask would need "
+                              f"{S * S / 2**30:.2f} GiB (limit S <= {HOST_DENSE_LIMIT})")
         p = pred.predict((kind, "splash"), S)
         if p is not None and p > splash_budget:
             raise TimeoutError(f"skipped: predicted {p:.0f} s per call (S^2 scaling), budget {splash_budget:.0f} s")
@@ -217,7 +220,8 @@ def _case(ctx, kind, S, pred, ours_budget, splash_budget, dense_limit):
 
     def splash_dynamic_work():
         if S > dense_limit:
-            raise MemoryError(f"needs a dense [1, {S}, {S}] mask array ({S * S / 2**30:.1f} GiB); limit S <= {dense_limit}")
+            raise MemoryError(f"needs a dense [1, {S}, {S}] mask array ({S * S / 2**30:.2f} GiB); "
+                              f"limit S <= {dense_limit} on {ctx.platform}")
         p = pred.predict((kind, "splash_dynamic"), S)
         if p is not None and p > splash_budget:
             raise TimeoutError(f"skipped: predicted {p:.0f} s per call, budget {splash_budget:.0f} s")

@@ -170,9 +170,18 @@ def environment() -> dict:
     return env
 
 
+def _json_default(o):
+    """numpy scalars and arrays as numbers and lists; anything else as its str()."""
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
 def dump(results: Sequence[Result], path: str, **meta) -> None:
     with open(path, "w") as f:
-        json.dump({"meta": meta, "results": [r.to_json() for r in results]}, f, indent=1, default=str)
+        json.dump({"meta": meta, "results": [r.to_json() for r in results]}, f, indent=1, default=_json_default)
 
 
 def time_budget(fn: Callable, make_args: Callable[[int], Sequence[Any]], *, budget_s: float = 2.0,
