@@ -138,8 +138,8 @@ def chunk_positions(load_units, c, count, t_abs, *, BN: int, span: int, n_units:
 
 
 def num_chunks(count, *, BN: int, span: int):
-    """Chunks of ``BN`` positions a row of ``count`` units needs."""
-    return (count * span + BN - 1) // BN
+    """Chunks of ``BN`` positions a row of ``count`` units needs (``lax.div``: Mosaic lowers ``//`` via sign)."""
+    return jax.lax.div(count * span + BN - 1, BN)
 
 
 @dataclasses.dataclass(frozen=True)
