@@ -149,8 +149,8 @@ def _header(meta: dict) -> list[str]:
            f"`{meta.get('backend', '?')}`{', quick sizes' if meta.get('quick') else ''}), {meta.get('date', '?')}.",
            "", f"Versions: {versions}.", ""]
     if mm or bw:
-        out += [f"Measured ceilings in the same process: matmul **{_fmt(mm, '.1f')} TFLOP/s** (bf16, XLA), "
-                f"copy **{_fmt(bw, '.0f')} GB/s** (read + write).", ""]
+        out += [f"Measured ceilings in the same process: matmul **{_fmt(mm, '.4g')} TFLOP/s** (bf16, XLA), "
+                f"copy **{_fmt(bw, '.4g')} GB/s** (read + write).", ""]
     return out
 
 

@@ -21,6 +21,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import gc  # noqa: E402
 import importlib  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
@@ -149,6 +150,7 @@ def run_suite(name: str, ctx: Context, budget_s: float | None) -> tuple[list, di
         if use_alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
+        gc.collect()  # drop device buffers a failed suite's frames still held
     seen = {id(r) for r in returned}
     results = [_coerce(r, name) for r in ctx.results if id(r) not in seen] + [_coerce(r, name) for r in returned]
     status["seconds"] = round(time.monotonic() - start, 2)

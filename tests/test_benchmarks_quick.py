@@ -125,7 +125,7 @@ def test_report_markdown_and_plots(tmp_path):
     path = _synthetic(tmp_path)
     md_path, pngs = report.write(str(path))
     md = open(md_path).read()
-    assert "NVIDIA H100" in md and "700.0 TFLOP/s" in md
+    assert "NVIDIA H100" in md and "matmul **700 TFLOP/s**" in md and "copy **2800 GB/s**" in md
     assert "speed-up vs cudnn" in md
     # sparse_jax/triton at S=1024: 1e12 flops in 1 ms = 1000 TFLOP/s... (synthetic), 2.00x faster than cudnn.
     line = next(ln for ln in md.splitlines() if ln.startswith("| **sparse_jax/triton** | 1.00"))
