@@ -285,11 +285,13 @@ class Walk:
     split_tail: bool
 
 
-def walk(w: Walk, refs_full, refs_part, row, carry, body: Callable, *, active=None):
+def walk(w: Walk, refs_full, refs_part, row, carry, body: Callable, *, active=None, split=None):
     """Run ``body(block, sub, carry, kind)`` over the row's full then partial blocks.
 
     refs_full/refs_part: (num_ref, idx_ref) flat tables; ``row`` indexes the row.
     ``active`` (bool scalar) zeroes the trip counts of a tile that has no valid rows.
+    ``split`` = (index, count): walk only that contiguous share of the row's steps
+    (split-KV: the partial softmax states are merged afterwards).
     """
     t = w.tiling
     n_sub = t.n_sub
@@ -304,9 +306,6 @@ def walk(w: Walk, refs_full, refs_part, row, carry, body: Callable, *, active=No
             return body(blk, sub, c, kind)
         return fn
 
-    def trips(n):
-        return n if active is None else jnp.where(active, n, 0)
-
     full_num, full_idx = refs_full
     part_num, part_idx = refs_part
     n_full = full_num[row]
@@ -315,12 +314,26 @@ def walk(w: Walk, refs_full, refs_part, row, carry, body: Callable, *, active=No
         last = full_idx[row * w.full_width + jnp.maximum(n_full - 1, 0)]
         tail = ((n_full > 0) & (last == t.n_blocks - 1)).astype(jnp.int32)
         n_full = n_full - tail
-    carry = jax.lax.fori_loop(0, trips(n_full * n_sub), step(w.full_width, full_idx, "full"), carry)
+    segments = [(n_full * n_sub, step(w.full_width, full_idx, "full"))]
     if tail is not None:
-        carry = jax.lax.fori_loop(0, trips(tail * t.n_sub_last),
-                                  step(w.full_width, full_idx, "tail", slot0=n_full), carry)
-    n_part = part_num[row]
-    carry = jax.lax.fori_loop(0, trips(n_part * n_sub), step(w.part_width, part_idx, "partial"), carry)
+        segments.append((tail * t.n_sub_last, step(w.full_width, full_idx, "tail", slot0=n_full)))
+    segments.append((part_num[row] * n_sub, step(w.part_width, part_idx, "partial")))
+
+    if split is None:
+        for n, fn in segments:
+            carry = jax.lax.fori_loop(0, n if active is None else jnp.where(active, n, 0), fn, carry)
+        return carry
+    index, count = split
+    total = sum(n for n, _ in segments)
+    chunk = (total + count - 1) // count
+    lo = index * chunk
+    hi = jnp.minimum(lo + chunk, total)
+    if active is not None:
+        hi = jnp.where(active, hi, lo)
+    offset = 0
+    for n, fn in segments:
+        carry = jax.lax.fori_loop(jnp.clip(lo - offset, 0, n), jnp.clip(hi - offset, 0, n), fn, carry)
+        offset = offset + n
     return carry
 
 

@@ -28,7 +28,9 @@ class FwdConfig:
     """Forward kernel launch: ``block_q`` rows (query positions x packed heads) by
     ``block_kv`` keys per step; ``pack_gqa`` None = decide from the shape;
     ``schedule``: order of query tiles ('sorted' heavy rows first from the tables,
-    'reverse' last block first, 'natural')."""
+    'reverse' last block first, 'natural'). ``num_splits``: split each table row's
+    key blocks over this many programs (flash-decoding) and merge their partial
+    softmax states; None picks it when there are too few programs to fill the GPU."""
 
     block_q: int = 128
     block_kv: int = 64
@@ -36,8 +38,11 @@ class FwdConfig:
     num_stages: int = 3
     pack_gqa: bool | None = None
     schedule: str = "sorted"
+    num_splits: int | None = None  # split-KV: None = decide from the shape, 1 = off
 
     def __post_init__(self):
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1 or None; got {self.num_splits}")
         _check_pow2(self.block_q, "block_q")
         _check_pow2(self.block_kv, "block_kv")
         if self.schedule not in SCHEDULES:
@@ -138,3 +143,20 @@ def backward_config(head_dim_pad: int, dtype) -> BwdConfig:
     if head_dim_pad <= 64:
         return BwdConfig(64, 64, 4, 3, 64, 128, 8, 2)
     return BwdConfig(64, 64, 4, 2, 64, 128, 8, 2)
+
+
+def num_sms() -> int:
+    """Streaming multiprocessors of the first GPU (132, an H100 SXM, when none is attached)."""
+    try:
+        return int(getattr(jax.devices("gpu")[0], "core_count", 132) or 132)
+    except RuntimeError:
+        return 132
+
+
+def auto_splits(programs: int, q_positions: int, kv_steps: int) -> int:
+    """Split-KV factor: only for short query tiles (decode, chunked prefill) whose
+    programs cannot fill the GPU, keeping at least 4 key tiles per split."""
+    if q_positions > 64 or programs >= num_sms() or kv_steps < 8:
+        return 1
+    want = -(-2 * num_sms() // programs)
+    return int(max(1, min(want, kv_steps // 4, 64)))

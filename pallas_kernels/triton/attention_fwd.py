@@ -22,13 +22,14 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import attention_tiling as tiling_lib
 from pallas_kernels.triton import attention_blocks as blk
+from pallas_kernels.triton import attention_configs as configs
 from pallas_kernels.triton.attention_configs import FwdConfig
 from sparse_jax import _compat
 
 NEG_INF = float("-inf")
 
 
-def _kernel(*refs, P: blk.Problem, names, tq, tk, pk, schedule: str):
+def _kernel(*refs, P: blk.Problem, names, tq, tk, pk, schedule: str, n_splits: int):
     refs = dict(zip(names, refs))
     n_qb = P.n_q_blocks
     bh, t = pl.program_id(0), pl.program_id(1)
@@ -76,15 +77,18 @@ def _kernel(*refs, P: blk.Problem, names, tq, tk, pk, schedule: str):
     if tq.n_sub_last < tq.n_sub:  # trailing tiles of a ragged last block hold no query
         active = qblk * P.block_q + sub * tq.tile < P.q_len
     walk = blk.Walk(tk, P.max_full_kv, P.max_kv, split_tail=True)
+    split = (pl.program_id(2), n_splits) if n_splits > 1 else None
     acc, m, l = blk.walk(walk, (refs["full_num"], refs["full_idx"]), (refs["num"], refs["idx"]), row, carry,
-                         body, active=active)
+                         body, active=active, split=split)
 
     has = l > 0
     o = acc * (1.0 / jnp.where(has, l, 1.0))[:, None]
     lse = jnp.where(has, (m + jnp.log2(jnp.where(has, l, 1.0))) * blk.LN2, NEG_INF)
-    blk.store_rows(refs["o"], qt.rows, qt.valid, o, P.head_dim_v)
     # lse in the query-row layout [B, Sq, Hq]: indices of masked lanes never alias valid ones.
-    blk.store_vec(refs["lse"], qt.rows, qt.valid, lse)
+    # With split-KV each split writes its own slab [split, B*Sq*Hq] (float32 o, merged later).
+    out_rows = qt.rows if split is None else split[0] * (P.batch * P.q_len * P.num_q_heads) + qt.rows
+    blk.store_rows(refs["o"], out_rows, qt.valid, o, P.head_dim_v)
+    blk.store_vec(refs["lse"], out_rows, qt.valid, lse)
 
 
 def plan(P: blk.Problem, cfg: FwdConfig):
@@ -96,17 +100,51 @@ def plan(P: blk.Problem, cfg: FwdConfig):
     return tq, tk, pk
 
 
-def call(P: blk.Problem, cfg: FwdConfig, inputs: dict, *, dtype, interpret):
-    """Launch the forward kernel. ``inputs``: named flat arrays (see block_sparse_attention)."""
+def num_splits(P: blk.Problem, cfg: FwdConfig) -> int:
     tq, tk, pk = plan(P, cfg)
+    if cfg.num_splits is not None:
+        return cfg.num_splits
+    programs = P.batch * pk.programs_per_batch * tq.n_tiles
+    return configs.auto_splits(programs, tq.tile, P.n_kv_blocks * tk.n_sub)
+
+
+def call(P: blk.Problem, cfg: FwdConfig, inputs: dict, *, dtype, interpret):
+    """Launch the forward kernel. ``inputs``: named flat arrays (see block_sparse_attention).
+
+    Returns (o [R, Dv] dtype, lse [R]) with R = B*Sq*Hq in query-row order, or with split-KV
+    (o float32 [splits, R, Dv], lse [splits, R]) partial states for :func:`merge_splits`.
+    """
+    tq, tk, pk = plan(P, cfg)
+    splits = num_splits(P, cfg)
     names = list(inputs)
     out_names = ["o", "lse"]
     kernel = functools.partial(_kernel, P=P, names=names + out_names, tq=tq, tk=tk, pk=pk,
-                               schedule=cfg.schedule)
-    out_shape = [jax.ShapeDtypeStruct((P.batch * P.q_len * P.num_q_heads, P.head_dim_v), dtype),
-                 jax.ShapeDtypeStruct((P.batch * P.q_len * P.num_q_heads,), jnp.float32)]
-    grid = (P.batch * pk.programs_per_batch, tq.n_tiles)
-    return pl.pallas_call(
+                               schedule=cfg.schedule, n_splits=splits)
+    rows = P.batch * P.q_len * P.num_q_heads
+    if splits > 1:
+        out_shape = [jax.ShapeDtypeStruct((splits * rows, P.head_dim_v), jnp.float32),
+                     jax.ShapeDtypeStruct((splits * rows,), jnp.float32)]
+        grid = (P.batch * pk.programs_per_batch, tq.n_tiles, splits)
+    else:
+        out_shape = [jax.ShapeDtypeStruct((rows, P.head_dim_v), dtype), jax.ShapeDtypeStruct((rows,), jnp.float32)]
+        grid = (P.batch * pk.programs_per_batch, tq.n_tiles)
+    o, lse = pl.pallas_call(
         kernel, grid=grid, out_shape=out_shape, interpret=interpret, name="block_sparse_attention_fwd",
         compiler_params=_compat.triton_compiler_params(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
     )(*inputs.values())
+    if splits > 1:
+        o, lse = merge_splits(o.reshape(splits, rows, -1), lse.reshape(splits, rows))
+        o = o.astype(dtype)
+    return o, lse
+
+
+def merge_splits(o, lse):
+    """Merge split-KV partial states: o float32 [n, R, Dv] (each normalised by its own sum),
+    lse [n, R] (natural log, -inf for a split that saw nothing) -> (o [R, Dv], lse [R])."""
+    m = jnp.max(lse, axis=0)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.exp(lse - m_safe)  # 0 for empty splits
+    l = jnp.sum(w, axis=0)
+    has = l > 0
+    o = jnp.sum(w[..., None] * o, axis=0) / jnp.where(has, l, 1.0)[:, None]
+    return o, jnp.where(has, m_safe + jnp.log(jnp.where(has, l, 1.0)), -jnp.inf)
