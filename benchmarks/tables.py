@@ -165,7 +165,7 @@ def _record(ctx, kind, S, impl, work, *, extra=None):
 
 def run(ctx) -> list[Result]:
     sizes = QUICK_SIZES if ctx.quick else SIZES
-    ours_budget = 0.1 if ctx.quick else 1.0
+    ours_budget = 0.1 if ctx.quick else 0.5
     splash_budget = 3.0 if ctx.quick else 30.0
     dense_limit = 8192 if ctx.platform == "cpu" else 32768  # [1, S, S] bool for the dynamic splash path
     pred = _Predictor()
@@ -210,7 +210,7 @@ def _case(ctx, kind, S, pred, ours_budget, splash_budget, dense_limit):
         if left is not None and p is not None and p > 0.5 * left:
             raise TimeoutError(f"skipped: predicted {p:.0f} s, {left:.0f} s left for the suite")
         masks_ = [splash_mask(kind, S, doc_ids(i, S) if kind == "document" else None) for i in range(1)]
-        t = timing.time_budget(splash_build(), lambda i: (masks_[0],), budget_s=splash_budget / 3, warmup=0,
+        t = timing.time_budget(splash_build(), lambda i: (masks_[0],), budget_s=splash_budget / 6, warmup=0,
                                min_iters=1, max_iters=10, rotations=1)
         pred.update((kind, "splash"), S, t.median_s)
         return t
