@@ -31,6 +31,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.62")  # leave torch p
 
 import argparse  # noqa: E402
 import concurrent.futures as cf  # noqa: E402
+import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -190,7 +191,7 @@ def correctness(budget: Budget) -> list[dict]:
                    lambda x, a, b: reference.grouped_swiglu(x, a, b, gs), (x, wg, wu, ct)))
     tiny = Tiling(forward=(Tiles(32, 16, 16, band=2, occupancy=0), Tiles(16, 16, 16, band=2, programs=3)),
                   transposed=Tiles(16, 16, 16, band=2),
-                  cost=gmm_plan.CostModel(big_tflops=600.0, small_tflops=600.0, bandwidth_gbps=1e9))
+                  cost=gmm_plan.CostModel(big_tflops=600.0, small_tflops=500.0, big_gbps=1e9, small_gbps=1e9))
 
     def tiny_gmm(x, w):
         with gmm_plan.override(tiny):
@@ -289,17 +290,60 @@ def sweep_forward(budget: Budget) -> dict:
             gc.collect()
         full = {k: v for k, v in scores.items() if v and len(v) == max(len(s) for s in scores.values())}
         if full:
-            key = max(full, key=lambda k: math.prod(full[k]) ** (1 / len(full[k])))
+            key = max(full, key=lambda k: geomean(full[k]))
             best[role] = next(t for t in cands if str(t) == key)
-    return {"rows": rows, "best_big": str(best.get("big")), "best_small": str(best.get("small")),
-            "_best": best}
+    out = {"rows": rows, "best_big": str(best.get("big")), "best_small": str(best.get("small")), "_best": best}
+    if "big" in best and "small" in best and budget.left() > 150:
+        cost = calibrate(best, rows)
+        if cost is not None:
+            best["cost"] = cost
+            out["cost_model"] = dataclasses.asdict(cost)
+            log(f"  calibrated {cost}")
+    return out
+
+
+def geomean(v):
+    return math.prod(v) ** (1 / len(v))
+
+
+def calibrate(best: dict, rows: list) -> gmm_plan.CostModel | None:
+    """The split's cost model from measurements: each winner on the other role's cases too."""
+    extra = {"big": (SWEEP_CASES["small"], best["big"]), "small": (SWEEP_CASES["big"], best["small"])}
+    for role, (cases, t) in extra.items():
+        for model, M, dist in cases:
+            E, K, N = C.MODELS[model]
+            sizes = C.group_sizes(M, E, dist)
+            exe = compile_all({0: (gmm_fn(Tiling(forward=t)), [S((M, K), BF16), S((E, K, N), BF16),
+                                                                S((E,), jnp.int32)])})[0]
+            x, w = case_inputs(model, M)
+            rows.append(measure(exe, (x, w, jnp.asarray(sizes)), C.gmm_flops(M, K, N),
+                                C.weight_bytes(sizes, K, N, 2), role=f"{role}-cross", case=C.case_name(model, M, dist),
+                                tiles=str(t)))
+            del x, w
+            gc.collect()
+
+    def pick(tiles, cases, field):
+        names = {C.case_name(*c) for c in cases}
+        v = [r[field] for r in rows if r.get("ms") and r["tiles"] == str(tiles) and r["case"] in names]
+        return geomean(v) if v else None
+    vals = dict(big_tflops=pick(best["big"], SWEEP_CASES["big"], "tflops"),
+                small_tflops=pick(best["small"], SWEEP_CASES["big"], "tflops"),
+                big_gbps=pick(best["big"], SWEEP_CASES["small"], "weight_gbps"),
+                small_gbps=pick(best["small"], SWEEP_CASES["small"], "weight_gbps"))
+    if any(v is None or v <= 0 for v in vals.values()):
+        return None
+    return gmm_plan.CostModel(**{k: float(f"{v:.4g}") for k, v in vals.items()})
 
 
 def main_table(budget: Budget, best: dict, peers: bool) -> list[dict]:
     big = best.get("big", gpu_entry.FORWARD_TILES["gmm"][0])
     small = best.get("small", gpu_entry.FORWARD_TILES["gmm"][1])
-    variants = {"split": policy_tiling("split", big, small), "big": policy_tiling("big", big, small),
-                "small": policy_tiling("small", big, small), "shipped": None}
+    variants = {"split": policy_tiling("split", big, small, best.get("cost")),
+                "split-default-cost": policy_tiling("split", big, small),
+                "big": policy_tiling("big", big, small), "small": policy_tiling("small", big, small),
+                "shipped": None}
+    if "cost" not in best:
+        del variants["split-default-cost"]
     rows = []
     for model in C.MODELS:
         E, K, N = C.MODELS[model]
@@ -506,7 +550,8 @@ def print_tables(rep: dict):
           + "".join(f"\n  FAIL {c['check']}: {c.get('errs', c.get('error'))}" for c in bad))
     sw = rep.get("sweep", {})
     if sw:
-        print(f"best big tiles: {sw.get('best_big')}   best small tiles: {sw.get('best_small')}")
+        print(f"best big tiles: {sw.get('best_big')}   best small tiles: {sw.get('best_small')}   "
+              f"measured cost model: {sw.get('cost_model')}")
         for role in ("big", "small"):
             by_case = {}
             for r in sw.get("rows", []):
@@ -537,7 +582,8 @@ def print_tables(rep: dict):
     rows = rep.get("table", [])
     if rows:
         print("\nforward (ms / TFLOP/s; GB/s = weight bytes read / time; x = speed-up of our best):")
-        hdr = f"{'case':34s} {'split':>14s} {'big':>14s} {'small':>14s} {'shipped':>14s} {'sched':>7s} " \
+        hdr = f"{'case':34s} {'split':>14s} {'split-dflt':>14s} {'big':>14s} {'small':>14s} {'shipped':>14s} " \
+              f"{'sched':>7s} " \
               f"{'torch':>14s} {'ragged_dot':>14s} {'mgpu':>14s} {'bestGB/s':>8s} {'%copy':>5s} {'xtorch':>6s} " \
               f"{'xragged':>7s}"
         print(hdr)
@@ -553,7 +599,8 @@ def print_tables(rep: dict):
             best = min(ours, key=lambda r: r["ms"]) if ours else None
             tor, rag = rs.get("torch_grouped_mm"), rs.get("ragged_dot")
             sched = rs.get("schedule only", {}).get("ms")
-            print(f"{c:34s} {cell('sparse_jax/split')} {cell('sparse_jax/big')} {cell('sparse_jax/small')} "
+            print(f"{c:34s} {cell('sparse_jax/split')} {cell('sparse_jax/split-default-cost')} "
+                  f"{cell('sparse_jax/big')} {cell('sparse_jax/small')} "
                   f"{cell('sparse_jax/shipped')} {fmt(sched, '7.3f')} {cell('torch_grouped_mm')} "
                   f"{cell('ragged_dot')} {cell('ragged_dot_mgpu')} "
                   f"{fmt(best and best['weight_gbps'], '8.0f')} "
@@ -634,7 +681,7 @@ def main(argv=None):
             by_tiles.setdefault(r["tiles"], []).append(r["tflops"])
         n = max(len(v) for v in by_tiles.values())
         full = {k: v for k, v in by_tiles.items() if len(v) == n}
-        key = max(full, key=lambda k: math.prod(full[k]) ** (1 / n))
+        key = max(full, key=lambda k: geomean(full[k]))
         best["tgmm"] = next(t for t in TGMM_CANDIDATES if str(t) == key)
         rep["best_tgmm"] = key
     rep["grads"] = phase("grads", lambda: grads(budget, best, not args.no_peers), 45) or []

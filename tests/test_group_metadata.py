@@ -125,7 +125,7 @@ def test_split_rows_partitions_each_group(sizes, bw, small):
     """Big-tile share: whole group, or full big tiles; the small-tile kernel gets the rest."""
     M, tb, ts = 61, 16, 4
     starts, ends = local_group_bounds(jnp.asarray(sizes, jnp.int32), M)
-    cost = gmm_plan.CostModel(big_tflops=600.0, small_tflops=small, bandwidth_gbps=bw)
+    cost = gmm_plan.CostModel(big_tflops=600.0, small_tflops=small, big_gbps=bw, small_gbps=bw)
     split = np.asarray(gmm_plan.split_rows(starts, ends, tm_big=tb, tm_small=ts, k=64, n=64, num_rhs=1, itemsize=2,
                                            cost=cost))
     starts, ends = np.asarray(starts), np.asarray(ends)
@@ -146,6 +146,6 @@ def test_split_rows_partitions_each_group(sizes, bw, small):
 
 def test_split_rows_prefers_small_tiles_for_tails_when_they_are_cheap():
     starts, ends = jnp.array([0, 33], jnp.int32), jnp.array([33, 35], jnp.int32)
-    equal = gmm_plan.CostModel(big_tflops=600.0, small_tflops=600.0, bandwidth_gbps=1e9)
-    split = gmm_plan.split_rows(starts, ends, tm_big=32, tm_small=16, k=64, n=64, num_rhs=1, itemsize=2, cost=equal)
+    cheap = gmm_plan.CostModel(big_tflops=600.0, small_tflops=500.0, big_gbps=1e9, small_gbps=1e9)
+    split = gmm_plan.split_rows(starts, ends, tm_big=32, tm_small=16, k=64, n=64, num_rhs=1, itemsize=2, cost=cheap)
     np.testing.assert_array_equal(split, [32, 33])  # 32 + 16 rows beat 64; the 2-row group goes small

@@ -215,7 +215,7 @@ def test_adaptive_tiles_match_reference(kernel_backend):
     if backend == "triton":
         # one program per tile slot for the big launch, a 2-program persistent small launch
         tiles = (Tiles(32, 16, 16, band=2, occupancy=0), Tiles(16, 16, 16, band=2, programs=2))
-        cost = gmm_plan.CostModel(big_tflops=600.0, small_tflops=600.0, bandwidth_gbps=1e9)
+        cost = gmm_plan.CostModel(big_tflops=600.0, small_tflops=500.0, big_gbps=1e9, small_gbps=1e9)
     else:
         tiles, cost = (Tiles(16, 128, 128), Tiles(32, 128, 128)), None
     lhs, rhs, ct = randn(1, (M, K)), randn(2, (G, K, N)), randn(3, (M, N))

@@ -128,15 +128,17 @@ def tpu_block(dim: int, preferred: int, align: int) -> int:
 # --- adaptive tile height --------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class CostModel:
-    """Throughputs behind the tile-height choice (defaults: H100 SXM bf16, from benchmarks/tune_gmm.py).
+    """Throughputs behind the GPU tile-height split (defaults: H100 SXM bf16 estimates;
+    ``benchmarks/tune_gmm.py`` prints measured values).
 
-    big_tflops / small_tflops: what the big / small tile configuration sustains on full tiles;
-    bandwidth_gbps: HBM bytes per second streaming weights.
+    *_tflops: what the big / small tile configuration sustains on full tiles;
+    *_gbps: the weight bytes per second it streams when memory-bound.
     """
 
     big_tflops: float = 600.0
     small_tflops: float = 300.0
-    bandwidth_gbps: float = 2600.0
+    big_gbps: float = 2000.0
+    small_gbps: float = 2500.0
 
 
 def split_rows(starts, ends, *, tm_big: int, tm_small: int, k: int, n: int, num_rhs: int, itemsize: int,
@@ -152,7 +154,8 @@ def split_rows(starts, ends, *, tm_big: int, tm_small: int, k: int, n: int, num_
     """
     s = (ends - starts).astype(jnp.float32)
     row_flops = 2.0 * k * n * num_rhs
-    w_time = k * n * num_rhs * itemsize / (cost.bandwidth_gbps * 1e9)
+    w_bytes = float(k * n * num_rhs * itemsize)
+    wb, ws = w_bytes / (cost.big_gbps * 1e9), w_bytes / (cost.small_gbps * 1e9)
     cb, cs = row_flops / (cost.big_tflops * 1e12), row_flops / (cost.small_tflops * 1e12)
 
     def ceil_to(x, t):
@@ -160,11 +163,11 @@ def split_rows(starts, ends, *, tm_big: int, tm_small: int, k: int, n: int, num_
 
     full_big = jnp.floor(s / tm_big) * tm_big
     rem = s - full_big
-    t_a = jnp.maximum(w_time, ceil_to(s, tm_big) * cb)
-    reads_b = jnp.where((full_big > 0) & (rem > 0), 2.0, 1.0)
-    t_b = jnp.maximum(reads_b * w_time, full_big * cb + ceil_to(rem, tm_small) * cs)
-    t_c = jnp.maximum(w_time, ceil_to(s, tm_small) * cs)
-    big_rows = jnp.where((t_a <= t_b) & (t_a <= t_c), s, jnp.where(t_b <= t_c, full_big, 0.0))
+    t_a = jnp.maximum(wb, ceil_to(s, tm_big) * cb)
+    t_b = jnp.maximum(jnp.where(full_big > 0, wb, 0.0) + jnp.where(rem > 0, ws, 0.0),
+                      full_big * cb + ceil_to(rem, tm_small) * cs)
+    t_c = jnp.maximum(ws, ceil_to(s, tm_small) * cs)
+    big_rows = jnp.where((t_a < t_b) & (t_a < t_c), s, jnp.where(t_b < t_c, full_big, 0.0))
     return starts + big_rows.astype(jnp.int32)
 
 

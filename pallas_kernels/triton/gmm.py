@@ -91,7 +91,7 @@ def forward(xs, ws, meta: GroupMetadata, *, fusion: Fusion, tiles: Tiles, transp
             rows = row0 + lax.broadcasted_iota(jnp.int32, (tm,), 0)
             row_ok = (rows >= lo) & (rows < hi)
             cols = nb * tn + lax.broadcasted_iota(jnp.int32, (tn,), 0)
-            out_mask = row_ok[:, None] & (cols < N)[None, :]
+            out_mask = row_ok[:, None] & (cols < N)[None, :] if mask_n else jnp.broadcast_to(row_ok[:, None], (tm, tn))
             rows_ds, cols_ds = pl.ds(row0, tm), pl.ds(nb * tn, tn)
 
             def step(terms, kb, accs):

@@ -68,7 +68,7 @@ def transposed(lhs, rhs, group_starts, group_ends, *, tiles: Tiles, out_dtype, i
         accs = lax.fori_loop(0, steps, step, tuple(jnp.zeros((tk, tn), jnp.float32) for _ in range(P)))
         for o_ref, acc in zip(o_refs, accs):
             plgpu.store(o_ref.at[g, pl.ds(kb * tk, tk), pl.ds(nb * tn, tn)], acc.astype(o_ref.dtype),
-                        mask=k_ok[:, None] & n_ok[None, :])
+                        mask=k_ok[:, None] & n_ok[None, :] if K % tk or N % tn else None)
 
     itemsize = jnp.dtype(lhs.dtype).itemsize
     cost = pl.CostEstimate(
