@@ -1,6 +1,7 @@
 """Check and tune the Triton grouped matmuls on one GPU, in one process (about 5 minutes).
 
-    python -m benchmarks.tune_gmm [--budget-s 330] [--quick] [--out DIR]   (DIR default: $OUT or /tmp)
+    python -m benchmarks.tune_gmm [--budget-s 300] [--phases ...] [--no-peers] [--out DIR]   (DIR: $OUT or /tmp)
+    python -m benchmarks.tune_gmm --smoke --budget-s 3000    (CPU: tiny shapes through the interpreter)
 
 Phases (each skipped when the time budget runs short; the JSON is rewritten after each):
 
@@ -8,14 +9,15 @@ Phases (each skipped when the time budget runs short; the JSON is rewritten afte
    SwiGLU fwd + bwd, float32, odd sizes and empty groups, forced tiny tiles with a
    multi-trip persistent loop, and full-size Mixtral / DeepSeek forwards vs ``lax.ragged_dot``;
 2. forward tile sweep: big-tile configs on compute-bound cases, small-tile configs on
-   memory-bound ones;
+   memory-bound ones; each winner also on the other cases, which calibrates the cost model
+   of the adaptive split;
 3. main table: every model x M x distribution with the adaptive split (best big + best
-   small from 2), big-only, small-only and the shipped defaults, beside ragged_dot,
-   ragged_dot_mgpu and torch._grouped_mm (``benchmarks.peers.gmm_peers``), plus the cost of
+   small + calibrated cost model), big-only, small-only and the shipped defaults, beside
+   ragged_dot, ragged_dot_mgpu (uniform cases) and torch._grouped_mm, plus the cost of
    building the schedule alone;
-4. weight-gradient (gmm_t) tile sweep;
-5. gradients: grouped_matmul fwd + bwd vs the peers' fwd + bwd;
-6. fused SwiGLU vs two gmm calls + silu * mul.
+4. gradients: grouped_matmul fwd + bwd vs ragged_dot's and torch._grouped_mm's (M >= 4096);
+5. fused SwiGLU vs two gmm calls + silu * mul;
+6. weight-gradient (gmm_t) tile sweep.
 
 Our kernels are lowered one after another and compiled by a thread pool (XLA compiles the
 Triton custom calls in C++), then timed one by one with ``benchmarks.timing.time_fn``.
@@ -59,14 +61,13 @@ INTERPRET = False  # --smoke: tiny shapes through the Pallas interpreter (CPU pl
 CHECK_DIMS = (1000, 520, 333)  # correctness M, K, N: none a tile multiple
 
 BIG_CANDIDATES = [
-    Tiles(128, 256, 64, 8, 3), Tiles(128, 256, 64, 8, 4), Tiles(128, 256, 64, 8, 3, occupancy=0),
+    Tiles(128, 256, 64, 8, 3), Tiles(128, 256, 64, 8, 3, occupancy=0), Tiles(128, 256, 64, 8, 4),
     Tiles(128, 128, 64, 4, 4), Tiles(128, 128, 64, 8, 3, occupancy=2), Tiles(256, 128, 64, 8, 3),
-    Tiles(128, 256, 32, 8, 4), Tiles(64, 256, 64, 4, 4),
 ]
 SMALL_CANDIDATES = [
     Tiles(32, 128, 128, 4, 4), Tiles(16, 128, 128, 4, 4), Tiles(64, 128, 128, 4, 4),
     Tiles(32, 128, 64, 4, 4, occupancy=2), Tiles(64, 128, 64, 4, 4, occupancy=2), Tiles(32, 256, 64, 4, 3),
-    Tiles(64, 256, 64, 8, 3), Tiles(32, 128, 128, 4, 4, occupancy=0),
+    Tiles(32, 128, 128, 4, 4, occupancy=0),
 ]
 TGMM_CANDIDATES = [
     Tiles(64, 128, 128, 8, 3), Tiles(64, 256, 128, 8, 3), Tiles(32, 128, 128, 4, 4), Tiles(128, 128, 128, 8, 3),
@@ -339,11 +340,8 @@ def main_table(budget: Budget, best: dict, peers: bool) -> list[dict]:
     big = best.get("big", gpu_entry.FORWARD_TILES["gmm"][0])
     small = best.get("small", gpu_entry.FORWARD_TILES["gmm"][1])
     variants = {"split": policy_tiling("split", big, small, best.get("cost")),
-                "split-default-cost": policy_tiling("split", big, small),
                 "big": policy_tiling("big", big, small), "small": policy_tiling("small", big, small),
                 "shipped": None}
-    if "cost" not in best:
-        del variants["split-default-cost"]
     rows = []
     for model in C.MODELS:
         E, K, N = C.MODELS[model]
@@ -436,7 +434,7 @@ def peer_rows(M, K, N, sizes, name, wbytes, *, everyone: bool, backward: bool = 
 def sweep_transposed(budget: Budget) -> list[dict]:
     rows = []
     for model, M, dist in SWEEP_CASES["tgmm"]:
-        if budget.left() < 70:
+        if budget.left() < 25:
             break
         E, K, N = C.MODELS[model]
         sizes = C.group_sizes(M, E, dist)
@@ -465,7 +463,7 @@ def grads(budget: Budget, best: dict, peers: bool) -> list[dict]:
     rows = []
     tiling = None
     if "big" in best and "small" in best:
-        tiling = Tiling(forward=(best["big"], best["small"]), transposed=best.get("tgmm"))
+        tiling = Tiling(forward=(best["big"], best["small"]), cost=best.get("cost"))
     for model in C.MODELS:
         E, K, N = C.MODELS[model]
         for M in C.ROWS[1:]:
@@ -504,7 +502,7 @@ def swiglu(budget: Budget) -> list[dict]:
     for model in C.MODELS:
         E, K, F = C.MODELS[model]
         for M in C.ROWS:
-            if budget.left() < 20:
+            if budget.left() < 35:
                 return rows
             sizes = C.group_sizes(M, E, "uniform")
             name = C.case_name(model, M, "uniform")
@@ -582,8 +580,7 @@ def print_tables(rep: dict):
     rows = rep.get("table", [])
     if rows:
         print("\nforward (ms / TFLOP/s; GB/s = weight bytes read / time; x = speed-up of our best):")
-        hdr = f"{'case':34s} {'split':>14s} {'split-dflt':>14s} {'big':>14s} {'small':>14s} {'shipped':>14s} " \
-              f"{'sched':>7s} " \
+        hdr = f"{'case':34s} {'split':>14s} {'big':>14s} {'small':>14s} {'shipped':>14s} {'sched':>7s} " \
               f"{'torch':>14s} {'ragged_dot':>14s} {'mgpu':>14s} {'bestGB/s':>8s} {'%copy':>5s} {'xtorch':>6s} " \
               f"{'xragged':>7s}"
         print(hdr)
@@ -599,8 +596,7 @@ def print_tables(rep: dict):
             best = min(ours, key=lambda r: r["ms"]) if ours else None
             tor, rag = rs.get("torch_grouped_mm"), rs.get("ragged_dot")
             sched = rs.get("schedule only", {}).get("ms")
-            print(f"{c:34s} {cell('sparse_jax/split')} {cell('sparse_jax/split-default-cost')} "
-                  f"{cell('sparse_jax/big')} {cell('sparse_jax/small')} "
+            print(f"{c:34s} {cell('sparse_jax/split')} {cell('sparse_jax/big')} {cell('sparse_jax/small')} "
                   f"{cell('sparse_jax/shipped')} {fmt(sched, '7.3f')} {cell('torch_grouped_mm')} "
                   f"{cell('ragged_dot')} {cell('ragged_dot_mgpu')} "
                   f"{fmt(best and best['weight_gbps'], '8.0f')} "
@@ -626,10 +622,10 @@ def _smoke():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budget-s", type=float, default=330.0)
+    p.add_argument("--budget-s", type=float, default=300.0)
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     p.add_argument("--no-peers", action="store_true")
-    p.add_argument("--phases", default="correctness,sweep,table,tgmm,grads,swiglu")
+    p.add_argument("--phases", default="correctness,sweep,table,grads,swiglu,tgmm")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, Pallas interpreter (CPU plumbing check)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -672,7 +668,9 @@ def main(argv=None):
         best = sw.pop("_best")
         rep["sweep"] = sw
     rep["table"] = phase("table", lambda: main_table(budget, best, not args.no_peers), 110) or []
-    tg = phase("tgmm", lambda: sweep_transposed(budget), 70) or []
+    rep["grads"] = phase("grads", lambda: grads(budget, best, not args.no_peers), 45) or []
+    rep["swiglu"] = phase("swiglu", lambda: swiglu(budget), 20) or []
+    tg = phase("tgmm", lambda: sweep_transposed(budget), 25) or []
     rep["tgmm_sweep"] = tg
     ok = [r for r in tg if r.get("ms")]
     if ok:
@@ -681,11 +679,7 @@ def main(argv=None):
             by_tiles.setdefault(r["tiles"], []).append(r["tflops"])
         n = max(len(v) for v in by_tiles.values())
         full = {k: v for k, v in by_tiles.items() if len(v) == n}
-        key = max(full, key=lambda k: geomean(full[k]))
-        best["tgmm"] = next(t for t in TGMM_CANDIDATES if str(t) == key)
-        rep["best_tgmm"] = key
-    rep["grads"] = phase("grads", lambda: grads(budget, best, not args.no_peers), 45) or []
-    rep["swiglu"] = phase("swiglu", lambda: swiglu(budget), 20) or []
+        rep["best_tgmm"] = max(full, key=lambda k: geomean(full[k]))
     save()
     print_tables(rep)
     print(f"\nJSON: {path}")
