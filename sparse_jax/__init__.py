@@ -5,6 +5,7 @@ Flow: masks -> BlockMask tables -> kernels per backend (pallas_kernels/) -> ops 
 from sparse_jax import backends, masks, reference
 from sparse_jax.block_mask import BlockMask, create_block_mask, gqa_union
 from sparse_jax.ops import block_sparse_attention, grouped_matmul, grouped_matmul_t, grouped_swiglu
+from sparse_jax.group_metadata import GroupMetadata, make_group_metadata
 from sparse_jax import permutation, selection
 from sparse_jax.ops.permuted_attention import permuted_block_sparse_attention
 
