@@ -8,8 +8,9 @@
    expert weights, EP vs single device, and both vs the float32 per-token reference.
 2. Timing: one layer (bf16) per model shape, the single-device layer (all experts and
    tokens on GPU 0) vs EP over P GPUs (tokens and experts split P ways), forward and
-   forward + backward, exact (dropless) exchange and ``exchange_capacity_factor=1.25``
-   (less padding and traffic; may drop a few assignments: for timing only).
+   forward + backward: exact (dropless) padded exchange, ``exchange_capacity_factor=1.25``
+   (less padding and traffic; may drop a few assignments: for timing only) and the
+   exact ragged exchange (``ragged_all_to_all``: only real rows travel).
 
 Prints a table last; writes ``$OUT/moe_ep_gpu.json`` (OUT defaults to /tmp).
 """
@@ -68,12 +69,13 @@ def _grad_fn(layer):
     return jax.jit(jax.value_and_grad(loss))
 
 
-def check(mesh, backend, dtype, T, D, E, F, k, **kw):
+def check(mesh, backend, dtype, T, D, E, F, k, exchange="padded", **kw):
     """EP vs single device vs float32 reference -> dict of relative errors."""
     args = _problem(T, D, E, F, dtype, seed=1)
     ct = timing.random_normal(9, (T, D), jnp.float32)
     single = lambda *a: moe.moe_ffn(*a, top_k=k, backend=backend, **kw)  # noqa: E731
-    ep = lambda *a: moe.moe_ffn_ep(*a, mesh=mesh, axis_name="ep", top_k=k, backend=backend, **kw)  # noqa: E731
+    ep = lambda *a: moe.moe_ffn_ep(*a, mesh=mesh, axis_name="ep", top_k=k, backend=backend,  # noqa: E731
+                                   exchange=exchange, **kw)
     ref = lambda *a: reference.moe_ffn(*[x.astype(jnp.float32) for x in a], top_k=k, **kw)  # noqa: E731
     y1, y2, yr = jax.jit(single)(*args), jax.jit(ep)(*args), jax.jit(ref)(*args)
     (_, g1), (_, g2), (_, gr) = (_grad_fn(f)(args, ct) for f in (single, ep, ref))
@@ -98,16 +100,20 @@ def time_model(mesh, backend, model, T, quick):
     ct = timing.random_normal(8, (T, D), jnp.float32)
     rows = []
     kw = dict(warmup=1, iters=3, rotations=1) if quick else dict(warmup=3, iters=20, rotations=1)
-    variants = [("single", None), ("ep exact", None), ("ep f=1.25", 1.25)]
-    for label, f in variants:
+    variants = [("single", None, "padded"), ("ep exact", None, "padded"), ("ep f=1.25", 1.25, "padded"),
+                ("ep ragged", None, "ragged")]
+    for label, f, exchange in variants:
+        if exchange == "ragged" and ARGS.cpu_devices:
+            continue
         if label == "single":
             args = tuple(jax.device_put(a, dev0) for a in host)
             layer = lambda *a: moe.moe_ffn(*a, top_k=k, backend=backend)  # noqa: E731
             ct_ = jax.device_put(ct, dev0)
         else:
             args = _sharded(mesh, host, (P("ep"), P(), P("ep"), P("ep"), P("ep")))
-            layer = (lambda f_: lambda *a: moe.moe_ffn_ep(*a, mesh=mesh, axis_name="ep", top_k=k, backend=backend,
-                                                          exchange_capacity_factor=f_))(f)
+            layer = (lambda f_, x_: lambda *a: moe.moe_ffn_ep(
+                *a, mesh=mesh, axis_name="ep", top_k=k, backend=backend, exchange_capacity_factor=f_,
+                exchange=x_))(f, exchange)
             ct_ = jax.device_put(ct, NamedSharding(mesh, P("ep")))
         for what in ("fwd", "fwd+bwd"):
             fn = jax.jit(layer) if what == "fwd" else _grad_fn(layer)
@@ -143,6 +149,8 @@ def main():
     if ARGS.quick:
         checks = {"bf16 T=50 E=8 k=2": (jnp.bfloat16, 50, 64, 8, 32, 2, {}),
                   "f32 T=33 E=8 k=2 capacity": (jnp.float32, 33, 32, 8, 16, 2, dict(capacity_factor=1.0))}
+    if not ARGS.cpu_devices:  # XLA:CPU has no ragged-all-to-all
+        checks.update({f"{name} ragged": (*c[:-1], dict(c[-1], exchange="ragged")) for name, c in checks.items()})
     ok = True
     for name, (dtype, T, D, E, F, k, kw) in checks.items():
         errs = check(mesh, backend, dtype, T, D, E, F, k, **kw)

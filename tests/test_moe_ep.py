@@ -88,6 +88,26 @@ def _child() -> dict:
                                               *args[2:])
         return "exchange-overflow", {"y": rel(y, want), "dropped": [int((~kept).sum()), int(aux.dropped)]}
 
+    def ragged_traces():
+        """exchange="ragged" cannot run on the CPU: it must say so, and still trace + differentiate."""
+        from sparse_jax.moe import expert_parallel
+        mesh = jax.make_mesh((NUM_DEVICES,), ("ep",), axis_types=(jax.sharding.AxisType.Auto,))
+        args, _ = problem(13, 8, 3)
+        out = {}
+        try:
+            moe.moe_ffn_ep(*args, mesh=mesh, axis_name="ep", top_k=3, exchange="ragged")
+            out["cpu_error"] = False
+        except ValueError as e:
+            out["cpu_error"] = "ragged" in str(e)
+        check, expert_parallel._check_exchange = expert_parallel._check_exchange, lambda *a: None
+        try:
+            f = lambda *a: moe.moe_ffn_ep(*a, mesh=mesh, axis_name="ep", top_k=3, exchange="ragged").sum()  # noqa
+            hlo = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4))).lower(*args).as_text()
+        finally:
+            expert_parallel._check_exchange = check
+        out["ragged_ops_in_grad"] = hlo.count("ragged_all_to_all")
+        return "ragged", out
+
     Auto, Explicit = jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit
     results = dict([
         compare("dropless-padded", 13, 8, 3, Auto),
@@ -95,6 +115,7 @@ def _child() -> dict:
                 topk_groups=2, bias=0.2 * jnp.arange(8.0), capacity_factor=0.75),
         compare("explicit-mesh-one-expert-per-device", 10, 4, 4, Explicit),
         overflow(),
+        ragged_traces(),
     ])
     return results
 
@@ -129,6 +150,13 @@ def test_ep_exchange_overflow_drop_order(ep_results):
     res = ep_results["exchange-overflow"]
     assert res["y"] <= 1e-5, res
     assert res["dropped"][0] == res["dropped"][1] > 0, res
+
+
+@pytest.mark.multidevice
+def test_ep_ragged_exchange_traces(ep_results):
+    res = ep_results["ragged"]
+    assert res["cpu_error"], res
+    assert res["ragged_ops_in_grad"] >= 4, res  # 2 forward + their 2 transposes
 
 
 if __name__ == "__main__":

@@ -9,16 +9,19 @@ device:
    earlier shards via all_gather), so both equal the single-device layer's;
 2. sort the local assignments by expert and pack a send buffer [P, Cp, D]: slot
    (q, i) holds the i-th row bound for device q. Cp, the rows per device pair, is
-   static: ``ragged_all_to_all`` does not run on every backend (not on the CPU),
-   so this is a padded ``all_to_all``. The default Cp = T_local * min(k, E / P) can
-   hold every assignment (exact, dropless); ``exchange_capacity_factor`` f sets
+   static (no host sync). The default Cp = T_local * min(k, E / P) can hold every
+   assignment (exact, dropless); ``exchange_capacity_factor`` f sets
    Cp = ceil(f * T_local * k / P) instead (less memory and traffic) and
    assignments past a pair's Cp are dropped (first in expert-then-token order kept,
    counted in ``aux.dropped``);
-3. ``all_to_all`` the rows and the per-(pair, expert) counts; sort the received rows
-   by local expert; grouped SwiGLU and down matmuls over the global ``group_sizes``
-   with ``group_offset`` = device * E / P, so each device runs only its experts;
-4. unsort, ``all_to_all`` back, float32 weighted combine into token order.
+3. exchange the per-(pair, expert) counts (``all_to_all``) and the rows:
+   ``exchange="padded"`` (default) ships whole [Cp, D] blocks with ``all_to_all``
+   and runs everywhere; ``exchange="ragged"`` ships only the real rows with
+   ``ragged_all_to_all`` (GPU/TPU only: XLA:CPU lacks it) into the same static
+   layout. Sort the received rows by local expert; grouped SwiGLU and down matmuls
+   over the global ``group_sizes`` with ``group_offset`` = device * E / P, so each
+   device runs only its experts;
+4. unsort, exchange back the same way, float32 weighted combine into token order.
 """
 
 from __future__ import annotations
@@ -79,8 +82,23 @@ def _receive_order(recv_counts, pair_capacity: int):
     return perm, inverse_permutation(perm), recv_counts.sum(0).astype(jnp.int32)
 
 
+def _exchange(rows, send_counts, recv_counts, *, axis_name, pair_capacity: int, ragged: bool):
+    """[P * Cp, D] rows, slot block q bound for device q -> the blocks received, block s from device s.
+
+    send_counts / recv_counts int32 [P]: real rows per block. The padded exchange ships
+    whole blocks; the ragged one only the real rows (the rest of the result is zeros).
+    """
+    if not ragged:
+        return jax.lax.all_to_all(rows, axis_name, 0, 0, tiled=True)
+    num_devices = send_counts.shape[0]
+    starts = jnp.arange(num_devices, dtype=jnp.int32) * pair_capacity
+    mine = jnp.full((num_devices,), jax.lax.axis_index(axis_name) * pair_capacity, jnp.int32)
+    return jax.lax.ragged_all_to_all(rows, jnp.zeros_like(rows), starts, send_counts.astype(jnp.int32), mine,
+                                     recv_counts.astype(jnp.int32), axis_name=axis_name)
+
+
 def _ep_body(x, router_weights, w_gate, w_up, w_down, bias, shared, rng, *, axis_name, num_devices, num_tokens,
-             top_k, route_kw, cap, pair_capacity, backend, interpret):
+             top_k, route_kw, cap, pair_capacity, ragged, backend, interpret):
     """One device's share of the layer (inside shard_map). x [T_local, D] -> (y [T_local, D], MoEAux)."""
     T_l = x.shape[0]
     El = w_gate.shape[0]
@@ -107,19 +125,29 @@ def _ep_body(x, router_weights, w_gate, w_up, w_down, bias, shared, rng, *, axis
 
     plan, sent = _send_plan(ids, kept, E, num_devices, pair_capacity)
     a2a = functools.partial(jax.lax.all_to_all, axis_name=axis_name, split_axis=0, concat_axis=0, tiled=True)
-    recv = a2a(expand(x, plan, top_k))
-    perm, inv, local_sizes = _receive_order(a2a(sent), pair_capacity)
+    recv_counts = a2a(sent)
+    exchange = functools.partial(_exchange, axis_name=axis_name, pair_capacity=pair_capacity, ragged=ragged)
+    recv = exchange(expand(x, plan, top_k), sent.sum(1), recv_counts.sum(1))
+    perm, inv, local_sizes = _receive_order(recv_counts, pair_capacity)
     xs = permute(recv, perm, inv)
     offset = d * El
     sizes = jax.lax.dynamic_update_slice(jnp.zeros((E,), jnp.int32), local_sizes, (offset,))
     h = ops.grouped_swiglu(xs, w_gate, w_up, sizes, group_offset=offset, backend=backend, interpret=interpret)
     out = ops.grouped_matmul(h, w_down, sizes, group_offset=offset, backend=backend, interpret=interpret)
-    back = a2a(permute(out, inv, perm))
+    back = exchange(permute(out, inv, perm), recv_counts.sum(1), sent.sum(1))
     y = combine(back, weights, plan, out_dtype=jnp.float32)
     if shared is not None:
         y = y + shared_expert_ffn(x, *shared)
     dropped = jax.lax.psum(jnp.sum(real & ~plan.assign_valid.reshape(ids.shape), dtype=jnp.int32), axis_name)
     return y.astype(x.dtype), MoEAux(aux.load_balance_loss, aux.z_loss, aux.tokens_per_expert, dropped)
+
+
+def _check_exchange(exchange: str, mesh) -> None:
+    if exchange not in ("padded", "ragged"):
+        raise ValueError(f"exchange must be 'padded' or 'ragged'; got {exchange!r}")
+    if exchange == "ragged" and any(d.platform == "cpu" for d in mesh.devices.flat):
+        raise ValueError("exchange='ragged' needs GPUs or TPUs: XLA:CPU has no ragged-all-to-all; "
+                         "use exchange='padded'")
 
 
 def _placed(a, mesh, spec, explicit: bool):
@@ -133,13 +161,14 @@ def moe_ffn_ep(x, router_weights, w_gate, w_up, w_down, *, mesh, axis_name: str,
                scoring: str = "softmax", normalize_topk: bool = True, bias=None, num_groups: int | None = None,
                topk_groups: int | None = None, capacity_factor: float | None = None, shared_expert=None,
                return_aux: bool = False, jitter: float = 0.0, rng=None,
-               exchange_capacity_factor: float | None = None, backend: str | None = None,
-               interpret: bool = False):
+               exchange_capacity_factor: float | None = None, exchange: str = "padded",
+               backend: str | None = None, interpret: bool = False):
     """:func:`sparse_jax.moe.moe_ffn` with experts sharded over ``mesh`` axis ``axis_name``.
 
     Same arguments and result as ``moe_ffn`` (see the module docstring for the
     layout), plus ``mesh``, ``axis_name`` (its size P must divide E) and
-    ``exchange_capacity_factor`` (None = exact). Tokens are split over ``axis_name``
+    ``exchange_capacity_factor`` (None = exact) and ``exchange`` ("padded" or
+    "ragged"). Tokens are split over ``axis_name``
     (T need not divide by P: padded); y comes back split over it the same way.
     Other mesh axes hold replicas. With ``jitter`` each device draws its own noise
     (``fold_in(rng, device)``), so jittered results differ from ``moe_ffn``'s.
@@ -152,6 +181,7 @@ def moe_ffn_ep(x, router_weights, w_gate, w_up, w_down, *, mesh, axis_name: str,
     num_devices = mesh.shape[axis_name]
     if E % num_devices:
         raise ValueError(f"E = {E} experts cannot be split evenly over {num_devices} devices of axis {axis_name!r}")
+    _check_exchange(exchange, mesh)
     if exchange_capacity_factor is not None and not exchange_capacity_factor > 0:
         raise ValueError(f"exchange_capacity_factor must be > 0 (or None); got {exchange_capacity_factor!r}")
     El = E // num_devices
@@ -165,7 +195,8 @@ def moe_ffn_ep(x, router_weights, w_gate, w_up, w_down, *, mesh, axis_name: str,
     route_kw = dict(scoring=scoring, normalize_topk=normalize_topk, num_groups=num_groups, topk_groups=topk_groups,
                     jitter=jitter)
     body = functools.partial(_ep_body, axis_name=axis_name, num_devices=num_devices, num_tokens=T, top_k=top_k,
-                             route_kw=route_kw, cap=cap, pair_capacity=pair_capacity, backend=backend,
+                             route_kw=route_kw, cap=cap, pair_capacity=pair_capacity,
+                             ragged=exchange == "ragged", backend=backend,
                              interpret=interpret)
     split, repl = P(axis_name), P()
     in_specs = (split, repl, split, split, split, repl, repl, repl)
