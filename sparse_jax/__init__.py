@@ -8,5 +8,7 @@ from sparse_jax.ops import block_sparse_attention, grouped_matmul, grouped_matmu
 from sparse_jax.group_metadata import GroupMetadata, make_group_metadata
 from sparse_jax import permutation, selection
 from sparse_jax.ops.permuted_attention import permuted_block_sparse_attention
+from sparse_jax import moe
+from sparse_jax.moe import moe_ffn, moe_ffn_ep
 
 __version__ = "0.1.0"
