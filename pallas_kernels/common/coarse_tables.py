@@ -178,9 +178,15 @@ class Coarse:
         return v - (1 << 32) if v >= (1 << 31) else v
 
 
+def on_host(block_mask: BlockMask) -> bool:
+    """True when the tables are concrete numpy arrays (exact widths, inspectable)."""
+    leaves = [getattr(block_mask, f) for f in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks",
+                                                "full_kv_indices", "q_num_blocks", "q_indices")]
+    return all(isinstance(x, np.ndarray) for x in leaves)
+
+
 def _xp_of(block_mask: BlockMask):
-    leaves = [getattr(block_mask, f) for f in ("kv_num_blocks", "kv_indices", "q_num_blocks", "q_indices")]
-    return np if all(isinstance(x, np.ndarray) for x in leaves) else jnp
+    return np if on_host(block_mask) else jnp
 
 
 def head_fields(table_heads: int, num_q_heads: int, num_kv_heads: int) -> tuple[int, int]:

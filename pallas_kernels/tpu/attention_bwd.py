@@ -205,7 +205,7 @@ def call_dq(P: at.Problem, coarse: Coarse, tables: SlotTables, q, k, v, do, lse,
     dq = _pallas(_dq_kernel, P, coarse, tables, grid, in_specs, at.group_spec(P, bq, D, q_index),
                  jax.ShapeDtypeStruct(ql.shape, q.dtype), [pltpu.VMEM((G, bq, D), jnp.float32)], names, args,
                  interpret=interpret, vmem_limit_bytes=vmem_limit_bytes,
-                 name="sparse_jax_block_sparse_attention_dq_tpu", flops_per_pair=2 * D + 4 * Dv)
+                 name="sparse_jax_block_sparse_attention_dq_tpu", flops_per_pair=4 * D + 2 * Dv)
     return at.from_layout(P, dq, P.num_q_heads, D)
 
 

@@ -3,9 +3,11 @@
 
 Pipeline of one call:
 
-1. Tiles: the kernels work on tiles that are multiples of 128, sized per TPU
-   generation and, where the mask's logical blocks allow, whole multiples of them
-   (:mod:`pallas_kernels.tpu.configs`).
+1. Tiles: the kernels work on tiles that are multiples of 128 and, where the
+   mask's logical blocks allow, whole multiples of them. With concrete (host)
+   tables the tiles are picked by a cost model of the pass on this mask
+   (:mod:`pallas_kernels.tpu.cost_model`); traced tables get per-generation
+   defaults (:mod:`pallas_kernels.tpu.configs`).
 2. Tables: :mod:`pallas_kernels.common.coarse_tables` turns the BlockMask into
    per-row lists of active tiles with the class of every logical sub-block (and
    every query head, for per-head masks under GQA) packed beside each entry, so
@@ -22,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import coarse_tables
-from pallas_kernels.tpu import attention_bwd, attention_fwd, configs
+from pallas_kernels.tpu import attention_bwd, attention_fwd, configs, cost_model
 from pallas_kernels.tpu import attention_tiles as at
 from sparse_jax import _compat
 
@@ -54,10 +56,26 @@ def problem(q, k, v, block_mask, q_seg, q_pos, kv_pos, *, scale, softcap, segmen
 
 def plan(kind: str, P: at.Problem, block_mask, *, interpret) -> tuple[coarse_tables.Coarse, coarse_tables.SlotTables,
                                                                      int | None]:
-    """Tiles and tables of one pass ('fwd', 'dq' or 'dkv')."""
+    """Tiles, tables and scoped-VMEM limit of one pass ('fwd', 'dq' or 'dkv').
+
+    Concrete (host) tables and no explicit tiles: the cheapest tiles under the cost
+    model (:func:`cost_model.search`). Otherwise the generation's defaults.
+    """
     lq, lk = block_mask.block_size
+    ov = configs.current_override()
+    gen = ov.generation or configs.generation()
+    isz = jnp.dtype(P.dtype).itemsize
+    explicit = ov.block_q or ov.block_kv or (kind == "dkv" and (ov.dkv_block_q or ov.dkv_block_kv))
+    if ov.search and not explicit and coarse_tables.on_host(block_mask):
+        shape = cost_model.Shape(P.batch, P.num_q_heads, P.num_kv_heads, P.head_dim, P.head_dim_v, isz,
+                                 P.softcap is not None)
+        found = cost_model.search(kind, block_mask, shape, gen, max_subs=MAX_SUBS_PER_TILE)
+        if found is not None:
+            coarse, tables, _ = found
+            est = configs.vmem_estimate(kind, coarse.tile_q, coarse.tile_kv, P.group, P.head_dim, P.head_dim_v, isz)
+            return coarse, tables, configs.vmem_limit(est, gen)
     tiles = configs.choose_tiles(kind, logical=(lq, lk), q_len=P.q_len, kv_len=P.kv_len, group=P.group,
-                                 head_dim=P.head_dim, head_dim_v=P.head_dim_v, itemsize=jnp.dtype(P.dtype).itemsize)
+                                 head_dim=P.head_dim, head_dim_v=P.head_dim_v, itemsize=isz)
     coarse = coarse_tables.Coarse.make(tiles.block_q, tiles.block_kv, (lq, lk), P.q_len, P.kv_len)
     if coarse.subs > MAX_SUBS_PER_TILE:
         raise ValueError(f"the block mask's logical blocks {block_mask.block_size} are too fine for TPU tiles "
@@ -67,8 +85,7 @@ def plan(kind: str, P: at.Problem, block_mask, *, interpret) -> tuple[coarse_tab
     tables = coarse_tables.build(block_mask, coarse, num_q_heads=P.num_q_heads, num_kv_heads=P.num_kv_heads,
                                  transpose=kind == "dkv")
     if not interpret:
-        budget = _SMEM_BUDGET_FRACTION * configs.CHIPS[configs.current_override().generation
-                                                       or configs.generation()].smem_bytes
+        budget = _SMEM_BUDGET_FRACTION * configs.CHIPS[gen].smem_bytes
         if tables.smem_bytes > budget:
             raise ValueError(f"block tables need {tables.smem_bytes} bytes of TPU scalar memory (budget {int(budget)}); "
                              "use larger blocks, a mask shared across batch/heads (B=1, H=1 tables), or shorter "

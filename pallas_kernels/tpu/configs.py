@@ -1,7 +1,7 @@
 """Per-TPU-generation facts and default tile sizes for the block-sparse attention kernels.
 
-Why the defaults are what they are (numbers and sources in
-``benchmarks/notes/block_sparse_attention_tpu.md``):
+Why the defaults are what they are (numbers, sources and the model behind them in
+``benchmarks/notes/block_sparse_attention_tpu.md`` and ``benchmarks/roofline_tpu.py``):
 
 * A grid step costs a fixed ~0.35 us of pipeline bookkeeping, so a step must
   carry enough MXU work to hide it: on v5e (197 TFLOP/s bf16) a 512 x 512 x 128
@@ -11,14 +11,15 @@ Why the defaults are what they are (numbers and sources in
   ``bkv * (D + Dv) * 2`` bytes of K/V and does ``4 * rows * bkv * D`` FLOPs
   (rows = query positions x GQA heads in the tile), an arithmetic intensity of
   ``rows`` FLOP/byte: above the ridge point (v5e ~240, v6e ~560 FLOP/byte) the
-  kernel is MXU-bound, so v5e targets 512 rows and v6e 1024.
+  kernel is MXU-bound.
 * Lane dims are multiples of 128 (the vreg is 8 x 128); the v6e MXU is 256 x 256,
   so its tiles are multiples of 256 where the logical blocks allow.
-* VMEM (128 MiB on v5e) is not the limit for these tiles: a v6e forward step
-  with 1024 rows x 512 keys, D = 128, holds ~9 MiB (double-buffered q/k/v/o,
-  f32 accumulators, the [rows, bkv] logits). The scoped-VMEM limit is raised
-  only when the estimate gets near the default.
+* VMEM (128 MiB on v5e / v6e) is not the limit for these tiles; the scoped-VMEM
+  limit is raised when the estimate gets near the compiler's default.
 * Block tables live in SMEM (1 MiB up to v6e); the wrapper checks their size.
+
+These defaults serve traced tables; with concrete tables the kernels pick tiles
+with :mod:`pallas_kernels.tpu.cost_model` instead.
 """
 
 from __future__ import annotations
@@ -35,7 +36,14 @@ MIB = 1 << 20
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """Public (or clearly-labelled assumed) facts about one TPU generation, per TensorCore."""
+    """Facts about one TPU generation, per TensorCore.
+
+    Published: peak, HBM bandwidth (Cloud TPU docs), VMEM / SMEM sizes, MXU shape
+    (``jax/_src/tpu_info.py``). Estimates, to calibrate on hardware: the VPU rate
+    (8 x 128 lanes x 4 VALU slots per cycle), the EUP rate (one 8 x 128 vreg of
+    transcendentals per 2 cycles), the clock where unpublished (v6e: assumed 2x
+    v5e's VPU/EUP rates) and the fixed cost of a grid step.
+    """
 
     name: str
     peak_bf16_tflops: float
@@ -45,14 +53,24 @@ class Chip:
     smem_bytes: int
     mxu: int  # systolic array side
     num_mxu: int
-    clock_ghz: float | None  # None: not published
+    vpu_ops_per_s: float
+    eup_per_s: float
+    step_overhead_s: float = 0.35e-6
+
+
+def _vpu(ghz):
+    return 4 * 8 * 128 * ghz * 1e9
+
+
+def _eup(ghz):
+    return 8 * 128 / 2 * ghz * 1e9
 
 
 CHIPS = {
-    "v4": Chip("v4", 137.5, 614.0, 16 * MIB, 16 * MIB, 1 * MIB, 128, 4, 1.05),  # per TensorCore (2 per chip)
-    "v5e": Chip("v5e", 197.0, 819.0, 128 * MIB, 16 * MIB, 1 * MIB, 128, 4, 1.5),
-    "v5p": Chip("v5p", 229.5, 1382.0, 64 * MIB, 16 * MIB, 1 * MIB, 128, 4, 1.75),  # per TensorCore (2 per chip)
-    "v6e": Chip("v6e", 918.0, 1638.0, 128 * MIB, 32 * MIB, 1 * MIB, 256, 2, None),
+    "v4": Chip("v4", 137.5, 614.0, 16 * MIB, 16 * MIB, 1 * MIB, 128, 4, _vpu(1.05), _eup(1.05)),
+    "v5e": Chip("v5e", 197.0, 819.0, 128 * MIB, 16 * MIB, 1 * MIB, 128, 4, _vpu(1.5), _eup(1.5)),
+    "v5p": Chip("v5p", 229.5, 1382.0, 64 * MIB, 16 * MIB, 1 * MIB, 128, 4, _vpu(1.75), _eup(1.75)),
+    "v6e": Chip("v6e", 918.0, 1638.0, 128 * MIB, 32 * MIB, 1 * MIB, 256, 2, 2 * _vpu(1.5), 2 * _eup(1.5)),
 }
 
 
@@ -73,11 +91,15 @@ class TileTargets:
     align: int  # preferred multiple for tile sides (MXU side)
 
 
+# Defaults for traced tables (concrete tables get a cost-model search instead). Chosen with
+# benchmarks/roofline_tpu.py: with the ~0.35 us step cost, 128-row GQA tiles spend as long
+# in step overhead as in the MXU; the search settles on 512 x 512 (v5e) and 1024 x 512
+# (v6e) for causal / window / document masks, 1024 x 1024 for dense ones.
 DEFAULT_TARGETS = {
-    "v4": TileTargets(rows=512, block_q_max=512, block_kv=512, dkv_block_q=256, dkv_block_kv=512, align=128),
-    "v5e": TileTargets(rows=512, block_q_max=512, block_kv=512, dkv_block_q=256, dkv_block_kv=512, align=128),
-    "v5p": TileTargets(rows=512, block_q_max=512, block_kv=512, dkv_block_q=256, dkv_block_kv=512, align=128),
-    "v6e": TileTargets(rows=1024, block_q_max=1024, block_kv=512, dkv_block_q=512, dkv_block_kv=1024, align=256),
+    "v4": TileTargets(rows=2048, block_q_max=512, block_kv=512, dkv_block_q=512, dkv_block_kv=512, align=128),
+    "v5e": TileTargets(rows=2048, block_q_max=512, block_kv=512, dkv_block_q=512, dkv_block_kv=512, align=128),
+    "v5p": TileTargets(rows=2048, block_q_max=512, block_kv=512, dkv_block_q=512, dkv_block_kv=512, align=128),
+    "v6e": TileTargets(rows=4096, block_q_max=1024, block_kv=512, dkv_block_q=512, dkv_block_kv=512, align=256),
 }
 
 OFF_TPU_GENERATION = "v6e"  # what export / interpret mode assume when no TPU is attached
@@ -111,6 +133,7 @@ class Override:
     dkv_block_kv: int | None = None
     generation: str | None = None
     vmem_limit_bytes: int | None = None
+    search: bool = True  # pick tiles with the cost model when the tables are concrete
 
 
 _OVERRIDE: contextvars.ContextVar[Override] = contextvars.ContextVar("sparse_jax_tpu_attention", default=Override())
@@ -184,12 +207,18 @@ def choose_tiles(kind: str, *, logical: tuple[int, int], q_len: int, kv_len: int
         exp_q, exp_kv = ov.block_q, ov.block_kv
     bq = _tile(lq, target_q, q_len, t.align, exp_q, "block_q")
     bkv = _tile(lk, target_kv, kv_len, t.align, exp_kv, "block_kv")
-    est = vmem_estimate(kind, bq, bkv, group, head_dim, head_dim_v, itemsize)
-    limit = ov.vmem_limit_bytes
+    return Tiles(bq, bkv, vmem_limit(vmem_estimate(kind, bq, bkv, group, head_dim, head_dim_v, itemsize), gen))
+
+
+def vmem_limit(estimate: int, gen: str) -> int | None:
+    """Scoped-VMEM limit to ask for (None: the compiler's default suffices)."""
+    ov = current_override()
+    if ov.vmem_limit_bytes is not None:
+        return ov.vmem_limit_bytes
     chip = CHIPS[gen]
-    if limit is None and est > 0.6 * chip.scoped_vmem_default:
-        limit = int(min(0.75 * chip.vmem_bytes, max(2 * est, chip.scoped_vmem_default)))
-    return Tiles(bq, bkv, limit)
+    if estimate <= 0.6 * chip.scoped_vmem_default:
+        return None
+    return int(min(0.75 * chip.vmem_bytes, max(2 * estimate, chip.scoped_vmem_default)))
 
 
 def vmem_estimate(kind: str, bq: int, bkv: int, group: int, d: int, dv: int, itemsize: int) -> int:
