@@ -10,5 +10,8 @@ from sparse_jax import permutation, selection
 from sparse_jax.ops.permuted_attention import permuted_block_sparse_attention
 from sparse_jax import moe
 from sparse_jax.moe import moe_ffn, moe_ffn_ep
+from sparse_jax.ops.indexed_attention import indexed_attention, indexed_block_attention
+from sparse_jax import indexers
+from sparse_jax.indexers import hierarchical_indexer, lightning_indexer
 
 __version__ = "0.1.0"
