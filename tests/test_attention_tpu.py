@@ -375,3 +375,37 @@ def test_clear_errors():
         sj.block_sparse_attention(q, k, v, tiny, backend="mosaic_tpu", interpret=True)
     with configs.override(block_q=100), pytest.raises(ValueError, match="multiple of 128"):
         sj.block_sparse_attention(q, k, v, bm, backend="mosaic_tpu", interpret=True)
+
+
+# -- cost model and tile search -------------------------------------------------------------------
+def test_tile_search_follows_the_mask():
+    """The search keeps big tiles for dense structure and shrinks them for fine random sparsity,
+    and its choice is never costlier than the defaults under the same model."""
+    from pallas_kernels.tpu import cost_model
+    S = 4096
+    shape = cost_model.Shape(1, 8, 2, 128, 128, 2)
+    dense = sj.create_block_mask(masks.full, None, None, S, S, 128)
+    sel = np.random.default_rng(0).random((1, 1, 32, 32)) < 0.05
+    sparse = sj.BlockMask.from_block_bool(sel, S, S, block_size=128)
+    for gen in ("v5e", "v6e"):
+        c_dense, _, cost_dense = cost_model.search("fwd", dense, shape, gen, max_subs=256)
+        c_sparse, t_sparse, cost_sparse = cost_model.search("fwd", sparse, shape, gen, max_subs=256)
+        assert c_dense.tile_q * c_dense.tile_kv > c_sparse.tile_q * c_sparse.tile_kv
+        assert cost_dense.bound == "mxu" and cost_sparse.computed_pairs < cost_dense.computed_pairs / 5
+        with configs.override(generation=gen):
+            t = configs.choose_tiles("fwd", logical=(128, 128), q_len=S, kv_len=S, group=4, head_dim=128,
+                                     head_dim_v=128, itemsize=2)
+        co = CT.Coarse.make(t.block_q, t.block_kv, (128, 128), S, S)
+        default = cost_model.pass_cost("fwd", CT.build(sparse, co, num_q_heads=8, num_kv_heads=2, transpose=False),
+                                       co, shape, gen)
+        assert cost_sparse.total_s <= default.total_s
+
+
+def test_roofline_model_case():
+    from benchmarks import roofline_tpu
+    case = roofline_tpu.Case("causal", masks.causal, 2048, Hq=8, Hkv=2)
+    m = roofline_tpu.model(case, "v5e", "fwd")
+    assert m["bound"] in ("mxu", "vpu", "eup", "hbm")
+    assert 0.5 <= m["density"] <= 0.75  # causal computes about half the pairs (plus the diagonal tiles)
+    assert 0 < m["frac_peak"] <= 1 and m["model_ms"] > m["mxu_ms"]
+    assert m["useful_flops"] == pytest.approx(8 * 2048 * 2049 / 2 * 4 * 128, rel=1e-6)
