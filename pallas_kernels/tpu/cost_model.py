@@ -32,6 +32,9 @@ from pallas_kernels.tpu import configs
 VPU_OPS = {"fwd": (6, 13), "dq": (6, 13), "dkv": (7, 14)}
 
 TILE_CANDIDATES = (128, 256, 512, 1024)
+# Tile grids finer than this (per batch and head) are not tried once a coarser candidate
+# fits: their tables cost host time to build and SMEM to hold, and step overhead dominates.
+MAX_TILE_GRID = 1 << 16
 
 
 def matmuls(kind: str, D: int, Dv: int) -> list[tuple[int, int]]:
@@ -147,9 +150,10 @@ def search(kind: str, block_mask, shape: Shape, gen: str, *, max_subs: int):
     """Cheapest (coarse, tables, cost) over :func:`candidates` (host tables only)."""
     best = None
     q_len, kv_len = block_mask.q_len, block_mask.kv_len
-    for bq, bkv in candidates(kind, block_mask.block_size, q_len, kv_len, shape, gen):
+    for bq, bkv in sorted(candidates(kind, block_mask.block_size, q_len, kv_len, shape, gen),
+                          key=lambda t: -t[0] * t[1]):
         coarse = CT.Coarse.make(bq, bkv, block_mask.block_size, q_len, kv_len)
-        if coarse.subs > max_subs:
+        if coarse.subs > max_subs or (best is not None and coarse.n_q_tiles * coarse.n_kv_tiles > MAX_TILE_GRID):
             continue
         tables = CT.build(block_mask, coarse, num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads,
                           transpose=kind == "dkv")
