@@ -76,7 +76,7 @@ CHIPS = {
 
 @dataclasses.dataclass(frozen=True)
 class TileTargets:
-    """Targets the block chooser aims for (it keeps tiles multiples of the logical blocks).
+    """Targets the tile chooser aims for (tiles stay multiples of the logical blocks where it can).
 
     rows: query positions x GQA heads per forward / dQ step; block_q_max caps the
     positions; block_kv: keys per step; dkv_block_q / dkv_block_kv: the dK/dV pass
