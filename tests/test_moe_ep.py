@@ -49,12 +49,13 @@ def _child() -> dict:
         (_, (y, aux)), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(args, shared)
         return y, aux, g
 
-    def compare(name, T, E, k, axis_type, Fs=None, **kw):
+    def compare(name, T, E, k, axis_type, Fs=None, ep_kw=None, D=16, F=12, **kw):
         mesh = jax.make_mesh((NUM_DEVICES,), ("ep",), axis_types=(axis_type,))
-        args, shared = problem(T, E, k, Fs=Fs)
+        args, shared = problem(T, E, k, D=D, F=F, Fs=Fs)
         ct = jax.random.normal(jax.random.key(7), (T, args[0].shape[1]))
         single = lambda *a, **k2: moe.moe_ffn(*a, top_k=k, **kw, **k2)  # noqa: E731
-        ep = lambda *a, **k2: moe.moe_ffn_ep(*a, mesh=mesh, axis_name="ep", top_k=k, **kw, **k2)  # noqa: E731
+        ep = lambda *a, **k2: moe.moe_ffn_ep(*a, mesh=mesh, axis_name="ep", top_k=k,  # noqa: E731
+                                             **kw, **(ep_kw or {}), **k2)
         y1, aux1, (g1, gs1) = grads(single, args, shared, ct)
         y2, aux2, (g2, gs2) = grads(ep, args, shared, ct)
         out = {"y": rel(y2, y1)}
@@ -114,6 +115,8 @@ def _child() -> dict:
         compare("sigmoid-groups-bias-capacity-shared", 16, 8, 2, Auto, Fs=10, scoring="sigmoid", num_groups=4,
                 topk_groups=2, bias=0.2 * jnp.arange(8.0), capacity_factor=0.75),
         compare("explicit-mesh-one-expert-per-device", 10, 4, 4, Explicit),
+        # the gmm kernels (interpret mode) under shard_map with a traced group_offset
+        compare("triton-interpret-kernels", 12, 8, 2, Auto, D=32, F=64, ep_kw=dict(backend="triton", interpret=True)),
         overflow(),
         ragged_traces(),
     ])
@@ -133,7 +136,7 @@ def ep_results():
 
 @pytest.mark.multidevice
 @pytest.mark.parametrize("case", ["dropless-padded", "sigmoid-groups-bias-capacity-shared",
-                                  "explicit-mesh-one-expert-per-device"])
+                                  "explicit-mesh-one-expert-per-device", "triton-interpret-kernels"])
 def test_ep_equals_single_device(ep_results, case):
     res = ep_results[case]
     for key, err in res.items():
