@@ -70,6 +70,7 @@ def forward(xs, ws, meta: GroupMetadata, *, fusion: Fusion, tiles: Tiles, transp
     tn, tk = _block_dims(K, N, tiles)
     nt, nk = gmm_plan.cdiv(N, tn), gmm_plan.cdiv(K, tk)
     mask_k, mask_n = K % tk != 0, N % tn != 0
+    clamp_rows = M >= tm
     in_dtype = xs[0].dtype
     num_out = fusion.num_out
 
@@ -88,6 +89,11 @@ def forward(xs, ws, meta: GroupMetadata, *, fusion: Fusion, tiles: Tiles, transp
             """Row tile x column block number ``w`` (< active * nt)."""
             t, nb = swizzle(w, active, nt, tiles.band)
             g, row0, lo, hi = tg_ref[t], tr_ref[t], tlo_ref[t], thi_ref[t]
+            if clamp_rows:
+                # Keep the [tm] row block inside lhs, so its loads need no row mask: the rows
+                # outside [lo, hi) it reads belong to other groups and are never stored (row i
+                # of the product depends on row i of lhs only). Saves registers in the K loop.
+                row0 = jnp.minimum(row0, M - tm)
             rows = row0 + lax.broadcasted_iota(jnp.int32, (tm,), 0)
             row_ok = (rows >= lo) & (rows < hi)
             cols = nb * tn + lax.broadcasted_iota(jnp.int32, (tn,), 0)
@@ -98,7 +104,10 @@ def forward(xs, ws, meta: GroupMetadata, *, fusion: Fusion, tiles: Tiles, transp
                 """One K step of one pass: load each tile its terms use once, accumulate every term."""
                 k0 = pl.multiple_of(kb * tk, tk)
                 k_ok = (k0 + lax.broadcasted_iota(jnp.int32, (tk,), 0)) < K
-                x_mask = row_ok[:, None] & k_ok[None, :] if mask_k else row_ok[:, None]
+                if clamp_rows:
+                    x_mask = jnp.broadcast_to(k_ok[None, :], (tm, tk)) if mask_k else None
+                else:
+                    x_mask = row_ok[:, None] & k_ok[None, :] if mask_k else row_ok[:, None]
                 w_masks = []
                 if mask_n:
                     w_masks.append((cols < N)[:, None] if transpose_rhs else (cols < N)[None, :])
@@ -106,7 +115,8 @@ def forward(xs, ws, meta: GroupMetadata, *, fusion: Fusion, tiles: Tiles, transp
                     w_masks.append(k_ok[None, :] if transpose_rhs else k_ok[:, None])
                 w_mask = functools.reduce(jnp.logical_and, w_masks) if w_masks else None
                 w_idx = (g, cols_ds, pl.ds(k0, tk)) if transpose_rhs else (g, pl.ds(k0, tk), cols_ds)
-                x_t = {i: plgpu.load(x_refs[i].at[rows_ds, pl.ds(k0, tk)], mask=x_mask, other=0.0)
+                x_t = {i: plgpu.load(x_refs[i].at[rows_ds, pl.ds(k0, tk)], mask=x_mask,
+                                     other=None if x_mask is None else 0.0)
                        for i in sorted({i for i, _, _ in terms})}
                 w_t = {j: plgpu.load(w_refs[j].at[w_idx], mask=w_mask, other=None if w_mask is None else 0.0)
                        for j in sorted({j for _, j, _ in terms})}
