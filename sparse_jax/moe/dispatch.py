@@ -70,7 +70,9 @@ def plan_dispatch(expert_ids, num_experts: int, *, kept=None, num_rows: int | No
     m = n if num_rows is None else num_rows
     order, position, group_sizes = sort_by_expert(expert_ids, num_experts, kept)
     if kept is None:
-        return DispatchPlan(order[:m], None if m == n else jnp.ones((m,), bool), position, None, group_sizes)
+        if m != n:
+            raise ValueError(f"num_rows = {m} < T * k = {n} drops assignments; pass ``kept`` to say which")
+        return DispatchPlan(order, None, position, None, group_sizes)
     row_valid = jnp.arange(m, dtype=jnp.int32) < group_sizes.sum()
     return DispatchPlan(order[:m], row_valid, position, kept.reshape(-1), group_sizes)
 

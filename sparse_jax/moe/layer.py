@@ -30,7 +30,12 @@ def shared_expert_ffn(x, w_gate, w_up, w_down):
 
 def routed_experts(x, weights, expert_ids, w_gate, w_up, w_down, *, kept=None, num_rows=None,
                    backend=None, interpret=False):
-    """sum_j weights[t, j] * SwiGLU_{expert_ids[t, j]}(x[t]) -> float32 [T, D] (ids must be in range)."""
+    """y[t] = sum_j weights[t, j] * SwiGLU_{expert_ids[t, j]}(x[t]) -> float32 [T, D].
+
+    x [T, D]; weights float [T, k]; expert_ids int32 [T, k] in [0, E) (unchecked:
+    traced); kept bool [T, k] or None; num_rows (static) cuts the sorted buffer to
+    that many rows (>= the kept assignments). The building block of the layer.
+    """
     E = w_gate.shape[0]
     k = expert_ids.shape[1]
     plan = plan_dispatch(expert_ids, E, kept=kept, num_rows=num_rows)
