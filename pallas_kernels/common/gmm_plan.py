@@ -145,29 +145,47 @@ def split_rows(starts, ends, *, tm_big: int, tm_small: int, k: int, n: int, num_
                cost: CostModel = CostModel()):
     """Per group, the row where the big-tile kernel's share ends and the small-tile kernel's begins.
 
-    Each group g (rows [s, e)) is covered either (a) all by big tiles, (b) by full big tiles
-    plus small tiles for the remainder, or (c) all by small tiles -- whichever the cost model
-    says is cheapest, where a group's time is max(weight bytes / bandwidth, padded rows *
-    2KN / throughput) and splitting a group between the two kernels reads its weights twice
-    (L2 absorbs re-reads within one kernel, whose swizzle runs a group's tiles together).
-    Elementwise over [G] on device: no host sync, no branch.
+    Each group g (rows [s, e)) is covered (a) all by big tiles, (b) by full big tiles plus
+    small tiles for the remainder, or (c) all by small tiles. The two launches run one after
+    the other, each bound by its weight bytes (a group's weights are read once per launch
+    that touches it: the banded order runs a group's tiles together, so L2 absorbs
+    re-reads) or its padded rows x 2KN, so the modelled time of an assignment is
+
+        max(bytes_big / bw_big, flops_big / peak_big) + max(bytes_small / bw_small, flops_small / peak_small).
+
+    That is not separable over groups, so candidate assignments come from per-group argmins
+    of lambda * bytes-time + (1 - lambda) * flops-time for a few lambda (plus all-big and
+    all-small), and the best candidate under the model wins. Everything is [candidates, G]
+    elementwise math and small reductions on device: no host sync, no branch.
     """
     s = (ends - starts).astype(jnp.float32)
-    row_flops = 2.0 * k * n * num_rhs
     w_bytes = float(k * n * num_rhs * itemsize)
     wb, ws = w_bytes / (cost.big_gbps * 1e9), w_bytes / (cost.small_gbps * 1e9)
-    cb, cs = row_flops / (cost.big_tflops * 1e12), row_flops / (cost.small_tflops * 1e12)
+    row = 2.0 * k * n * num_rhs
+    cb, cs = row / (cost.big_tflops * 1e12), row / (cost.small_tflops * 1e12)
 
     def ceil_to(x, t):
         return jnp.ceil(x / t) * t
 
-    full_big = jnp.floor(s / tm_big) * tm_big
-    rem = s - full_big
-    t_a = jnp.maximum(wb, ceil_to(s, tm_big) * cb)
-    t_b = jnp.maximum(jnp.where(full_big > 0, wb, 0.0) + jnp.where(rem > 0, ws, 0.0),
-                      full_big * cb + ceil_to(rem, tm_small) * cs)
-    t_c = jnp.maximum(ws, ceil_to(s, tm_small) * cs)
-    big_rows = jnp.where((t_a < t_b) & (t_a < t_c), s, jnp.where(t_b < t_c, full_big, 0.0))
+    full = jnp.floor(s / tm_big) * tm_big
+    rem = s - full
+    nonempty = (s > 0).astype(jnp.float32)
+    # per option (a, b, c): [memory time big, memory time small, compute big, compute small], each [G]
+    opts = jnp.stack([
+        jnp.stack([nonempty * wb, 0.0 * s, ceil_to(s, tm_big) * cb, 0.0 * s]),
+        jnp.stack([(full > 0) * wb, (rem > 0) * ws, full * cb, ceil_to(rem, tm_small) * cs]),
+        jnp.stack([0.0 * s, nonempty * ws, 0.0 * s, ceil_to(s, tm_small) * cs]),
+    ])  # [3, 4, G]
+    lam = jnp.linspace(0.0, 1.0, 9)[:, None, None]
+    mem, flo = opts[:, 0] + opts[:, 1], opts[:, 2] + opts[:, 3]  # [3, G]
+    greedy = jnp.argmin(lam * mem[None] + (1 - lam) * flo[None], axis=1)  # [9, G]
+    fixed = jnp.broadcast_to(jnp.array([0, 2])[:, None], (2, s.shape[0]))
+    cand = jnp.concatenate([greedy, fixed, jnp.ones_like(fixed[:1])])  # [12, G] option per group
+    picked = jnp.take_along_axis(opts[None], cand[:, None, None, :], axis=1)[:, 0]  # [12, 4, G]
+    tot = picked.sum(-1)  # [12, 4]
+    t = jnp.maximum(tot[:, 0], tot[:, 2]) + jnp.maximum(tot[:, 1], tot[:, 3])
+    best = cand[jnp.argmin(t)]
+    big_rows = jnp.where(best == 0, s, jnp.where(best == 1, full, 0.0))
     return starts + big_rows.astype(jnp.int32)
 
 
