@@ -97,6 +97,10 @@ class FFNSpec:
                              f"num_experts={self.num_experts}")
         object.__setattr__(self, "options", _freeze(self.options))
 
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.options)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:

@@ -8,6 +8,7 @@ onto the very same loss curve (tested in tests/test_models.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Callable
@@ -62,6 +63,7 @@ class TrainConfig:
             raise ValueError(f"need lr > 0 and 0 <= min_lr_ratio <= 1; got {self.lr}, {self.min_lr_ratio}")
 
 
+@functools.lru_cache(maxsize=32)
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     """Clip by global norm, then AdamW on a warmup-cosine schedule (no decay on norms / 1-D params)."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, min(tc.warmup_steps, tc.steps), tc.steps,
@@ -71,8 +73,13 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
                        optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask))
 
 
+@functools.lru_cache(maxsize=32)
 def make_train_step(task, batch_size: int) -> Callable:
-    """``step(model, optimizer, key) -> metrics``: samples a batch from ``key`` and updates in place."""
+    """``step(model, optimizer, key) -> metrics``: samples a batch from ``key`` and updates in place.
+
+    Cached per (task, batch size), like :func:`make_optimizer` per config, so runs of
+    one configuration share compiled steps.
+    """
 
     @nnx.jit
     def step(model, optimizer, key):
@@ -91,6 +98,7 @@ def make_train_step(task, batch_size: int) -> Callable:
     return step
 
 
+@functools.lru_cache(maxsize=32)
 def make_eval_step(task, batch_size: int) -> Callable:
     """``eval_step(model, key) -> (correct, total, loss)`` on a fresh batch from ``key``."""
 

@@ -22,7 +22,8 @@ class BlockTables:
     ``mask`` is a mask (``masks.*`` or ``fn(b, h, q_idx, kv_idx)``) built for each new
     length, or a ready BlockMask used as is (its lengths must then match).
     ``heads``: None for a head-independent mask, else the number of heads it is built for.
-    Hashed by identity, so it can sit in a module's static attributes.
+    Hashable (by the mask's cache key, else identity), so it can sit in a module's static
+    attributes and equal layers share ``jit`` traces.
     """
 
     def __init__(self, mask, block_size=128, heads: int | None = None):
@@ -52,11 +53,20 @@ class BlockTables:
             self.builds += 1
         return self._built[key]
 
+    def _key(self):
+        # Tables are a function of (mask, block size, heads): layers with equal keys can share
+        # a trace. Prebuilt tables and masks without a cache key compare by identity.
+        k = None if self.fixed is not None else self.mask.cache_key()
+        return None if k is None else (k, self.block_size, self.heads)
+
     def __hash__(self):
-        return id(self)
+        k = self._key()
+        return id(self) if k is None else hash(k)
 
     def __eq__(self, other):
-        return self is other
+        if self is other:
+            return True
+        return isinstance(other, BlockTables) and self._key() is not None and self._key() == other._key()
 
     def __repr__(self):
         return f"BlockTables({self.fixed if self.fixed is not None else self.mask!r}, block_size={self.block_size})"

@@ -1,0 +1,147 @@
+"""Models: configs, tasks, the decoder LM, training and exact checkpoint resume (CPU, tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import config as C
+from models import lm, tasks
+from models import train as T
+
+VOCAB = tasks.Vocab(64, 16, 16)
+
+
+def tiny(**kw):
+    return C.llama("tiny", vocab_size=64, block_size=16, **kw)
+
+
+# -- config --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["llama", "mixtral", "deepseek"])
+def test_presets_build_and_round_trip_through_json(name):
+    cfg = C.preset(name, "tiny", vocab_size=256,
+                   attention=C.AttentionSpec("block_sparse", mask=("sinks", 64, 16)))
+    assert C.ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    model = nnx.eval_shape(lambda: lm.DecoderLM(cfg, rngs=nnx.Rngs(0)))
+    assert 1e5 <= lm.count_params(model) <= 1e6
+
+
+def test_base_preset_is_about_100m_params():
+    cfg = C.llama("base", vocab_size=32000)
+    n = lm.count_params(nnx.eval_shape(lambda: lm.DecoderLM(cfg, rngs=nnx.Rngs(0))))
+    assert 80e6 <= n <= 160e6, n
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(attention=C.AttentionSpec(), num_layers=0), "num_layers"),
+    (dict(attention=(C.AttentionSpec(),)), "2 of them"),
+])
+def test_config_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny().replace(**bad)
+
+
+def test_spec_errors():
+    with pytest.raises(ValueError, match="attention kind"):
+        C.AttentionSpec("magic")
+    with pytest.raises(ValueError, match="mask spec"):
+        C.AttentionSpec("block_sparse", mask=("sliding_window",))
+    with pytest.raises(ValueError, match="top_k"):
+        C.FFNSpec("moe", 32, num_experts=2, top_k=3)
+
+
+# -- tasks ---------------------------------------------------------------------------------------
+def test_mqar_answers_are_the_values_paired_with_the_keys():
+    task = tasks.MQAR(96, num_pairs=6, num_queries=5, vocab=VOCAB)
+    b = jax.jit(task.sample, static_argnums=1)(jax.random.key(3), 4)
+    for toks, tgt, w in zip(*(np.asarray(a) for a in b)):
+        pairs = dict(zip(toks[0:12:2], toks[1:12:2]))
+        assert len(pairs) == 6
+        answers = np.nonzero(w)[0]
+        assert len(answers) == 5 and answers.min() >= 12
+        for p in answers:
+            assert tgt[p] == toks[p + 1] == pairs[toks[p]]
+        assert np.all(toks[12:] >= VOCAB.key_lo)
+    again = task.sample(jax.random.key(3), 4)
+    np.testing.assert_array_equal(again.tokens, b.tokens)
+
+
+def test_needle_answer_is_the_queried_needles_value():
+    task = tasks.Needle(80, num_needles=3, vocab=VOCAB)
+    b = task.sample(jax.random.key(4), 6)
+    for toks, tgt, w in zip(*(np.asarray(a) for a in b)):
+        assert np.nonzero(w)[0].tolist() == [78] and toks[77] == VOCAB.QUERY
+        needles = {toks[i + 1]: toks[i + 2] for i in np.nonzero(toks[:77] == VOCAB.NEEDLE)[0]}
+        assert len(needles) == 3 and tgt[78] == needles[toks[78]]
+
+
+def test_task_errors():
+    with pytest.raises(ValueError, match="no room"):
+        tasks.MQAR(16, num_pairs=8, num_queries=8, vocab=VOCAB)
+    with pytest.raises(ValueError, match="multiple"):
+        tasks.make_task("mixture", 64, vocab=VOCAB, mqar_num_pairs=2, mqar_num_queries=2).sample(jax.random.key(0), 3)
+
+
+# -- the LM --------------------------------------------------------------------------------------
+def test_swap_attention_keeps_weights_and_outputs():
+    model = lm.DecoderLM(tiny(), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 48), 0, 64)
+    logits, aux = model(tokens)
+    assert logits.shape == (2, 48, 64) and logits.dtype == jnp.float32 and float(aux["aux_loss"]) == 0
+    causal, missing = lm.swap_attention(model, C.AttentionSpec("block_sparse", mask=("causal",)))
+    assert missing == []
+    np.testing.assert_allclose(causal(tokens)[0], logits, rtol=1e-5, atol=1e-5)
+    window, _ = lm.swap_attention(model, C.AttentionSpec("block_sparse", mask=("sliding_window", 8)))
+    got = window(tokens)[0]
+    np.testing.assert_allclose(got[:, :8], logits[:, :8], rtol=1e-5, atol=1e-5)  # the window covers them
+    assert float(jnp.abs(got[:, 20:] - logits[:, 20:]).max()) > 1e-3
+
+
+def test_moe_lm_reports_router_losses_and_trains_with_remat():
+    cfg = C.deepseek("tiny", vocab_size=64, block_size=16, remat=True, aux_loss_coef=0.1)
+    model = lm.DecoderLM(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(2), (2, 32), 0, 64)
+    _, aux = model(tokens)
+    # one dense and one MoE layer: the balance loss of one layer is ~1 when balanced
+    assert 0.5 < float(aux["load_balance_loss"]) < 4 and float(aux["aux_loss"]) > 0
+    grads = nnx.grad(lambda m: m(tokens)[1]["aux_loss"])(model)
+    router = grads.blocks[1].ffn.router[...]
+    assert np.all(np.isfinite(router)) and float(jnp.abs(router).max()) > 0
+
+
+# -- training ------------------------------------------------------------------------------------
+def test_loss_decreases_on_a_tiny_task():
+    task = tasks.MQAR(32, num_pairs=2, num_queries=2, vocab=VOCAB)
+    tc = T.TrainConfig(steps=80, batch_size=16, lr=1e-2, warmup_steps=10, progress=False)
+    res = T.train(tiny(), task, tc)
+    losses = [h["task_loss"] for h in res.history]
+    assert len(losses) == 80 and all(np.isfinite(losses))
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), (losses[:10], losses[-10:])
+
+
+def test_resume_reproduces_the_loss_curve_exactly(tmp_path):
+    task = tasks.MQAR(32, num_pairs=2, num_queries=2, vocab=VOCAB)
+    cfg = tiny(attention=C.AttentionSpec("block_sparse", mask=("sliding_window", 16)))
+    tc = T.TrainConfig(steps=12, batch_size=8, warmup_steps=3, progress=False)
+    straight = T.train(cfg, task, tc)
+    first = T.train(cfg, task, tc, ckpt_dir=str(tmp_path / "run"), until=5)
+    resumed = T.train(cfg, task, tc, ckpt_dir=str(tmp_path / "run"), resume=True)
+    assert resumed.start_step == 5 and [h["step"] for h in resumed.history] == list(range(6, 13))
+    losses = [h["loss"] for h in first.history + resumed.history]
+    np.testing.assert_array_equal(losses, [h["loss"] for h in straight.history])
+    tokens = task.sample(jax.random.key(7), 2).tokens
+    restored, meta = T.load_model(str(tmp_path / "run"))
+    assert meta["step"] == 12 and restored.cfg == cfg
+    np.testing.assert_array_equal(restored(tokens)[0], resumed.model(tokens)[0])
+
+
+def test_train_config_errors():
+    with pytest.raises(ValueError, match="steps"):
+        T.TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="ckpt_dir"):
+        T.train(tiny(), tasks.MQAR(32, 2, 2, VOCAB), T.TrainConfig(steps=2, progress=False), resume=True)
