@@ -138,7 +138,7 @@ def _row(ctx, name, impl, shape, extra, fn, make, flops, bytes_):
     return r
 
 
-def _case(ctx, model, E, k, D, F, T, router, weights, backward, peers):
+def _case(ctx, model, E, k, D, F, T, router, weights, backward, peers, jitted):
     from benchmarks import flops as W
     from benchmarks.peers import moe_case_name
     dtype = weights[0].dtype
@@ -167,10 +167,11 @@ def _case(ctx, model, E, k, D, F, T, router, weights, backward, peers):
         impls.append(("gather_einsum", gather_einsum_moe))
     out = []
     for impl, f in impls:
-        f = functools.partial(f, top_k=k)
-        fn = jax.jit(_fwd_bwd(f) if backward else f)
-        out.append(_row(ctx, name, impl, shape, extra, fn, make, flops, bytes_))
-        del fn
+        key = (impl, k, backward)  # one jitted function per model: the routers share executables
+        if key not in jitted:
+            f = functools.partial(f, top_k=k)
+            jitted[key] = jax.jit(_fwd_bwd(f) if backward else f)
+        out.append(_row(ctx, name, impl, shape, extra, jitted[key], make, flops, bytes_))
     if peers:
         out.extend(_torch_rows(ctx, T, D, F, E, k, dtype, backward, router, name, extra))
     return out
@@ -208,12 +209,14 @@ def run(ctx) -> list[Result]:
     results: list[Result] = []
     plan = [(m, T, r, b) for m in names for r in routers for T in tokens
             for b in ((False, True) if backward and T >= bwd_min else (False,))]
-    weights, current = None, None
+    plan.sort(key=lambda c: (names.index(c[0]), c[1], c[3], c[2]))  # routers of one T back to back
+    weights, current, jitted = None, None, {}
     for model, T, router, bwd in ctx.progress(plan, desc="moe"):
         E, k, D, F = models[model]
         if current != model:  # one layer of weights at a time (DeepSeek-V3: 22.5 GB in bf16)
-            weights = None
+            weights, jitted = None, {}
             gc.collect()
+            jax.clear_caches()
             weights, current = _weights(E, D, F, dtype), model
-        results.extend(_case(ctx, model, E, k, D, F, T, router, weights, bwd, peers))
+        results.extend(_case(ctx, model, E, k, D, F, T, router, weights, bwd, peers, jitted))
     return results
