@@ -18,7 +18,12 @@ from sparse_jax.ops import permuted_attention as pa
 from sparse_jax.selection import synthetic
 from tests.conftest import assert_close, randn, tolerance
 
-pbs = sj.permuted_block_sparse_attention
+_STATIC = ("block_size", "segment_size", "threshold", "causal", "permute_queries", "online_permutation",
+           "return_aux", "gqa", "max_kv_blocks", "permute_keys", "return_lse", "backend", "interpret")
+# One jitted PBS for the whole module: tests sharing shapes and options share compilations.
+pbs = jax.jit(sj.permuted_block_sparse_attention, static_argnames=_STATIC)
+raw = sj.permuted_block_sparse_attention
+STD = dict(b=2, s=200, hq=4, hkv=2, d=16, bs=32, seg=64)  # ragged block and tail segment, GQA 2:1
 
 
 def qkv(seed, b, s, hq, hkv, d, dtype=jnp.float32, structured=True):
@@ -87,19 +92,25 @@ def test_segment_causal_mask_classifies_by_segment():
 
 # -- exactness and causality ----------------------------------------------------------------
 @pytest.mark.parametrize("permute_queries", [False, True])
-@pytest.mark.parametrize("s,hq,hkv,bs,seg", [(256, 4, 2, 32, 64), (300, 2, 1, 32, 96)])
-def test_threshold_one_is_dense_causal(permute_queries, s, hq, hkv, bs, seg):
-    q, k, v = qkv(1, 1, s, hq, hkv, 16)
-    f = jax.jit(lambda q, k, v: pbs(q, k, v, block_size=bs, segment_size=seg, threshold=1.0,
-                                    permute_queries=permute_queries, backend="xla"))
+def test_threshold_one_is_dense_causal(permute_queries):
+    b, s, hq, hkv, d, bs, seg = STD.values()
+    q, k, v = qkv(1, b, s, hq, hkv, d)
+    got = pbs(q, k, v, block_size=bs, segment_size=seg, threshold=1.0, permute_queries=permute_queries,
+              backend="xla")
     want = ref.dense_attention(q, k, v, jnp.asarray(causal(s))[None, None])
-    assert_close(f(q, k, v), want, 1e-5, "PBS tau=1 vs dense causal")
+    assert_close(got, want, 1e-5, "PBS tau=1 vs dense causal")
+
+
+def test_threshold_one_mqa_odd_segment():
+    q, k, v = qkv(1, 1, 300, 2, 1, 16)
+    got = pbs(q, k, v, block_size=32, segment_size=96, threshold=1.0, backend="xla")
+    assert_close(got, ref.dense_attention(q, k, v, jnp.asarray(causal(300))[None, None]), 1e-5, "MQA tau=1")
 
 
 @pytest.mark.parametrize("permute_queries", [False, True])
 def test_no_future_key_and_forced_blocks(permute_queries):
-    b, s, hq, hkv, bs, seg = 2, 288, 4, 2, 32, 64
-    q, k, v = qkv(2, b, s, hq, hkv, 16)
+    b, s, hq, hkv, d, bs, seg = STD.values()
+    q, k, v = qkv(2, b, s, hq, hkv, d)
     o, aux = pbs(q, k, v, block_size=bs, segment_size=seg, threshold=0.6, permute_queries=permute_queries,
                  return_aux=True, backend="xla")
     allowed = allowed_in_original_order(aux, b, s, hq, hkv)
@@ -114,30 +125,42 @@ def test_no_future_key_and_forced_blocks(permute_queries):
     assert_close(o, want, 1e-5, "PBS forward vs masked dense")
 
 
-def test_permutation_gathers_heavy_keys():
-    """On a needle pattern, permuting keys concentrates the mass: fewer blocks for the same threshold."""
-    q, k = synthetic.structured_qk(3, 1, 512, 2, 2, 16, patterns=("needle", "vertical"), strength=5.0)
-    v = randn(5, (1, 512, 2, 16))
-    _, aux = pbs(q, k, v, block_size=32, segment_size=128, threshold=0.9, return_aux=True, backend="xla")
+def test_without_key_permutation_keeps_the_layout():
+    b, s, hq, hkv, d, bs, seg = STD.values()
+    q, k, v = qkv(11, b, s, hq, hkv, d)
+    o, aux = pbs(q, k, v, block_size=bs, segment_size=seg, threshold=0.6, permute_keys=False, return_aux=True,
+                 backend="xla")
+    assert np.array_equal(np.asarray(aux.kv_permutation), np.broadcast_to(np.arange(s), (b, hkv, s)))
+    allowed = allowed_in_original_order(aux, b, s, hq, hkv)
+    assert not np.any(allowed & ~causal(s))
+    assert_close(o, ref.dense_attention(q, k, v, jnp.asarray(allowed)), 1e-5, "unpermuted PBS vs masked dense")
+
+
+def test_permutation_sorts_segments_by_importance():
+    """Each segment starts with its most important key (the last block's attention)."""
+    b, s, hq, hkv, d, bs, seg = STD.values()
+    q, k = synthetic.structured_qk(3, b, s, hq, hkv, d, patterns=("needle", "vertical"), strength=5.0)
+    v = randn(5, (b, s, hkv, d))
+    _, aux = pbs(q, k, v, block_size=bs, segment_size=seg, threshold=0.6, return_aux=True, backend="xla")
     imp = np.asarray(aux.importance)
     kp = np.asarray(aux.kv_permutation)
-    for h in range(2):  # within each segment the first permuted key is the segment's most important one
-        for a in range(0, 512, 128):
-            assert kp[0, h, a] == a + np.argmax(imp[0, h, a:a + 128])
+    for h in range(hkv):  # within each segment the first permuted key is the segment's most important one
+        for a in range(0, s, seg):
+            assert kp[0, h, a] == a + np.argmax(imp[0, h, a:a + seg])
 
 
 # -- gradients -------------------------------------------------------------------------------
 @pytest.mark.parametrize("permute_queries", [False, True])
 def test_gradients_match_masked_dense_reference(permute_queries):
-    b, s, hq, hkv, bs, seg = 1, 136, 4, 2, 16, 32
-    q, k, v = qkv(4, b, s, hq, hkv, 16)
-    w = randn(9, (b, s, hq, 16))
-    _, aux = pbs(q, k, v, block_size=bs, segment_size=seg, threshold=0.7, permute_queries=permute_queries,
+    b, s, hq, hkv, d, bs, seg = STD.values()
+    q, k, v = qkv(4, b, s, hq, hkv, d)
+    w = randn(9, (b, s, hq, d))
+    _, aux = pbs(q, k, v, block_size=bs, segment_size=seg, threshold=0.6, permute_queries=permute_queries,
                  return_aux=True, backend="xla")
     allowed = jnp.asarray(allowed_in_original_order(aux, b, s, hq, hkv))
 
     def loss_pbs(q, k, v):
-        return jnp.sum(pbs(q, k, v, block_size=bs, segment_size=seg, threshold=0.7,
+        return jnp.sum(pbs(q, k, v, block_size=bs, segment_size=seg, threshold=0.6,
                            permute_queries=permute_queries, backend="xla") * w)
 
     def loss_ref(q, k, v):
@@ -150,43 +173,47 @@ def test_gradients_match_masked_dense_reference(permute_queries):
 
 
 def test_bf16_gqa_forward():
-    q, k, v = qkv(6, 1, 256, 8, 2, 32, jnp.bfloat16)
-    o = pbs(q, k, v, block_size=32, segment_size=64, threshold=1.0, backend="xla")
+    b, s, hq, hkv, d, bs, seg = STD.values()
+    q, k, v = qkv(6, b, s, hq, hkv, d, jnp.bfloat16)
+    o = pbs(q, k, v, block_size=bs, segment_size=seg, threshold=1.0, backend="xla")
     want = ref.dense_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                               jnp.asarray(causal(256))[None, None])
+                               jnp.asarray(causal(s))[None, None])
     assert o.dtype == jnp.bfloat16
     assert_close(o, want, tolerance(jnp.bfloat16), "bf16 PBS tau=1")
 
 
 def test_bidirectional_and_gqa_modes():
-    q, k, v = qkv(7, 1, 192, 4, 2, 16)
+    b, s, hq, hkv, d, bs, seg = STD.values()
+    q, k, v = qkv(7, b, s, hq, hkv, d)
     full = ref.dense_attention(q, k, v)
-    assert_close(pbs(q, k, v, block_size=32, segment_size=64, threshold=1.0, causal=False, backend="xla"), full,
+    assert_close(pbs(q, k, v, block_size=bs, segment_size=seg, threshold=1.0, causal=False, backend="xla"), full,
                  1e-5, "bidirectional tau=1")
     dens = {}
     for mode in ("union", "per_head", "mean"):
-        _, aux = jax.jit(lambda q, k, v: pbs(q, k, v, block_size=32, segment_size=64, threshold=0.5, gqa=mode,
-                                             return_aux=True, backend="xla"))(q, k, v)
+        _, aux = pbs(q, k, v, block_size=bs, segment_size=seg, threshold=0.6, gqa=mode, return_aux=True,
+                     backend="xla")
         assert aux.block_mask.shape[1] == (2 if mode == "per_head" else 1)
         dens[mode] = float(aux.density)
     assert dens["per_head"] <= dens["union"] + 1e-6
-    _, aux = pbs(q, k, v, block_size=32, segment_size=64, threshold=1.0, max_kv_blocks=1, return_aux=True,
+    o, aux = pbs(q, k, v, block_size=bs, segment_size=seg, threshold=1.0, max_kv_blocks=1, return_aux=True,
                  backend="xla")
     assert aux.block_mask.max_full_kv_blocks == 1
+    allowed = allowed_in_original_order(aux, b, s, hq, hkv)
+    assert (allowed.sum(-1) <= 2 * bs + seg).all() and not np.any(allowed & ~causal(s))
 
 
 def test_bad_inputs_raise_at_trace_time():
     q, k, v = qkv(8, 1, 128, 2, 1, 16, structured=False)
     with pytest.raises(ValueError, match="multiple of block_size"):
-        pbs(q, k, v, block_size=32, segment_size=48)
+        raw(q, k, v, block_size=32, segment_size=48)
     with pytest.raises(ValueError, match="Sq == Skv"):
-        pbs(q[:, :64], k, v, block_size=32, segment_size=64)
+        raw(q[:, :64], k, v, block_size=32, segment_size=64)
     with pytest.raises(ValueError, match="threshold"):
-        pbs(q, k, v, block_size=32, segment_size=64, threshold=-0.5)
+        raw(q, k, v, block_size=32, segment_size=64, threshold=-0.5)
     with pytest.raises(ValueError, match="per-head threshold"):
-        pbs(q, k, v, block_size=32, segment_size=64, threshold=jnp.ones((3,)))
+        raw(q, k, v, block_size=32, segment_size=64, threshold=jnp.ones((3,)))
     with pytest.raises(ValueError, match="gqa"):
-        pbs(q, k, v, block_size=32, segment_size=64, gqa="sum")
+        raw(q, k, v, block_size=32, segment_size=64, gqa="sum")
 
 
 # -- kernels ---------------------------------------------------------------------------------
@@ -202,8 +229,9 @@ def test_pbs_on_kernel_backend_matches_xla(kernel_backend, online):
     backend, interpret = kernel_backend
     if online and not pa._has_kv_permutation_keyword():
         pytest.skip("block_sparse_attention has no kv_permutation= yet")
-    q, k, v = qkv(9, 1, 160, 4, 2, 16)
-    kw = dict(block_size=32, segment_size=64, threshold=0.8)
+    b, s, hq, hkv, d, bs, seg = STD.values()
+    q, k, v = qkv(9, 1, s, hq, hkv, d)
+    kw = dict(block_size=bs, segment_size=seg, threshold=0.6)
     if online and backend == "mosaic_tpu":  # no online permutation in the TPU kernel: a clear error
         with pytest.raises(ValueError, match="kv_permutation"):
             pbs(q, k, v, backend=backend, interpret=interpret, online_permutation=True, **kw)

@@ -13,6 +13,9 @@ Pipeline (everything under ``jit`` with static table shapes; selection is not di
 4. :func:`sparse_jax.block_sparse_attention` on the permuted layout; output rows back in
    the original order.
 
+Steps 1-3 are :func:`pbs_plan`, step 4 :func:`pbs_attend` (separately callable: to time
+the stages, or to reuse one plan).
+
 Two layouts reach the kernel. *Physical* (default): K/V gathered per kv head and heads
 folded into the batch (q [B*Hkv, S, G, D], k/v [B*Hkv, S, 1, D]) so the per-head original
 positions ride in the op's per-batch ``kv_positions``. *Online* (``online_permutation``):
@@ -37,7 +40,7 @@ from sparse_jax.ops.attention import block_sparse_attention
 from sparse_jax.selection import scores as scores_lib
 from sparse_jax.selection import threshold as thr
 
-__all__ = ["permuted_block_sparse_attention", "pbs_block_mask", "PBSAux"]
+__all__ = ["permuted_block_sparse_attention", "pbs_plan", "pbs_attend", "pbs_block_mask", "PBSAux"]
 
 
 @jax.tree_util.register_dataclass
@@ -159,12 +162,91 @@ def _unfold_tables(bm: BlockMask, batch: int) -> BlockMask:
     return dataclasses.replace(bm, **fields)
 
 
+def pbs_plan(q, k, *, block_size: int = 128, segment_size: int = 256, threshold=0.9, causal: bool = True,
+             permute_keys: bool = True, permute_queries: bool = False, gqa: str = "union",
+             max_kv_blocks: int | None = None, importance_rows: int | None = None, force_first: bool = True,
+             scale: float | None = None) -> PBSAux:
+    """Estimate, permute and select: everything before the kernel (not differentiated).
+
+    Arguments as in :func:`permuted_block_sparse_attention` (``permute_keys=False`` keeps
+    keys in place: PBS's selection without the permutation, an ablation). Inputs are
+    validated by the caller.
+    """
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    rows = block_size if importance_rows is None else int(importance_rows)
+    threshold = _fold_threshold(threshold, b, hq, hkv, gqa)
+    q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+    if permute_keys or permute_queries:
+        importance = scores_lib.last_block_importance(q, k, rows=rows, causal=causal, scale=scale)
+    else:
+        importance = jnp.zeros((b, hkv, s), jnp.float32)
+    if permute_keys:
+        kperm = perm_lib.segment_permutation(importance, segment_size)  # [B, Hkv, S]
+    else:
+        kperm = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, hkv, s))
+    qperm = None
+    if permute_queries:
+        qperm = perm_lib.segment_permutation(perm_lib.query_affinity(q, k, importance), segment_size)
+    qf = perm_lib.permute_heads(q, qperm) if qperm is not None else perm_lib.fold_heads(q, hkv)  # [N, S, G, D]
+    kf = perm_lib.permute_heads(k, kperm) if permute_keys else perm_lib.fold_heads(k, hkv)
+    tables = pbs_block_mask(qf, kf, kperm.reshape(b * hkv, s), block_size=block_size, segment_size=segment_size,
+                            threshold=threshold, causal=causal, gqa=gqa, max_kv_blocks=max_kv_blocks,
+                            force_first=force_first, scale=scale)
+    return PBSAux(density=jnp.asarray(tables.density, jnp.float32), kv_permutation=kperm, q_permutation=qperm,
+                  block_mask=tables, importance=importance)
+
+
+def pbs_attend(q, k, v, plan: PBSAux, *, causal: bool = True, online_permutation: bool = False,
+               scale: float | None = None, softcap: float | None = None, return_lse: bool = False,
+               backend: str | None = None, interpret=False):
+    """The kernel stage of PBS: attention on the permuted layout a :func:`pbs_plan` describes.
+
+    Physical path: gather K/V per kv head into the head-folded layout; online path: pass
+    the permutation to the kernel. Output [B, S, Hq, Dv] in the original order (and the
+    log-sum-exp float32 [B, Hq, S] over the computed pairs with ``return_lse``).
+    """
+    if online_permutation and not _has_kv_permutation_keyword():
+        raise NotImplementedError("online_permutation needs sparse_jax.block_sparse_attention(..., kv_permutation=); "
+                                  "this version lacks it")
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    kperm, qperm = plan.kv_permutation, plan.q_permutation
+    tables = jax.tree_util.tree_map(jax.lax.stop_gradient, plan.block_mask)
+    kw = dict(scale=scale, softcap=softcap, backend=backend, interpret=interpret, return_lse=True)
+    if online_permutation and qperm is None:
+        # Unfolded: q in place, K/V read through the permutation, tables per (b, head).
+        o, lse = block_sparse_attention(q, k, v, _unfold_tables(tables, b), kv_permutation=kperm, **kw)
+        return (o, lse) if return_lse else o
+    kperm_f = kperm.reshape(b * hkv, s)
+    qperm_f = None if qperm is None else qperm.reshape(b * hkv, s)
+    qf = perm_lib.permute_heads(q, qperm) if qperm is not None else perm_lib.fold_heads(q, hkv)
+    if online_permutation:  # queries move per kv head: fold K/V (no gather) and permute in-kernel
+        kf, vf = perm_lib.fold_heads(k, hkv), perm_lib.fold_heads(v, hkv)
+        extra = dict(kv_permutation=kperm_f[:, None, :], q_positions=qperm_f)
+    else:
+        kf, vf = perm_lib.permute_heads(k, kperm), perm_lib.permute_heads(v, kperm)
+        extra = dict(kv_positions=kperm_f if causal else None, q_positions=qperm_f if causal else None)
+    of, lse = block_sparse_attention(qf, kf, vf, tables, **extra, **kw)  # [N, S, G, Dv], [N, G, S]
+    lse = jnp.swapaxes(lse, 1, 2)[..., None]  # [N, S, G, 1]: rows like the output's
+    if qperm_f is not None:
+        of = perm_lib.unpermute_rows(of, qperm_f)
+        lse = perm_lib.unpermute_rows(lse, qperm_f) if return_lse else lse
+    o = perm_lib.unfold_heads(of, b)
+    if not return_lse:
+        return o
+    return o, jnp.swapaxes(perm_lib.unfold_heads(lse, b)[..., 0], 1, 2)
+
+
 def permuted_block_sparse_attention(q, k, v, *, block_size: int = 128, segment_size: int = 256, threshold=0.9,
                                     causal: bool = True, permute_queries: bool = False,
                                     online_permutation: bool = False, return_aux: bool = False,
                                     gqa: str = "union", max_kv_blocks: int | None = None,
                                     importance_rows: int | None = None, force_first: bool = True,
-                                    scale: float | None = None, softcap: float | None = None,
+                                    permute_keys: bool = True, scale: float | None = None,
+                                    softcap: float | None = None, return_lse: bool = False,
                                     backend: str | None = None, interpret=False):
     """Permuted block-sparse attention for self-attention prefill.
 
@@ -175,72 +257,41 @@ def permuted_block_sparse_attention(q, k, v, *, block_size: int = 128, segment_s
       segment_size: keys move only inside segments of this many positions (a multiple of
         ``block_size``); any S works, the tail segment is shorter.
       threshold: fraction of each query block's pooled-score mass (over the candidate
-        blocks) to keep; float or per query head [Hq] (gqa="per_head"/"union"). >= 1 keeps
+        blocks) to keep; float or per query head [Hq] ([Hkv] with gqa="mean"). >= 1 keeps
         every candidate: exact dense (causal) attention.
       causal: causal self-attention (keys never leave their segment, the diagonal segment
         is masked on original positions). False: bidirectional.
       permute_queries: also sort queries within segments (by affinity to the important
         keys); the output is un-permuted exactly.
       online_permutation: pass the key permutation to the kernel (``kv_permutation=``)
-        instead of gathering K/V. Needs a block_sparse_attention with that keyword.
+        instead of gathering K/V (triton and xla backends).
       return_aux: also return a :class:`PBSAux` (density, permutations, tables, importance).
       gqa: how a group's query heads share tables: "union" (default; one table per kv
         head, the union of its heads' selections), "mean" or "per_head".
       max_kv_blocks: static cap on selected (non-diagonal-segment) blocks per row.
       importance_rows: queries used for the importance (default ``block_size``: the last block).
       force_first: keep the block that holds token 0 (the attention sink).
+      permute_keys: False keeps keys in place (the same selection without permutation).
       scale: logit scale (default 1/sqrt(D)); softcap: as in block_sparse_attention.
+      return_lse: also return the float32 [B, Hq, S] log-sum-exp over the computed pairs
+        (exp(lse_sparse - lse_dense) is the softmax mass each row kept).
       backend / interpret: as in :func:`sparse_jax.block_sparse_attention`.
 
     Returns:
-      o [B, S, Hq, Dv] in q's dtype (and the aux record). Gradients flow to q, k, v through
-      the gathers and the kernel; the selection itself is treated as a constant.
+      o [B, S, Hq, Dv] in q's dtype, then lse if asked, then the aux record if asked.
+      Gradients flow to q, k, v through the gathers and the kernel; the selection itself
+      (and the lse output) is treated as a constant.
     """
     block_size, segment_size = _check(q, k, v, block_size, segment_size, threshold)
     if gqa not in thr.GQA_MODES:
         raise ValueError(f"gqa must be one of {thr.GQA_MODES}; got {gqa!r}")
-    if online_permutation and not _has_kv_permutation_keyword():
-        raise NotImplementedError("online_permutation needs sparse_jax.block_sparse_attention(..., kv_permutation=); "
-                                  "this version lacks it")
-    b, s, hq, d = q.shape
-    hkv = k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    rows = block_size if importance_rows is None else int(importance_rows)
-    threshold = _fold_threshold(threshold, b, hq, hkv, gqa)
-
-    sg = jax.lax.stop_gradient
-    importance = scores_lib.last_block_importance(sg(q), sg(k), rows=rows, causal=causal, scale=scale)
-    kperm = perm_lib.segment_permutation(importance, segment_size)  # [B, Hkv, S]
-    qperm = None
-    if permute_queries:
-        qperm = perm_lib.segment_permutation(perm_lib.query_affinity(sg(q), sg(k), importance), segment_size)
-
-    qf = perm_lib.permute_heads(q, qperm) if qperm is not None else perm_lib.fold_heads(q, hkv)  # [N, S, G, D]
-    kperm_f = kperm.reshape(b * hkv, s)
-    qperm_f = None if qperm is None else qperm.reshape(b * hkv, s)
-    kf_sel = perm_lib.permute_heads(sg(k), kperm)
-    tables = pbs_block_mask(sg(qf), kf_sel, kperm_f, block_size=block_size, segment_size=segment_size,
-                            threshold=threshold, causal=causal, gqa=gqa, max_kv_blocks=max_kv_blocks,
-                            force_first=force_first, scale=scale)
-    tables = jax.tree_util.tree_map(sg, tables)
-    kw = dict(scale=scale, softcap=softcap, backend=backend, interpret=interpret)
-
-    if online_permutation and qperm is None:
-        # Unfolded: q in place, K/V read through the permutation, tables per (b, head).
-        o = block_sparse_attention(q, k, v, _unfold_tables(tables, b), kv_permutation=kperm, **kw)
-    else:
-        if online_permutation:  # queries move per kv head: fold K/V (no gather) and permute in-kernel
-            kf, vf = perm_lib.fold_heads(k, hkv), perm_lib.fold_heads(v, hkv)
-            extra = dict(kv_permutation=kperm_f[:, None, :], q_positions=qperm_f)
-        else:
-            kf, vf = perm_lib.permute_heads(k, kperm), perm_lib.permute_heads(v, kperm)
-            extra = dict(kv_positions=kperm_f if causal else None, q_positions=qperm_f if causal else None)
-        of = block_sparse_attention(qf, kf, vf, tables, **extra, **kw)  # [N, S, G, Dv]
-        if qperm_f is not None:
-            of = perm_lib.unpermute_rows(of, qperm_f)
-        o = perm_lib.unfold_heads(of, b)
-    if not return_aux:
-        return o
-    aux = PBSAux(density=jnp.asarray(tables.density, jnp.float32), kv_permutation=kperm, q_permutation=qperm,
-                 block_mask=tables, importance=importance)
-    return o, aux
+    plan = pbs_plan(q, k, block_size=block_size, segment_size=segment_size, threshold=threshold, causal=causal,
+                    permute_keys=permute_keys, permute_queries=permute_queries, gqa=gqa,
+                    max_kv_blocks=max_kv_blocks, importance_rows=importance_rows, force_first=force_first,
+                    scale=scale)
+    out = pbs_attend(q, k, v, plan, causal=causal, online_permutation=online_permutation, scale=scale,
+                     softcap=softcap, return_lse=return_lse, backend=backend, interpret=interpret)
+    out = out if isinstance(out, tuple) else (out,)
+    if return_aux:
+        out = out + (plan,)
+    return out if len(out) > 1 else out[0]
