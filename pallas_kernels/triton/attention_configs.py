@@ -122,13 +122,16 @@ def forward_config(head_dim_pad: int, dtype, q_span: int) -> FwdConfig:
         return tuned
     if q_span <= 16:  # decode: M comes from packed heads, keep the kv tile long
         return FwdConfig(block_q=16, block_kv=128 if head_dim_pad <= 128 else 64, num_warps=4, num_stages=3)
+    # Registers: ptxas -v (sm_90a) of the Pallas-generated kernels compiled off-GPU with
+    # benchmarks/attention_ptx_local.py; every default is spill-free and emits wgmma.
+    # (Counts marked <= were taken before the TTIR combine pass, an upper bound.)
     if itemsize == 4:
         return FwdConfig(block_q=64, block_kv=32 if head_dim_pad >= 256 else 64, num_warps=4, num_stages=2)
     if head_dim_pad <= 64:
-        return FwdConfig(block_q=128, block_kv=64, num_warps=4, num_stages=3)
+        return FwdConfig(block_q=128, block_kv=128, num_warps=8, num_stages=3)  # <= 176 regs
     if head_dim_pad <= 128:
-        return FwdConfig(block_q=128, block_kv=64, num_warps=8, num_stages=3)
-    return FwdConfig(block_q=64, block_kv=64, num_warps=4, num_stages=2)
+        return FwdConfig(block_q=128, block_kv=64, num_warps=8, num_stages=3)  # 167 regs
+    return FwdConfig(block_q=64, block_kv=64, num_warps=8, num_stages=2)  # <= 237 regs
 
 
 def backward_config(head_dim_pad: int, dtype) -> BwdConfig:
@@ -138,11 +141,13 @@ def backward_config(head_dim_pad: int, dtype) -> BwdConfig:
     tuned = TUNED_BWD.get((device_family(), head_dim_pad, itemsize))
     if tuned is not None:
         return tuned
-    if itemsize == 4 or head_dim_pad >= 256:
+    if itemsize == 4:
         return BwdConfig(32, 32, 4, 2, 32, 32, 4, 2)
     if head_dim_pad <= 64:
-        return BwdConfig(64, 64, 4, 3, 64, 128, 8, 2)
-    return BwdConfig(64, 64, 4, 2, 64, 128, 8, 2)
+        return BwdConfig(128, 64, 8, 3, 64, 128, 8, 2)  # dQ <= 144 regs, dK/dV <= 215 regs
+    if head_dim_pad <= 128:
+        return BwdConfig(64, 64, 4, 2, 64, 64, 8, 2)  # dQ 182 regs, dK/dV 218 regs
+    return BwdConfig(64, 32, 8, 2, 64, 32, 8, 2)  # dQ <= 214, dK/dV <= 222 regs (mma.sync: M=32)
 
 
 def num_sms() -> int:
