@@ -21,6 +21,8 @@ Entry points ``forward`` / ``backward`` take canonical lists
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -32,6 +34,25 @@ from pallas_kernels.common import indexed as common
 from sparse_jax import _compat
 
 
+_OVERRIDE: contextvars.ContextVar[dict] = contextvars.ContextVar("indexed_triton_config", default={})
+
+
+@contextlib.contextmanager
+def config_override(**kw):
+    """Force launch parameters of the indexed kernels traced inside (tuning): query-major
+    ``BN``, ``num_warps``, ``num_stages``; kv-major ``rows`` (MMA rows per step), ``kv_warps``,
+    ``kv_stages``; indexer ``BQ``, ``indexer_warps``, ``indexer_stages``."""
+    token = _OVERRIDE.set({**_OVERRIDE.get(), **kw})
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def overridden(name: str, default):
+    return _OVERRIDE.get().get(name, default)
+
+
 def _config(G: int, D: int, Dv: int, span: int):
     """(BN, num_warps, num_stages) for the query-major kernels."""
     width = max(D, Dv)
@@ -39,7 +60,10 @@ def _config(G: int, D: int, Dv: int, span: int):
     if span > 1:
         bn = max(bn, min(span, 128)) if span <= 128 else bn
     warps = 4 if common.next_pow2(G) * width <= 64 * 128 else 8
-    return bn, warps, 2
+    bn = overridden("BN", bn)
+    if span > 1 and not (bn % span == 0 or span % bn == 0):
+        raise ValueError(f"BN={bn} and block size {span}: one must divide the other")
+    return bn, overridden("num_warps", warps), overridden("num_stages", 2)
 
 
 def _specs(B, Hkv, Gp, Dp, Dvp, Skv):

@@ -31,16 +31,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import indexed as common
+from pallas_kernels.triton.indexed_attention import overridden
 from sparse_jax import _compat
 
 _M = 64  # MMA rows per step: BT pairs x Gp heads
 
 
 def _config(G: int, D: int, Dv: int, block_size: int):
+    """(Gp, BT pairs per step, num_warps, num_stages)."""
     Gp = common.next_pow2(G)
-    M = max(_M, Gp, 16)
+    M = max(overridden("rows", _M), Gp, 16)
     warps = 4 if max(D, Dv) * common.next_pow2(block_size) <= 128 * 64 else 8
-    return Gp, M // Gp, warps, 2
+    return Gp, M // Gp, overridden("kv_warps", warps), overridden("kv_stages", 2)
 
 
 class _Pairs:

@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import indexed as common
+from pallas_kernels.triton.indexed_attention import overridden
 from sparse_jax import _compat
 
 _BQ = 64
@@ -88,7 +89,7 @@ def tile_candidates(q, k, w, t_abs, *, tile: int, cands: int, causal: bool, inte
     """
     B, Sq, Hi, Di = q.shape
     Skv = k.shape[1]
-    BQ, BK, c = _BQ, tile, cands
+    BQ, BK, c = overridden("BQ", _BQ), tile, cands
     nT = common.cdiv(Skv, BK)
     Dip = max(16, common.next_pow2(Di))
     kernel = functools.partial(_tile_kernel, Hi=Hi, Di=Di, Sq=Sq, Skv=Skv, BQ=BQ, BK=BK, c=c, causal=causal)
@@ -101,7 +102,8 @@ def tile_candidates(q, k, w, t_abs, *, tile: int, cands: int, causal: bool, inte
                   pl.BlockSpec((None, Sq, Hi), lambda j, i, b: (b, 0, 0))],
         out_specs=[out, out],
         out_shape=[jax.ShapeDtypeStruct((B, Sq, nT, c), jnp.float32), jax.ShapeDtypeStruct((B, Sq, nT, c), jnp.int32)],
-        compiler_params=_compat.triton_compiler_params(num_warps=4, num_stages=2),
+        compiler_params=_compat.triton_compiler_params(num_warps=overridden("indexer_warps", 4),
+                                                       num_stages=overridden("indexer_stages", 2)),
         interpret=interpret, name="lightning_indexer_tiles",
     )(t_abs, q, k, w)
     return vals, idx

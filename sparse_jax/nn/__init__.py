@@ -16,3 +16,5 @@ from sparse_jax.nn.ffn import SwiGLU
 from sparse_jax.nn.moe import MoEFeedForward
 from sparse_jax.nn.permuted import PermutedBlockSparseAttention
 from sparse_jax.nn.dynamic import DynamicSparseAttention
+from sparse_jax.nn.nsa import NativeSparseAttention
+from sparse_jax.nn.dsa import IndexedSparseAttention

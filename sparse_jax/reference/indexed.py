@@ -64,7 +64,7 @@ def _chunk_rows(Sq: int, per_row: int) -> int:
     return max(1, min(Sq, _ELEMS_PER_CHUNK // max(per_row, 1)))
 
 
-def _map_query_chunks(fn, chunk: int, Sq: int, *arrays):
+def map_query_chunks(fn, chunk: int, Sq: int, *arrays):
     """Apply ``fn`` to chunks (axis 1) of each array under checkpoint; concatenate along axis 1."""
     n_chunks = -(-Sq // chunk)
     pad = n_chunks * chunk - Sq
@@ -136,7 +136,7 @@ def indexed_attention(q, k, v, indices, *, scale=None, causal=True, q_offset=Non
         return o, lse
 
     rows = _chunk_rows(Sq, Hkv * n * max(D, Dv, G))
-    o, lse = _map_query_chunks(chunk, rows, Sq, q.reshape(B, Sq, Hkv, G, D), safe, keep)
+    o, lse = map_query_chunks(chunk, rows, Sq, q.reshape(B, Sq, Hkv, G, D), safe, keep)
     o = o.reshape(B, Sq, Hq, Dv).astype(q.dtype)
     lse = jnp.transpose(lse.reshape(B, Sq, Hq), (0, 2, 1))
     return (o, lse) if return_lse else o
@@ -214,7 +214,7 @@ def lightning_indexer(q_idx, k_idx, weights, topk: int, *, causal=True, q_offset
 
     t_abs = jnp.arange(Sq, dtype=jnp.int32)[None, :] + off[:, None]
     rows = _chunk_rows(Sq, Skv * Hi)
-    idx, vals = _map_query_chunks(chunk, rows, Sq, q_idx, weights, t_abs)
+    idx, vals = map_query_chunks(chunk, rows, Sq, q_idx, weights, t_abs)
     return (idx, vals) if return_scores else idx
 
 
@@ -271,5 +271,5 @@ def hierarchical_indexer(q_idx, k_idx, weights, topk: int, *, block_size: int = 
         return idx, vals
 
     rows = _chunk_rows(Sq, max(nb, num_blocks * block_size) * Hi)
-    idx, vals = _map_query_chunks(chunk, rows, Sq, q_idx, weights, t_abs)
+    idx, vals = map_query_chunks(chunk, rows, Sq, q_idx, weights, t_abs)
     return (idx, vals) if return_scores else idx

@@ -1,0 +1,300 @@
+"""Indexed attention (token lists, block lists): kernels vs a dense-mask oracle, forward and gradients.
+
+The oracle is :func:`sparse_jax.reference.attention.dense_attention` with the boolean mask
+the lists stand for, built here in NumPy (set semantics: a listed key is allowed
+once; -1 / out-of-range / after the query are not). The gather-based references in
+``sparse_jax.reference.indexed`` (the ``xla`` backend) are checked against it too.
+Kernel cases are tiny: interpret mode runs every grid step in Python.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sparse_jax as sj
+from pallas_kernels.common import indexed as common
+from sparse_jax import _compat
+from sparse_jax.reference import dense_attention
+from sparse_jax.reference import indexed as ref_indexed
+from tests.conftest import assert_close, rel_err, tolerance
+
+
+def _qkvdo(seed, B, Sq, Skv, Hq, Hkv, D, Dv, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    shapes = [(B, Sq, Hq, D), (B, Skv, Hkv, D), (B, Skv, Hkv, Dv), (B, Sq, Hq, Dv)]
+    return [jax.random.normal(k, s, jnp.float32).astype(dtype) for k, s in zip(keys, shapes)]
+
+
+def _offsets(q_offset, B, Sq, Skv):
+    if q_offset is None:
+        return np.full(B, Skv - Sq)
+    return np.broadcast_to(np.asarray(q_offset), (B,))
+
+
+def dense_mask(units, *, Hq, Skv, span=1, causal=True, q_offset=None):
+    """bool [B, Hq, Sq, Skv]: the keys the lists allow (NumPy, independent of the library)."""
+    units = np.asarray(units)
+    B, Sq, Hkv, n = units.shape
+    G = Hq // Hkv
+    off = _offsets(q_offset, B, Sq, Skv)
+    n_units = Skv if span == 1 else -(-Skv // span)
+    mask = np.zeros((B, Hq, Sq, Skv), bool)
+    for b in range(B):
+        for t in range(Sq):
+            for h in range(Hkv):
+                for u in units[b, t, h]:
+                    if 0 <= u < n_units:
+                        for pos in range(u * span, min(u * span + span, Skv)):
+                            if not causal or pos <= t + off[b]:
+                                mask[b, h * G:(h + 1) * G, t, pos] = True
+    return mask
+
+
+def _oracle(q, k, v, do, mask, scale=None):
+    def f(q, k, v):
+        o, lse = dense_attention(q, k, v, jnp.asarray(mask), scale=scale, return_lse=True)
+        return o, lse
+    (o, lse), vjp = jax.vjp(f, q, k, v)
+    return o, lse, vjp((do.astype(o.dtype), jnp.zeros_like(lse)))
+
+
+def check(fn, q, k, v, do, mask, *, tol, scale=None):
+    """fn(q, k, v) -> (o, lse): compare o, lse (finite pattern too) and dq, dk, dv with the oracle."""
+    (o, lse), vjp = jax.vjp(fn, q, k, v)
+    grads = vjp((do.astype(o.dtype), jnp.zeros_like(lse)))
+    ro, rlse, rgrads = _oracle(q, k, v, do, mask, scale)
+    assert o.shape == ro.shape and o.dtype == q.dtype
+    assert_close(o, ro, tol, "o")
+    empty = ~np.asarray(mask).any(-1)  # [B, Hq, Sq]
+    np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), empty)
+    assert np.all(np.asarray(o, np.float32).transpose(0, 2, 1, 3)[empty] == 0), "empty rows must be 0"
+    np.testing.assert_allclose(np.where(empty, 0, lse), np.where(empty, 0, rlse), rtol=tol, atol=tol)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, rgrads):
+        assert g.dtype == r.dtype
+        assert_close(g, r, tol, name)
+
+
+def _token_lists(seed, B, Sq, Skv, Hkv, n, *, dup=True, holes=True):
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(-3, Skv + 3, size=(B, Sq, Hkv, n))  # -1, < -1 and >= Skv included
+    if dup:
+        idx[..., 1] = idx[..., 0]  # a repeated key in every row
+    if holes:
+        idx[0, 0] = -1  # a row with no valid index
+        idx[-1, -1, 0, 1:] = -1  # a row with a single slot in use
+    return idx.astype(np.int32)
+
+
+def _backend_kwargs(kernel_backend):
+    backend, interpret = kernel_backend
+    return dict(backend=backend, interpret=interpret)
+
+
+# ---------------------------------------------------------------------------------- token lists
+def test_token_lists_match_dense_mask(kernel_backend):
+    """Duplicates, -1 / out-of-range slots, an empty row, causal bottom-right, GQA 4."""
+    B, Sq, Skv, Hkv, G, D, Dv, n = 2, 3, 20, 1, 4, 16, 8, 6
+    q, k, v, do = _qkvdo(0, B, Sq, Skv, G * Hkv, Hkv, D, Dv)
+    idx = _token_lists(1, B, Sq, Skv, Hkv, n)
+    mask = dense_mask(idx, Hq=G * Hkv, Skv=Skv)
+    fn = lambda q, k, v: sj.indexed_attention(q, k, v, jnp.asarray(idx), return_lse=True, **_backend_kwargs(
+        kernel_backend))
+    check(fn, q, k, v, do, mask, tol=tolerance(jnp.float32, interpret=kernel_backend[1]))
+
+
+@pytest.mark.parametrize("G,causal", [(1, False), (16, True)])
+def test_token_lists_group_sizes_q_offset_array(G, causal):
+    """G = 1 (one useful MMA row) and 16 (a whole tile of heads), two kv heads, per-batch q_offset."""
+    B, Sq, Skv, Hkv, D, Dv, n = 2, 3, 24, 2, 16, 16, 5
+    q, k, v, do = _qkvdo(2 + G, B, Sq, Skv, G * Hkv, Hkv, D, Dv)
+    idx = _token_lists(3, B, Sq, Skv, Hkv, n)
+    off = np.array([0, 7], np.int32)
+    mask = dense_mask(idx, Hq=G * Hkv, Skv=Skv, causal=causal, q_offset=off)
+    fn = lambda q, k, v: sj.indexed_attention(q, k, v, jnp.asarray(idx), causal=causal, return_lse=True,
+                                              q_offset=jnp.asarray(off), backend="triton", interpret=True)
+    check(fn, q, k, v, do, mask, tol=tolerance(jnp.float32))
+
+
+def test_token_lists_unique_promise_bf16_and_scale():
+    """``unique_indices=True`` on duplicate-free lists (no sort); bf16 inputs; explicit scale."""
+    B, Sq, Skv, Hkv, G, D, Dv, n = 1, 3, 24, 1, 4, 32, 16, 8
+    q, k, v, do = _qkvdo(4, B, Sq, Skv, G, Hkv, D, Dv, jnp.bfloat16)
+    rng = np.random.default_rng(5)
+    idx = np.stack([rng.permutation(Skv + 4)[:n] - 2 for _ in range(Sq)])[None, :, None].astype(np.int32)
+    mask = dense_mask(idx, Hq=G, Skv=Skv)
+    fn = lambda q, k, v: sj.indexed_attention(q, k, v, jnp.asarray(idx), scale=0.2, unique_indices=True,
+                                              return_lse=True, backend="triton", interpret=True)
+    check(fn, q, k, v, do, mask, tol=tolerance(jnp.bfloat16), scale=0.2)
+
+
+def test_token_reference_matches_dense_mask():
+    """The gather-based reference (the xla backend) against the dense-mask oracle, chunked queries."""
+    B, Sq, Skv, Hkv, G, D, Dv, n = 2, 9, 30, 2, 2, 8, 4, 7
+    q, k, v, do = _qkvdo(6, B, Sq, Skv, G * Hkv, Hkv, D, Dv)
+    idx = _token_lists(7, B, Sq, Skv, Hkv, n)
+    mask = dense_mask(idx, Hq=G * Hkv, Skv=Skv)
+    fn = lambda q, k, v: sj.indexed_attention(q, k, v, jnp.asarray(idx), return_lse=True, backend="xla")
+    old = ref_indexed._ELEMS_PER_CHUNK
+    try:
+        ref_indexed._ELEMS_PER_CHUNK = 4 * Hkv * n * D  # 4 query rows per chunk: a padded last chunk
+        check(fn, q, k, v, do, mask, tol=1e-5)
+    finally:
+        ref_indexed._ELEMS_PER_CHUNK = old
+
+
+# ---------------------------------------------------------------------------------- block lists
+def _block_lists(seed, B, Sq, Hkv, n, n_blocks):
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(-2, n_blocks + 2, size=(B, Sq, Hkv, n))
+    idx[..., -1] = idx[..., 0]  # repeats count once
+    idx[0, 0] = -1
+    return idx.astype(np.int32)
+
+
+@pytest.mark.parametrize("G,loop_order", [(1, "kv"), (4, "query"), (16, None)])
+def test_block_lists_match_dense_mask(kernel_backend, G, loop_order):
+    """Ragged last block, causal partial blocks, repeats, both loop orders (Mosaic: query-major)."""
+    backend, interpret = kernel_backend
+    if backend == "mosaic_tpu":
+        if G != 4:
+            pytest.skip("mosaic_tpu runs the query-major loop only: one group size is enough in interpret mode")
+        loop_order = "query"
+    B, Sq, Skv, Hkv, D, Dv, bs, n = 1, 3, 29, 1, 16, 8, 8, 3
+    q, k, v, do = _qkvdo(8 + G, B, Sq, Skv, G * Hkv, Hkv, D, Dv)
+    idx = _block_lists(9, B, Sq, Hkv, n, -(-Skv // bs))
+    mask = dense_mask(idx, Hq=G * Hkv, Skv=Skv, span=bs)
+    fn = lambda q, k, v: sj.indexed_block_attention(q, k, v, jnp.asarray(idx), block_size=bs, loop_order=loop_order,
+                                                    return_lse=True, backend=backend, interpret=interpret)
+    check(fn, q, k, v, do, mask, tol=tolerance(jnp.float32, interpret=interpret))
+
+
+def test_block_lists_kv_major_gqa_batches():
+    """kv-major with G = 3 (padded to 4 rows per token), two batches and kv heads, per-batch q_offset."""
+    B, Sq, Skv, Hkv, G, D, Dv, bs, n = 2, 4, 32, 2, 3, 16, 16, 16, 2
+    q, k, v, do = _qkvdo(10, B, Sq, Skv, G * Hkv, Hkv, D, Dv)
+    idx = _block_lists(11, B, Sq, Hkv, n, 2)
+    off = np.array([3, 20], np.int32)
+    mask = dense_mask(idx, Hq=G * Hkv, Skv=Skv, span=bs, q_offset=off)
+    fn = lambda q, k, v: sj.indexed_block_attention(q, k, v, jnp.asarray(idx), block_size=bs, loop_order="kv",
+                                                    q_offset=jnp.asarray(off), return_lse=True,
+                                                    backend="triton", interpret=True)
+    check(fn, q, k, v, do, mask, tol=tolerance(jnp.float32))
+
+
+def test_block_reference_matches_dense_mask():
+    B, Sq, Skv, Hkv, G, D, Dv, bs, n = 2, 5, 21, 1, 2, 8, 8, 4, 3
+    q, k, v, do = _qkvdo(12, B, Sq, Skv, G * Hkv, Hkv, D, Dv)
+    idx = _block_lists(13, B, Sq, Hkv, n, -(-Skv // bs))
+    mask = dense_mask(idx, Hq=G * Hkv, Skv=Skv, span=bs)
+    fn = lambda q, k, v: sj.indexed_block_attention(q, k, v, jnp.asarray(idx), block_size=bs, return_lse=True,
+                                                    backend="xla")
+    check(fn, q, k, v, do, mask, tol=1e-5)
+
+
+def test_kv_major_backward_is_deterministic():
+    B, Sq, Skv, Hkv, G, D, bs, n = 1, 4, 16, 1, 2, 16, 8, 2
+    q, k, v, do = _qkvdo(14, B, Sq, Skv, G * Hkv, Hkv, D, D)
+    idx = jnp.asarray(_block_lists(15, B, Sq, Hkv, n, 2))
+    f = lambda q, k, v: jnp.sum(sj.indexed_block_attention(q, k, v, idx, block_size=bs, loop_order="kv",
+                                                           backend="triton", interpret=True) * do)
+    g1, g2 = jax.grad(f, (0, 1, 2))(q, k, v), jax.grad(f, (0, 1, 2))(q, k, v)
+    for a, b in zip(g1, g2):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---------------------------------------------------------------------------------- shared logic
+def test_canonical_lists():
+    idx = jnp.asarray([[[[5, -1, 3, 5, 9, 2, -7]]]], jnp.int32)  # [1, 1, 1, 7]
+    off = jnp.asarray([4], jnp.int32)
+    lists = common.canonicalize(idx, off, span=1, n_units=8, causal=True, unique=False)
+    np.testing.assert_array_equal(np.asarray(lists.idx)[0, 0, 0], [2, 3, -1, -1, -1, -1, -1])
+    assert int(lists.count[0, 0, 0]) == 2
+    lists = common.canonicalize(idx, off, span=1, n_units=8, causal=False, unique=True)
+    np.testing.assert_array_equal(np.asarray(lists.idx)[0, 0, 0], [5, -1, 3, 5, -1, 2, -1])
+    assert int(lists.count[0, 0, 0]) == 7
+    # Blocks of 4: block 1 starts at 4 <= t_abs = 4, block 2 starts after it.
+    lists = common.canonicalize(jnp.asarray([[[[2, 1, 0, 1]]]]), off, span=4, n_units=3, causal=True, unique=False)
+    np.testing.assert_array_equal(np.asarray(lists.idx)[0, 0, 0], [0, 1, -1, -1])
+
+
+def test_pair_table_and_merge():
+    idx = jnp.asarray([[[[1, -1]], [[0, 1]], [[1, 0]]]], jnp.int32)  # [B=1, Sq=3, Hkv=1, n=2]
+    table = common.pair_table(idx, 2)
+    np.testing.assert_array_equal(np.asarray(table.start)[0, 0], [0, 2, 5])
+    pairs = sorted(zip(np.asarray(table.tok)[0, 0, :5].tolist(), np.asarray(table.slot)[0, 0, :5].tolist()))
+    assert pairs == [(0, 0), (1, 0), (1, 1), (2, 0), (2, 1)]
+    o_part = jnp.asarray([[[1.0]], [[3.0]]])[None]  # [1, n=2, G=1, Dv=1]
+    lse_part = jnp.log(jnp.asarray([[1.0], [3.0]]))[None]
+    o, lse = common.merge_partials(o_part, lse_part, jnp.asarray([[True, True]]))
+    np.testing.assert_allclose(np.asarray(o), [[[2.5]]], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(lse), [[np.log(4.0)]], rtol=1e-6)
+    o, lse = common.merge_partials(jnp.full_like(o_part, jnp.nan), lse_part, jnp.asarray([[False, False]]))
+    assert float(o[0, 0, 0]) == 0 and float(lse[0, 0]) == -np.inf
+
+
+def test_loop_order_heuristic():
+    assert common.choose_loop_order(1) == "kv" and common.choose_loop_order(8) == "kv"
+    assert common.choose_loop_order(16) == "query" and common.choose_loop_order(64) == "query"
+    assert common.choose_loop_order(1, "query") == "query"
+    with pytest.raises(ValueError, match="loop_order"):
+        common.choose_loop_order(4, "rows")
+
+
+# ---------------------------------------------------------------------------------- errors
+def test_bad_inputs_raise_at_trace_time():
+    q = jnp.zeros((1, 4, 4, 8)); k = jnp.zeros((1, 8, 2, 8))
+    idx = jnp.zeros((1, 4, 2, 3), jnp.int32)
+    with pytest.raises(ValueError, match="integer"):
+        sj.indexed_attention(q, k, k, idx.astype(jnp.float32))
+    with pytest.raises(ValueError, match=r"\[B, Sq, Hkv, n\]"):
+        sj.indexed_attention(q, k, k, idx[:, :, :1])
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        sj.indexed_attention(q[:, :, :3], k, k, idx)
+    with pytest.raises(ValueError, match="dtype"):
+        sj.indexed_attention(q.astype(jnp.bfloat16), k, k, idx)
+    with pytest.raises(ValueError, match="q_offset"):
+        sj.indexed_attention(q, k, k, idx, q_offset=jnp.zeros((3,), jnp.int32), backend="xla")
+    with pytest.raises(ValueError, match="block_size"):
+        sj.indexed_block_attention(q, k, k, idx, block_size=0)
+    with pytest.raises(ValueError, match="unknown backend"):
+        sj.indexed_attention(q, k, k, idx, backend="cuda")
+    with pytest.raises(ValueError, match="query-major"):
+        sj.indexed_block_attention(q, k, k, idx, block_size=4, loop_order="kv", backend="mosaic_tpu")
+
+
+def test_out_of_range_indices_read_nothing():
+    """Huge / negative indices: the result ignores them (a clamped read is masked, never used)."""
+    B, Sq, Skv, Hkv, G, D = 1, 2, 8, 1, 2, 16
+    q, k, v, _ = _qkvdo(16, B, Sq, Skv, G, Hkv, D, D)
+    big = np.array([[[[2**31 - 1, -(2**31), 3, 2**20]]], [[[1, 7, -2, 2**30]]]], np.int32).reshape(1, 2, 1, 4)
+    o = sj.indexed_attention(q, k, v, jnp.asarray(big), causal=False, backend="triton", interpret=True)
+    ro = dense_attention(q, k, v, jnp.asarray(dense_mask(big, Hq=G, Skv=Skv, causal=False)))
+    assert rel_err(o, ro) < 1e-5
+    bo = sj.indexed_block_attention(q, k, v, jnp.asarray(big), block_size=4, causal=False, backend="triton",
+                                    interpret=True)
+    rbo = dense_attention(q, k, v, jnp.asarray(dense_mask(big, Hq=G, Skv=Skv, span=4, causal=False)))
+    assert rel_err(bo, rbo) < 1e-5
+
+
+# ---------------------------------------------------------------------------------- lowering
+@pytest.mark.parametrize("platform,backend", [("cuda", "triton"), ("tpu", "mosaic_tpu")])
+def test_lowering(platform, backend):
+    """Forward + backward of both variants lower for a platform that is not attached."""
+    B, Sq, Skv, Hq, Hkv, D = 1, 64, 256, 8, 2, 128
+    sd = jax.ShapeDtypeStruct
+    args = (sd((B, Sq, Hq, D), jnp.bfloat16), sd((B, Skv, Hkv, D), jnp.bfloat16), sd((B, Skv, Hkv, D), jnp.bfloat16))
+    tok = jnp.zeros((B, Sq, Hkv, 32), jnp.int32)
+    blk = jnp.zeros((B, Sq, Hkv, 4), jnp.int32)
+    fns = [lambda q, k, v: sj.indexed_attention(q, k, v, tok, backend=backend),
+           lambda q, k, v: sj.indexed_block_attention(q, k, v, blk, block_size=64, loop_order="query",
+                                                      backend=backend)]
+    if backend == "triton":
+        fns.append(lambda q, k, v: sj.indexed_block_attention(q, k, v, blk, block_size=64, loop_order="kv",
+                                                              backend=backend))
+    for fn in fns:
+        loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32))
+        text = _compat.export(jax.value_and_grad(loss, argnums=(0, 1, 2)), platform, *args).mlir_module()
+        assert ("indexed_attention" in text) or ("indexed_block_attention" in text)
