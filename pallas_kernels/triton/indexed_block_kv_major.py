@@ -9,8 +9,8 @@ and the block's K/V tile is loaded once.
 Forward: each pair's softmax over its block is local; the program writes the pair's
 normalised output and log-sum-exp to per-(token, slot) buffers and
 :func:`~pallas_kernels.common.indexed.merge_partials` combines a token's slots. The
-buffers cost ``Sq * n * Hq * (Dv + 1)`` floats of HBM traffic each way, which is what
-this order pays for full MMA rows.
+buffers cost ``Sq * n * Hq * (Dv + 1)`` values of HBM traffic each way (outputs in the inputs'
+16-bit type), which is what this order pays for full MMA rows.
 
 Backward: the same program accumulates the block's dK and dV in registers (no atomics:
 deterministic) and writes each pair's dQ contribution to a per-(token, slot) buffer,
@@ -114,7 +114,7 @@ def _fwd_kernel(off_ref, tok_ref, slot_ref, start_ref, q_ref, k_ref, v_ref, o_re
         l_safe = jnp.where(l > 0, l, 1.0)
         o = plgpu.dot(p.astype(vb.dtype), vb) / l_safe[:, None]
         lse = jnp.where(l > 0, (m_use + jnp.log2(l_safe)) * common.LN2, -jnp.inf)
-        plgpu.store(o_ref.at[buf_row[:, None], g[:, None], dcols[None, :]], o,
+        plgpu.store(o_ref.at[buf_row[:, None], g[:, None], dcols[None, :]], o.astype(o_ref.dtype),
                     mask=(g < G)[:, None] & (dcols < Dv)[None, :])
         plgpu.store(lse_ref.at[buf_row, g], lse, mask=g < G)
         return carry
@@ -161,6 +161,13 @@ def _bwd_kernel(off_ref, tok_ref, slot_ref, start_ref, q_ref, k_ref, v_ref, do_r
                     mask=key_ok[:, None] & (cols < real)[None, :])
 
 
+def _partial_dtype(dtype):
+    """Per-slot outputs (each normalised, |o| <= max |v|) are stored in the inputs' 16-bit type:
+    half the HBM traffic of the partial buffers, which bound this loop order; float32 inputs keep
+    float32. Log-sum-exps and dQ partials stay float32."""
+    return dtype if jnp.dtype(dtype).itemsize == 2 else jnp.float32
+
+
 def _prep(q, k, v, lists, block_size):
     B, Sq, Hq, D = q.shape
     Skv, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -200,7 +207,7 @@ def forward(q, k, v, lists: common.Lists, q_off, *, block_size: int, scale: floa
         kernel, grid=(nkb, B * Hkv),
         in_specs=[pl.BlockSpec(), *sp["table"], sp["q"], sp["k"], sp["v"]],
         out_specs=[sp["rows"](R, Dvp), sp["rows1"](R)],
-        out_shape=[jax.ShapeDtypeStruct((B, R, Hkv, G, Dv), jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct((B, R, Hkv, G, Dv), _partial_dtype(q.dtype)),
                    jax.ShapeDtypeStruct((B, R, Hkv, G), jnp.float32)],
         compiler_params=_compat.triton_compiler_params(num_warps=warps, num_stages=stages),
         interpret=interpret, name="indexed_block_attention_kv_major_fwd",
@@ -208,7 +215,7 @@ def forward(q, k, v, lists: common.Lists, q_off, *, block_size: int, scale: floa
     valid = common.slot_valid_for_merge(lists.idx, q_off, span=block_size, kv_len=Skv, causal=causal)
     o_part = o_part[:, :P].reshape(B, Sq, n, Hkv, G, Dv).transpose(0, 1, 3, 2, 4, 5)
     lse_part = lse_part[:, :P].reshape(B, Sq, n, Hkv, G).transpose(0, 1, 3, 2, 4)
-    o, lse = common.merge_partials(o_part, lse_part, valid)  # [B, Sq, Hkv, G, Dv], [B, Sq, Hkv, G]
+    o, lse = common.merge_partials(o_part.astype(jnp.float32), lse_part, valid)  # [B, Sq, Hkv, G, Dv], [B, Sq, Hkv, G]
     return o.reshape(B, Sq, Hq, Dv).astype(q.dtype), lse.reshape(B, Sq, Hq)
 
 
