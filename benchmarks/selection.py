@@ -1,8 +1,8 @@
 """Selection suite: how much attention runtime block selection keeps, and what prefill costs.
 
 Quality (every platform; ``--quick`` = CPU sizes): on structured synthetic q/k
-(:func:`sparse_jax.selection.synthetic.structured_qk`: local, vertical, slash, needle and
-sink heads) and on any q/k you hand :func:`evaluate_qk` (e.g. captured from a trained
+(:func:`sparse_jax.selection.synthetic.structured_qk` with its ``LLM_MIX``: sink, local,
+topic, scatter, vertical, slash and needle heads) and on any q/k you hand :func:`evaluate_qk` (e.g. captured from a trained
 model; or set ``SPARSE_JAX_SELECTION_QK=/path/a.npz`` holding ``q``, ``k`` [, ``v``]), for
 XAttention, pooled top-k, vertical-slash and PBS with and without key permutation, at
 several budgets:
@@ -51,12 +51,13 @@ QK_ENV = "SPARSE_JAX_SELECTION_QK"
 # -- methods -------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One selector at one budget. ``run(q, k, v) -> (o, lse [B, Hq, S], tables, (B, Hq) the tables
-    are counted over)``."""
+    """One selector at one budget. ``run(q, k, v) -> (o, lse [B, Hq, S], tables)``; ``folded``:
+    the tables are PBS's head-folded ones ([B*Hkv, ...] serving G query heads each)."""
 
     family: str
     param: float
     run: Callable
+    folded: bool = False
 
     @property
     def label(self) -> str:
@@ -79,14 +80,14 @@ def default_methods(block_size: int, segment_size: int, backend: str, interpret,
         def run(q, k, v):
             bm = sel.xattention(q, k, block_size=block_size, stride=min(8, block_size), threshold=tau, gqa="union",
                                 backend=backend, interpret=interpret)
-            return (*_attend(bm, backend, interpret)(q, k, v), bm, (q.shape[0], q.shape[2]))
+            return (*_attend(bm, backend, interpret)(q, k, v), bm)
         return Method("xattention", tau, run)
 
     def topk(frac):
         def run(q, k, v):
             n = max(3, int(round(frac * nb)))
             bm = sel.topk_blocks(q, k, block_size=block_size, num_blocks=n, gqa="union")
-            return (*_attend(bm, backend, interpret)(q, k, v), bm, (q.shape[0], q.shape[2]))
+            return (*_attend(bm, backend, interpret)(q, k, v), bm)
         return Method("topk", frac, run)
 
     def vslash(frac):
@@ -94,7 +95,7 @@ def default_methods(block_size: int, segment_size: int, backend: str, interpret,
             s = q.shape[1]
             bm = sel.vertical_slash(q, k, vertical_size=max(1, int(frac * s / 8)), slash_size=max(1, int(frac * s / 4)),
                                     last_q=min(64, s), block_size=block_size, gqa="union")
-            return (*_attend(bm, backend, interpret)(q, k, v), bm, (q.shape[0], q.shape[2]))
+            return (*_attend(bm, backend, interpret)(q, k, v), bm)
         return Method("vertical_slash", frac, run)
 
     def pbs(tau, permute):
@@ -102,8 +103,8 @@ def default_methods(block_size: int, segment_size: int, backend: str, interpret,
             plan = pa.pbs_plan(q, k, block_size=block_size, segment_size=segment_size, threshold=tau,
                                permute_keys=permute)
             o, lse = pa.pbs_attend(q, k, v, plan, return_lse=True, backend=backend, interpret=interpret)
-            return o, lse, plan.block_mask, (q.shape[0] * k.shape[2], q.shape[2] // k.shape[2])
-        return Method("pbs" if permute else "pbs_no_perm", tau, run)
+            return o, lse, plan.block_mask
+        return Method("pbs" if permute else "pbs_no_perm", tau, run, folded=True)
 
     taus = (0.8, 0.9, 0.95) if quick else (0.7, 0.8, 0.9, 0.95, 0.98)
     out += [xattn(t) for t in taus]
@@ -137,8 +138,10 @@ def evaluate_qk(q, k, v=None, *, name: str = "qk", block_size: int = 128, segmen
     o_d, lse_d = jax.jit(_attend(dense_tables, backend, interpret))(q, k, v)
     o_d = np.asarray(o_d, np.float64)
     rows = []
+    hkv = k.shape[2]
     for m in methods:
-        o, lse, tables, (tb, th) = jax.jit(m.run)(q, k, v)
+        o, lse, tables = jax.jit(m.run)(q, k, v)
+        tb, th = (b * hkv, hq // hkv) if m.folded else (b, hq)
         keep = np.exp(np.minimum(np.asarray(lse, np.float64) - np.asarray(lse_d, np.float64), 0.0))
         err = float(np.linalg.norm(np.asarray(o, np.float64) - o_d) / np.linalg.norm(o_d))
         rows.append(dict(case=name, method=m.family, param=m.param, S=s, block_size=block_size,
@@ -178,7 +181,8 @@ def plot_quality(rows: list[dict], out_dir: str) -> list[str]:
 
 
 def synthetic_case(seed: int, s: int, hq: int, hkv: int, d: int, dtype):
-    q, k = synthetic.structured_qk(seed, 1, s, hq, hkv, d, dtype=dtype)
+    """q, k from :data:`synthetic.LLM_MIX` (kv head h gets mix[h % 8]) and a random v."""
+    q, k = synthetic.structured_qk(seed, 1, s, hq, hkv, d, patterns=synthetic.LLM_MIX, dtype=dtype)
     return q, k, timing.random_normal(seed + 7, k.shape, dtype)
 
 
@@ -262,8 +266,8 @@ def speed_case(s: int, *, hq=32, hkv=8, d=128, block=128, segment=256, tau=0.9, 
 # -- suite entry ----------------------------------------------------------------------------------
 def _quality_sizes(ctx):
     if ctx.quick or ctx.platform == "cpu":
-        return dict(sizes=(2048,), hq=4, hkv=2, d=64, block=64, segment=128, dtype=jnp.float32)
-    return dict(sizes=(8192, 32768), hq=8, hkv=2, d=128, block=128, segment=256, dtype=jnp.bfloat16)
+        return dict(sizes=(2048,), hq=8, hkv=8, d=64, block=64, segment=128, dtype=jnp.float32)
+    return dict(sizes=(8192, 32768), hq=16, hkv=8, d=128, block=128, segment=256, dtype=jnp.bfloat16)
 
 
 def run(ctx) -> list[Result]:

@@ -14,7 +14,7 @@ Phases (each skipped once the budget is spent; the JSON is rewritten after each)
   3. prefill at 32K / 64K / 128K (B=1, Hq=32, Hkv=8, D=128, bf16, structured synthetic q/k):
      dense cuDNN, our dense causal kernel, PBS (physical gather, online permutation) and
      XAttention end to end, each stage alone (importance+permutation, selection, kernel);
-  4. quality at 32K (Hq=8): recall / output error / density per method (if budget is left).
+  4. quality at 32K (Hq=16, Hkv=8): recall / output error / density per method (if budget is left).
 
 Writes ``$OUT/tune_selection.json`` (OUT defaults to /tmp) and prints a compact table last.
 """
@@ -204,7 +204,7 @@ def prefill():
 # -- phase 4 ---------------------------------------------------------------------------------------
 @guard("quality", need_s=45)
 def quality():
-    s, hq, hkv, d, blk, seg = (512, 4, 2, 32, 64, 128) if ARGS.smoke else (32768, 8, 2, 128, 128, 256)
+    s, hq, hkv, d, blk, seg = (512, 8, 8, 32, 64, 128) if ARGS.smoke else (32768, 16, 8, 128, 128, 256)
     q, k, v = bench_sel.synthetic_case(0, s, hq, hkv, d, jnp.bfloat16)
     rows = bench_sel.evaluate_qk(q, k, v, name=f"synthetic S={s}", block_size=blk, segment_size=seg,
                                  backend="triton", interpret=ARGS.smoke, quick=True)
@@ -228,15 +228,15 @@ def table():
     print("\n== prefill (ms; speed-up vs cuDNN dense causal; stage shares) ==")
     for r in REPORT["prefill"]:
         e = r.get("extra") or {}
+        ms = "error" if r["time_ms"] is None else f"{r['time_ms']:.2f}"
         sp = e.get("speedup_vs_cudnn")
-        share = e.get("share") or {}
-        print(f"  S={r['shape']['S']:>6} {r['impl']:<26} {r['time_ms'] if r['time_ms'] is None else round(r['time_ms'], 2)!s:>9}"
-              f"  x{sp:.2f}" if sp else f"  S={r['shape']['S']:>6} {r['impl']:<26} "
-              f"{r['time_ms'] if r['time_ms'] is None else round(r['time_ms'], 2)!s:>9}        ", end="")
-        print("  " + " ".join(f"{k}={v:.0%}" for k, v in share.items())
-              + (f"  density={e['density']:.3f}" if "density" in e else ""))
+        line = f"  S={r['shape']['S']:>6} {r['impl']:<26} {ms:>9} ms" + (f"  x{sp:.2f}" if sp else "       ")
+        line += "  " + " ".join(f"{k}={v:.0%}" for k, v in (e.get("share") or {}).items())
+        if "density" in e:
+            line += f"  density={e['density']:.3f}"
+        print(line)
     if REPORT["quality"]:
-        print("\n== quality (32K synthetic): method param density recall_mean recall_p10 out_err ==")
+        print(f"\n== quality ({REPORT['quality'][0]['case']}): method param density recall_mean recall_p10 out_err ==")
         for r in REPORT["quality"]:
             print(f"  {r['method']:<15} {r['param']:<6g} {r['density']:.3f} {r['recall_mean']:.4f} "
                   f"{r['recall_p10']:.4f} {r['out_err']:.3e}")

@@ -255,3 +255,13 @@ def test_pbs_kernel_gradients(kernel_backend):
     got = _kernel_or_skip(lambda: grads(backend, interpret))
     for name, a, r in zip("qkv", got, want):
         assert_close(a, r, 1e-4 if interpret else 5e-3, f"d{name} on {backend}")
+
+
+@pytest.mark.parametrize("platform,backend", [("cuda", "triton"), ("tpu", "mosaic_tpu")])
+def test_pbs_lowers_for_accelerators(platform, backend):
+    from sparse_jax import _compat
+    q = jax.ShapeDtypeStruct((1, 512, 4, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)
+    fn = lambda q, k, v: raw(q, k, v, block_size=128, segment_size=256, backend=backend)  # noqa: E731
+    exp = _compat.export(fn, platform, q, k, k)
+    assert exp.platforms == (platform,)

@@ -335,3 +335,15 @@ def test_selection_tables_drive_the_attention_op(fn, kernel_backend):
         pytest.skip(f"{backend} kernel unavailable: {e}")
     want = ref.dense_attention(q, k, v, dense_mask(bm, 4))
     assert_close(got, want, 2e-5 if interpret else 2e-3, f"{fn} tables on {backend}")
+
+
+def test_score_kernel_and_selectors_lower_for_gpu_and_tpu():
+    from sparse_jax import _compat
+    q = jax.ShapeDtypeStruct((1, 512, 4, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)
+    exp = _compat.export(lambda q, k: sel.xattention(q, k, block_size=128, stride=8, backend="triton").kv_indices,
+                         "cuda", q, k)
+    assert "triton" in exp.mlir_module()
+    exp = _compat.export(lambda q, k: sel.xattention(q, k, block_size=128, stride=8, backend="mosaic_tpu").kv_indices,
+                         "tpu", q, k)
+    assert exp.platforms == ("tpu",)

@@ -109,7 +109,7 @@ def pbs_block_mask(qf, kf, kperm_f, *, block_size: int, segment_size: int, thres
     """PBS block selection on a permuted, head-folded layout.
 
     qf: [N, S, G, D] (queries, possibly permuted), kf: [N, S, 1, D] (permuted keys),
-    kperm_f: int32 [N, S] (original position of each key row). Returns tables [N, Ht]
+    kperm_f: int32 [N, S] (original position of each key row; None: keys in place). Returns tables [N, Ht]
     (Ht = 1 for gqa "union"/"mean", G for "per_head") with :class:`SegmentCausal`
     (causal) or no mask; static widths: the diagonal segment's blocks (partial) and
     ``max_kv_blocks`` (default every block) for the selected ones.
@@ -120,7 +120,9 @@ def pbs_block_mask(qf, kf, kperm_f, *, block_size: int, segment_size: int, thres
     logits = scores_lib.pooled_block_logits(qf, kf, block_size=block_size, pooling="mean", scale=scale)
     probs = scores_lib.block_softmax(logits, jnp.asarray(cand))  # [N, G, nb, nb]
     if force_first:
-        first_block = jnp.argmin(kperm_f, axis=-1) // block_size  # where position 0 (or the earliest) sits
+        # Where position 0 sits (the identity layout needs no search; constant-folding one is slow).
+        first_block = (jnp.zeros((n,), jnp.int32) if kperm_f is None
+                       else jnp.argmin(kperm_f, axis=-1) // block_size)
         sink = (jnp.arange(nb)[None, :] == first_block[:, None])[:, None, None, :]  # [N, 1, 1, nb]
     else:
         sink = jnp.zeros((1, 1, 1, nb), bool)
@@ -191,7 +193,8 @@ def pbs_plan(q, k, *, block_size: int = 128, segment_size: int = 256, threshold=
         qperm = perm_lib.segment_permutation(perm_lib.query_affinity(q, k, importance), segment_size)
     qf = perm_lib.permute_heads(q, qperm) if qperm is not None else perm_lib.fold_heads(q, hkv)  # [N, S, G, D]
     kf = perm_lib.permute_heads(k, kperm) if permute_keys else perm_lib.fold_heads(k, hkv)
-    tables = pbs_block_mask(qf, kf, kperm.reshape(b * hkv, s), block_size=block_size, segment_size=segment_size,
+    tables = pbs_block_mask(qf, kf, kperm.reshape(b * hkv, s) if permute_keys else None,
+                            block_size=block_size, segment_size=segment_size,
                             threshold=threshold, causal=causal, gqa=gqa, max_kv_blocks=max_kv_blocks,
                             force_first=force_first, scale=scale)
     return PBSAux(density=jnp.asarray(tables.density, jnp.float32), kv_permutation=kperm, q_permutation=qperm,

@@ -9,7 +9,14 @@ them per kv head so a selector's recall can be measured without a trained model:
 * ``vertical``: a few random keys every query attends to (MInference's vertical lines);
 * ``slash``: q_i aligned with k_{i-d} for a few distances d (slash lines);
 * ``needle``: a handful of scattered keys that only the second half of the queries
-  retrieves (the case key permutation helps most).
+  retrieves;
+* ``topic``: documents of random length whose keys share a topic vector; queries look
+  at their own document and, later on, at an earlier one (block-coherent mass);
+* ``scatter``: 4% of the keys, scattered, mention one entity the later queries look
+  for (the case key permutation helps most: many heavy keys per segment).
+
+Patterns combine with ``+`` (``"sink+local"``); :data:`LLM_MIX` is a per-head mix
+resembling a long-context LLM layer.
 
 Every head also gets weak locality and unit Gaussian noise. Built with jax.random on
 the default device (so 128K-token inputs are generated on the accelerator).
@@ -23,9 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["PATTERNS", "structured_qk"]
+__all__ = ["PATTERNS", "LLM_MIX", "structured_qk"]
 
-PATTERNS = ("local", "vertical", "slash", "needle", "sink")
+PATTERNS = ("local", "vertical", "slash", "needle", "sink", "topic", "scatter")
+# A mix resembling a long-context LLM layer (sinks and locality in most heads, a few retrieval heads).
+LLM_MIX = ("sink+local", "topic+sink", "scatter+local", "vertical+local", "sink+slash", "needle+topic",
+           "local", "scatter+topic")
 
 
 def _rotate(x, pos, freqs):
@@ -42,40 +52,68 @@ def _unit(key, shape):
     return u / jnp.linalg.norm(u, axis=-1, keepdims=True)
 
 
-def _head(key, kind, batch, s, g, d, amp, noise, num_vertical, num_slash, num_needles):
-    """q [B, G, S, D], k [B, S, D] of one kv head."""
-    ks = jax.random.split(key, 8)
-    pos = jnp.arange(s)
-    freqs = jnp.asarray(1.0 / (64.0 ** (np.arange(d // 2) / (d // 2))), jnp.float32)
-    q = noise * jax.random.normal(ks[0], (batch, g, s, d), jnp.float32)
-    k = noise * jax.random.normal(ks[1], (batch, s, d), jnp.float32)
-    content = _unit(ks[2], (batch, 1, d))
-    rot = _rotate(jnp.broadcast_to(content, (batch, s, d)), pos, freqs)
-    loc = (1.5 if kind == "local" else 0.5) * amp
-    q = q + loc * rot[:, None]
-    k = k + loc * rot
+def _component(key, kind, q, k, pos, freqs, amp, num_vertical, num_slash, num_needles):
+    """Add one planted pattern to q [B, G, S, D], k [B, S, D]."""
+    batch, s, d = k.shape
+    ks = jax.random.split(key, 4)
+    if kind == "local":
+        content = _unit(ks[0], (batch, 1, d))
+        rot = _rotate(jnp.broadcast_to(content, (batch, s, d)), pos, freqs)
+        return q + amp * rot[:, None], k + amp * rot
     if kind in ("sink", "vertical"):
-        a = _unit(ks[3], (batch, d))
-        cols = jnp.array([0]) if kind == "sink" else jax.random.choice(ks[4], s, (min(num_vertical, s),),
+        a = _unit(ks[0], (batch, d))
+        cols = jnp.array([0]) if kind == "sink" else jax.random.choice(ks[1], s, (min(num_vertical, s),),
                                                                         replace=False)
-        q = q + amp * a[:, None, None, :]
-        k = k.at[:, cols].add(amp * a[:, None, :])
-    elif kind == "slash":
-        dists = jax.random.choice(ks[3], jnp.arange(1, max(2, s // 2)), (num_slash,), replace=False)
-        cs = _unit(ks[4], (num_slash, batch, d))
+        return q + amp * a[:, None, None, :], k.at[:, cols].add(amp * a[:, None, :])
+    if kind == "slash":
+        dists = jax.random.choice(ks[0], jnp.arange(1, max(2, s // 2)), (num_slash,), replace=False)
+        cs = _unit(ks[1], (num_slash, batch, d))
         for i in range(num_slash):
             c = jnp.broadcast_to(cs[i][:, None], (batch, s, d))
             q = q + amp * _rotate(c, pos, freqs * 8)[:, None]
             k = k + amp * _rotate(c, pos + dists[i], freqs * 8)
-    elif kind == "needle":
+        return q, k
+    if kind == "needle":
         n = min(num_needles, s)
-        cols = jax.random.choice(ks[3], s, (n,), replace=False)
-        us = _unit(ks[4], (n, batch, d))
+        cols = jax.random.choice(ks[0], s, (n,), replace=False)
+        us = _unit(ks[1], (n, batch, d))
         k = k.at[:, cols].add(1.5 * amp * us.transpose(1, 0, 2))
         late = (pos >= s // 2)[None, None, :, None]
-        q = q + jnp.where(late, (1.5 * amp / math.sqrt(n)) * us.sum(0)[:, None, None, :], 0.0)
-    elif kind != "local":
-        raise ValueError(f"unknown pattern {kind!r}; choose from {PATTERNS}")
+        return q + jnp.where(late, (1.5 * amp / math.sqrt(n)) * us.sum(0)[:, None, None, :], 0.0), k
+    if kind == "topic":
+        # Documents of random length (mean ~512 tokens), each with a topic vector its keys carry;
+        # a query carries its own document's topic and, from the second half on, one earlier one's.
+        n_docs = max(1, s // 512)
+        starts = jnp.sort(jax.random.choice(ks[0], jnp.arange(1, max(2, s)), (n_docs - 1,), replace=False)) \
+            if n_docs > 1 else jnp.zeros((0,), jnp.int32)
+        doc = jnp.searchsorted(starts, pos, side="right")  # [S]
+        topics = _unit(ks[1], (n_docs, batch, d))
+        own = topics[doc].transpose(1, 0, 2)  # [B, S, D]
+        ref = jax.random.randint(ks[2], (s,), 0, jnp.maximum(doc, 1))  # an earlier document
+        other = jnp.where((pos >= s // 2)[None, :, None], topics[ref].transpose(1, 0, 2), 0.0)
+        return q + (amp * (own + other))[:, None], k + amp * own
+    if kind == "scatter":
+        # An entity mentioned throughout: 4% of the keys, scattered, carry its vector; the
+        # second half of the queries looks for it.
+        u = _unit(ks[0], (batch, d))
+        hit = jax.random.uniform(ks[1], (s,)) < 0.04
+        k = k + jnp.where(hit[None, :, None], amp * u[:, None, :], 0.0)
+        late = (pos >= s // 2)[None, None, :, None]
+        return q + jnp.where(late, amp * u[:, None, None, :], 0.0), k
+    raise ValueError(f"unknown pattern {kind!r}; choose from {PATTERNS} (or combine them with '+')")
+
+
+def _head(key, kind, batch, s, g, d, amp, noise, num_vertical, num_slash, num_needles):
+    """q [B, G, S, D], k [B, S, D] of one kv head carrying ``kind`` ('a+b' combines patterns)."""
+    ks = jax.random.split(key, 3)
+    pos = jnp.arange(s)
+    freqs = jnp.asarray(1.0 / (64.0 ** (np.arange(d // 2) / (d // 2))), jnp.float32)
+    q = noise * jax.random.normal(ks[0], (batch, g, s, d), jnp.float32)
+    k = noise * jax.random.normal(ks[1], (batch, s, d), jnp.float32)
+    q, k = _component(ks[2], "local", q, k, pos, freqs, 0.5 * amp, 0, 0, 0)  # weak locality everywhere
+    for i, part in enumerate(kind.split("+")):
+        q, k = _component(jax.random.fold_in(ks[2], i + 1), part, q, k, pos, freqs, amp, num_vertical, num_slash,
+                          num_needles)
     return q, k
 
 
@@ -93,8 +131,9 @@ def structured_qk(seed: int, batch: int, seq_len: int, num_q_heads: int, num_kv_
     if num_q_heads % num_kv_heads:
         raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
     for p in patterns:
-        if p not in PATTERNS:
-            raise ValueError(f"unknown pattern {p!r}; choose from {PATTERNS}")
+        for part in p.split("+"):
+            if part not in PATTERNS:
+                raise ValueError(f"unknown pattern {part!r}; choose from {PATTERNS}")
     g = num_q_heads // num_kv_heads
     amp = strength * math.sqrt(math.sqrt(head_dim))
     keys = jax.random.split(jax.random.key(seed), num_kv_heads)
