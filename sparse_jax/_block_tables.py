@@ -94,15 +94,22 @@ def refine(mask: Mask, cls, todo, geom: BlockGeometry, *, max_blocks: int | None
         return cls
     flat = todo.reshape(-1)
     (sel,) = jnp.nonzero(flat, size=cap, fill_value=0)
-    used = jnp.arange(cap) < jnp.sum(flat)
+    count = jnp.minimum(jnp.sum(flat), cap)
     b, h, qi, ki = jnp.unravel_index(sel, todo.shape)
-    args = [a.astype(jnp.int32) for a in (b, h, qi, ki)]
     n_chunks = -(-cap // per_chunk)
     pad = n_chunks * per_chunk - cap
-    args = [jnp.pad(a, (0, pad)).reshape(n_chunks, per_chunk) for a in args]
-    new = jax.lax.map(lambda a: _eval_blocks(mask, *a, **kw), tuple(args)).reshape(-1)[:cap]
+    args = [jnp.pad(a.astype(jnp.int32), (0, pad)) for a in (b, h, qi, ki)]
     flat_cls = cls.reshape(-1)
-    new = jnp.where(used, new, flat_cls[sel])
+    old = jnp.pad(flat_cls[sel], (0, pad))
+
+    # Only the chunks that hold flagged blocks are evaluated (a dynamic trip count), so
+    # the cost follows the number of ambiguous blocks, not the static bound.
+    def chunk(i, out):
+        part = [jax.lax.dynamic_slice(a, (i * per_chunk,), (per_chunk,)) for a in args]
+        return jax.lax.dynamic_update_slice(out, _eval_blocks(mask, *part, **kw), (i * per_chunk,))
+
+    new = jax.lax.fori_loop(0, (count + per_chunk - 1) // per_chunk, chunk, old)[:cap]
+    new = jnp.where(jnp.arange(cap) < count, new, flat_cls[sel])
     return flat_cls.at[sel].set(new).reshape(cls.shape)
 
 
