@@ -129,11 +129,12 @@ def strided_views(q, k, stride: int, pad_to: int):
 
 
 def antidiagonal_block_scores_xla(q, k, *, block_size: int = 128, stride: int = 8, causal: bool = True,
-                                  scale: float | None = None, rows_per_chunk: int = 1024):
-    """Pure-jnp :func:`antidiagonal_block_scores`: chunks of reshaped query rows under lax.map.
+                                  scale: float | None = None, rows_per_chunk: int = 512, max_chunks: int = 64):
+    """Pure-jnp :func:`antidiagonal_block_scores`, in static chunks of reshaped query rows.
 
-    Memory O(B Hq rows_per_chunk Skv / stride); compute is the full (non-causal)
-    (Sq/s) x (Skv/s) x (s D) product.
+    Memory O(B Hq rows_per_chunk Skv / stride); each chunk only multiplies the keys its
+    rows can see (causal: about half the square). At most ``max_chunks`` chunks are
+    unrolled (the chunk grows for longer inputs).
     """
     check_qk(q, k)
     _check_stride(block_size, stride)
@@ -145,28 +146,27 @@ def antidiagonal_block_scores_xla(q, k, *, block_size: int = 128, stride: int = 
     r = block_size // stride  # reshaped rows (and columns) per block
     qr, kr = strided_views(q, k, stride, block_size)
     mq, mk = qr.shape[2], kr.shape[2]
-    rows_per_chunk = max(r, min(rows_per_chunk // r * r, mq))
-    n_chunks = -(-mq // rows_per_chunk)
-    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, n_chunks * rows_per_chunk - mq), (0, 0)))
-    qr = qr.reshape(b, hkv, hq // hkv, n_chunks, rows_per_chunk, stride * d).transpose(3, 0, 1, 2, 4, 5)
-    col = np.arange(mk)
-    valid_col = col * stride < skv
-    offset = grid.offset
-
-    def one(args):
-        c, qc = args
-        row = c * rows_per_chunk + jnp.arange(rows_per_chunk)
-        s = jnp.einsum("bhgid,bhmd->bhgim", qc, kr, precision=_HIGHEST) * scale
-        ok = valid_col[None, :]
+    chunk = max(r, min(-(-rows_per_chunk // r) * r, mq))
+    if -(-mq // chunk) > max_chunks:
+        chunk = -(-mq // max_chunks // r) * r
+    qr = qr.reshape(b, hkv, hq // hkv, mq, stride * d)
+    reach = (stride - 1 + grid.offset) // stride  # row i sees reshaped keys m <= i + reach
+    outs = []
+    for start in range(0, mq, chunk):
+        stop = min(start + chunk, mq)
+        n_cols = mk if not causal else min(mk, -(-(stop - 1 + reach + 1) // r) * r)
+        row = np.arange(start, stop)
+        col = np.arange(n_cols)
+        ok = (col * stride < skv)[None, :]
         if causal:
-            ok = ok & (col[None, :] * stride <= row[:, None] * stride + stride - 1 + offset)
-        p = block_softmax(s, ok)
-        p = p * (row[:, None] * stride < sq)  # padded query rows carry no mass
-        p = p.reshape(*p.shape[:-1], mk // r, r).sum(-1)
-        return p.reshape(*p.shape[:3], rows_per_chunk // r, r, mk // r).sum(4)
-
-    out = jax.lax.map(one, (jnp.arange(n_chunks), qr))  # [n_chunks, B, Hkv, G, chunk/r, nk]
-    out = out.transpose(1, 2, 3, 0, 4, 5).reshape(b, hq, n_chunks * rows_per_chunk // r, mk // r)
+            ok = ok & (col[None, :] <= row[:, None] + reach)
+        s = jnp.einsum("bhgid,bhmd->bhgim", qr[:, :, :, start:stop], kr[:, :, :n_cols], precision=_HIGHEST)
+        p = block_softmax(s * scale, ok)
+        p = p * (row * stride < sq)[:, None]  # padded query rows carry no mass
+        p = p.reshape(*p.shape[:-1], n_cols // r, r).sum(-1)
+        p = p.reshape(*p.shape[:3], (stop - start) // r, r, n_cols // r).sum(4)
+        outs.append(jnp.pad(p, ((0, 0),) * 4 + ((0, mk // r - n_cols // r),)))
+    out = jnp.concatenate(outs, axis=3).reshape(b, hq, mq // r, mk // r)
     return normalize_rows(out[:, :, :grid.nq, :grid.nk], grid, stride)
 
 
