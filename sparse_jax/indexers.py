@@ -136,6 +136,8 @@ def lightning_indexer(q_idx, k_idx, weights, topk: int, *, causal: bool = True, 
         return ref.lightning_indexer(q_idx, k_idx, weights, topk, causal=causal, q_offset=q_offset,
                                      return_scores=return_scores)
     tile = _pow2("tile_size", tile_size)
+    if tile < 16:
+        raise ValueError(f"tile_size must be at least 16 (an MMA dimension); got {tile}")
     cands = _pow2("tile_candidates", default_tile_candidates(topk, tile) if tile_candidates is None
                   else tile_candidates)
     if cands > tile:
@@ -184,7 +186,7 @@ def hierarchical_indexer(q_idx, k_idx, weights, topk: int, *, block_size: int = 
     kernels = importlib.import_module(_KERNEL_MODULES[backend])
     t_abs = common.query_positions(ref.query_offsets(q_offset, B, Sq, Skv), B, Sq)
     pooled = ref.pool_blocks(k_idx, bs)
-    ptile = min(_POOLED_TILE, common.next_pow2(nb))
+    ptile = max(16, min(_POOLED_TILE, common.next_pow2(nb)))
     # A block is allowed when it starts at or before the query: pooled index <= floor(t_abs / bs).
     bvals, bidx = kernels.tile_candidates(q_idx, pooled, weights, jnp.floor_divide(t_abs, bs), tile=ptile,
                                           cands=ptile, causal=causal, interpret=interpret)

@@ -158,6 +158,8 @@ def test_indexer_errors():
         sj.lightning_indexer(q, k, w[:, :, :1], 4)
     with pytest.raises(ValueError, match="power of two"):
         sj.lightning_indexer(q, k, w, 4, tile_size=24, backend="triton", interpret=True)
+    with pytest.raises(ValueError, match="at least 16"):
+        sj.lightning_indexer(q, k, w, 4, tile_size=8, backend="triton", interpret=True)
     with pytest.raises(ValueError, match="exceed"):
         sj.lightning_indexer(q, k, w, 4, tile_size=16, tile_candidates=32, backend="triton", interpret=True)
     with pytest.raises(ValueError, match="hold topk"):

@@ -96,7 +96,7 @@ def _fwd_kernel(off_ref, tok_ref, slot_ref, start_ref, q_ref, k_ref, v_ref, o_re
     j, bh = pl.program_id(0), pl.program_id(1)
     off = off_ref[bh // Hkv]
     Dp, Dvp = k_ref.shape[-1], v_ref.shape[-1]
-    BSp = common.next_pow2(bs)
+    BSp = max(16, common.next_pow2(bs))  # a Triton dot needs K, N >= 16
     kb, key_pos, key_ok = _block_rows(k_ref, j, bs, BSp, Dp, D, kv_len)
     vb, _, _ = _block_rows(v_ref, j, bs, BSp, Dvp, Dv, kv_len)
     pairs = _Pairs(tok_ref, slot_ref, start_ref, j, G=G, Gp=Gp, BT=BT, n=n, spare=spare)
@@ -127,7 +127,7 @@ def _bwd_kernel(off_ref, tok_ref, slot_ref, start_ref, q_ref, k_ref, v_ref, do_r
     j, bh = pl.program_id(0), pl.program_id(1)
     off = off_ref[bh // Hkv]
     Dp, Dvp = k_ref.shape[-1], v_ref.shape[-1]
-    BSp = common.next_pow2(bs)
+    BSp = max(16, common.next_pow2(bs))  # a Triton dot needs K, N >= 16
     kb, key_pos, key_ok = _block_rows(k_ref, j, bs, BSp, Dp, D, kv_len)
     vb, _, _ = _block_rows(v_ref, j, bs, BSp, Dvp, Dv, kv_len)
     pairs = _Pairs(tok_ref, slot_ref, start_ref, j, G=G, Gp=Gp, BT=BT, n=n, spare=spare)

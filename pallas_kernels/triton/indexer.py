@@ -110,6 +110,7 @@ def tile_candidates(q, k, w, t_abs, *, tile: int, cands: int, causal: bool, inte
 
 
 def _list_kernel(t_abs_ref, count_ref, q_ref, w_ref, k_ref, list_ref, out_ref, *, Hi, Di, Skv, BK, E, causal):
+    # out_ref rows are BKp >= 16 wide (a Triton dot needs N >= 16); lanes >= BK are masked.
     t, b = pl.program_id(0), pl.program_id(1)
     Hip, Dip = q_ref.shape
     t_abs = t_abs_ref[b, t]
@@ -117,12 +118,13 @@ def _list_kernel(t_abs_ref, count_ref, q_ref, w_ref, k_ref, list_ref, out_ref, *
     dcols = jnp.arange(Dip, dtype=jnp.int32)
     q = plgpu.load(q_ref, mask=(heads < Hi)[:, None] & (dcols < Di)[None, :], other=0.0)
     w = plgpu.load(w_ref, mask=heads < Hi, other=0.0).astype(jnp.float32)
-    lanes = jnp.arange(BK, dtype=jnp.int32)
+    BKp = out_ref.shape[-1]
+    lanes = jnp.arange(BKp, dtype=jnp.int32)
 
     def body(e, carry):
         u = list_ref[e]
         keys = u * BK + lanes
-        ok = (u >= 0) & (keys < Skv)
+        ok = (u >= 0) & (lanes < BK) & (keys < Skv)
         if causal:
             ok &= keys <= t_abs
         kt = plgpu.load(k_ref.at[jnp.where(ok, keys, 0)[:, None], dcols[None, :]],
@@ -135,7 +137,7 @@ def _list_kernel(t_abs_ref, count_ref, q_ref, w_ref, k_ref, list_ref, out_ref, *
     jax.lax.fori_loop(0, count, body, 0)
 
     def blank(e, carry):
-        out_ref[e, :] = jnp.full((BK,), -jnp.inf, jnp.float32)
+        out_ref[e, :] = jnp.full((BKp,), -jnp.inf, jnp.float32)
         return carry
 
     jax.lax.fori_loop(count, E, blank, 0)
@@ -151,16 +153,18 @@ def list_scores(q, k, w, t_abs, tiles, count, *, tile: int, causal: bool, interp
     B, Sq, Hi, Di = q.shape
     Skv, E = k.shape[1], tiles.shape[-1]
     Hip, Dip = max(16, common.next_pow2(Hi)), max(16, common.next_pow2(Di))
+    BKp = max(16, tile)
     kernel = functools.partial(_list_kernel, Hi=Hi, Di=Di, Skv=Skv, BK=tile, E=E, causal=causal)
-    return pl.pallas_call(
+    out = pl.pallas_call(
         kernel, grid=(Sq, B),
         in_specs=[pl.BlockSpec(), pl.BlockSpec(),
                   pl.BlockSpec((None, None, Hip, Dip), lambda t, b: (b, t, 0, 0)),
                   pl.BlockSpec((None, None, Hip), lambda t, b: (b, t, 0)),
                   pl.BlockSpec((None, Skv, Dip), lambda t, b: (b, 0, 0)),
                   pl.BlockSpec((None, None, E), lambda t, b: (b, t, 0))],
-        out_specs=pl.BlockSpec((None, None, E, tile), lambda t, b: (b, t, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((B, Sq, E, tile), jnp.float32),
+        out_specs=pl.BlockSpec((None, None, E, BKp), lambda t, b: (b, t, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((B, Sq, E, BKp), jnp.float32),
         compiler_params=_compat.triton_compiler_params(num_warps=4, num_stages=2),
         interpret=interpret, name="lightning_indexer_lists",
     )(t_abs, count, q, w, k, tiles)
+    return out if BKp == tile else out[..., :tile]
