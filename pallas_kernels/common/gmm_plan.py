@@ -22,6 +22,7 @@ import dataclasses
 from typing import Iterator
 
 import jax.numpy as jnp
+from jax import lax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,39 +155,44 @@ def split_rows(starts, ends, *, tm_big: int, tm_small: int, k: int, n: int, num_
         max(bytes_big / bw_big, flops_big / peak_big) + max(bytes_small / bw_small, flops_small / peak_small).
 
     That is not separable over groups, so candidate assignments come from per-group argmins
-    of lambda * bytes-time + (1 - lambda) * flops-time for a few lambda (plus all-big and
-    all-small), and the best candidate under the model wins. Everything is [candidates, G]
-    elementwise math and small reductions on device: no host sync, no branch.
+    of lambda * bytes-time + (1 - lambda) * flops-time for 9 lambdas, plus all-(a), all-(c)
+    and all-(b); the best candidate under the model wins. starts/ends: int32 [W]. Written
+    as [16 candidates, W] elementwise math and reductions with no gather, so it runs inside
+    the Pallas-Triton schedule kernel as well as in XLA.
     """
-    s = (ends - starts).astype(jnp.float32)
+    s = ends - starts
+    full = s // tm_big * tm_big
+    rem = s - full
     w_bytes = float(k * n * num_rhs * itemsize)
     wb, ws = w_bytes / (cost.big_gbps * 1e9), w_bytes / (cost.small_gbps * 1e9)
     row = 2.0 * k * n * num_rhs
     cb, cs = row / (cost.big_tflops * 1e12), row / (cost.small_tflops * 1e12)
 
-    def ceil_to(x, t):
-        return jnp.ceil(x / t) * t
+    def f32(x):
+        return x.astype(jnp.float32)
 
-    full = jnp.floor(s / tm_big) * tm_big
-    rem = s - full
-    nonempty = (s > 0).astype(jnp.float32)
-    # per option (a, b, c): [memory time big, memory time small, compute big, compute small], each [G]
-    opts = jnp.stack([
-        jnp.stack([nonempty * wb, 0.0 * s, ceil_to(s, tm_big) * cb, 0.0 * s]),
-        jnp.stack([(full > 0) * wb, (rem > 0) * ws, full * cb, ceil_to(rem, tm_small) * cs]),
-        jnp.stack([0.0 * s, nonempty * ws, 0.0 * s, ceil_to(s, tm_small) * cs]),
-    ])  # [3, 4, G]
-    lam = jnp.linspace(0.0, 1.0, 9)[:, None, None]
-    mem, flo = opts[:, 0] + opts[:, 1], opts[:, 2] + opts[:, 3]  # [3, G]
-    greedy = jnp.argmin(lam * mem[None] + (1 - lam) * flo[None], axis=1)  # [9, G]
-    fixed = jnp.broadcast_to(jnp.array([0, 2])[:, None], (2, s.shape[0]))
-    cand = jnp.concatenate([greedy, fixed, jnp.ones_like(fixed[:1])])  # [12, G] option per group
-    picked = jnp.take_along_axis(opts[None], cand[:, None, None, :], axis=1)[:, 0]  # [12, 4, G]
-    tot = picked.sum(-1)  # [12, 4]
-    t = jnp.maximum(tot[:, 0], tot[:, 2]) + jnp.maximum(tot[:, 1], tot[:, 3])
-    best = cand[jnp.argmin(t)]
-    big_rows = jnp.where(best == 0, s, jnp.where(best == 1, full, 0.0))
-    return starts + big_rows.astype(jnp.int32)
+    def up(x, t):
+        return f32((x + t - 1) // t * t)
+
+    zero = jnp.zeros(s.shape, jnp.float32)
+    # per option: (memory big, memory small, compute big, compute small) seconds, each [W]
+    opts = ((jnp.where(s > 0, wb, 0.0), zero, up(s, tm_big) * cb, zero),
+            (jnp.where(full > 0, wb, 0.0), jnp.where(rem > 0, ws, 0.0), f32(full) * cb, up(rem, tm_small) * cs),
+            (zero, jnp.where(s > 0, ws, 0.0), zero, up(s, tm_small) * cs))
+    cand = lax.broadcasted_iota(jnp.int32, (16, 1), 0)  # 0-8: lambda = c / 8; 9: all a; 10: all c; 11: all b
+    lam = f32(jnp.minimum(cand, 8)) * 0.125
+    score = [lam * (o[0] + o[1]) + (1.0 - lam) * (o[2] + o[3]) for o in opts]  # [16, W] each
+    greedy = jnp.where((score[0] <= score[1]) & (score[0] <= score[2]), 0, jnp.where(score[1] <= score[2], 1, 2))
+    choice = jnp.where(cand == 9, 0, jnp.where(cand == 10, 2, jnp.where(cand == 11, 1, greedy)))
+
+    def total(q):
+        return jnp.sum(jnp.where(choice == 0, opts[0][q], jnp.where(choice == 1, opts[1][q], opts[2][q])), axis=1)
+    t = jnp.maximum(total(0), total(2)) + jnp.maximum(total(1), total(3))  # [16]
+    ids = cand[:, 0]
+    t = jnp.where(ids < 12, t, jnp.inf)
+    best = jnp.min(jnp.where(t == jnp.min(t), ids, 16))
+    best_choice = jnp.sum(jnp.where(cand == best, choice, 0), axis=0)  # [W]
+    return starts + jnp.where(best_choice == 0, s, jnp.where(best_choice == 1, full, 0))
 
 
 def tpu_tile_cost(starts, ends, tm: int, *, row_flops: float, block_bytes: float, steps_per_block: int,

@@ -1,16 +1,17 @@
 """Grouped forward matmul kernels (gmm, dual gmm, fused SwiGLU) lowered through Pallas-Triton.
 
-Work items are (row tile of the :class:`~sparse_jax.group_metadata.GroupMetadata`
-schedule, tn-column block). The launch is persistent: ``occupancy`` programs per
-SM each walk the *active* items ``pid, pid + P, ...`` (a dynamic-trip-count loop),
-so the static worst-case tile count costs nothing -- with one program per slot a
-DeepSeek-size schedule would launch ~20k programs that only read ``num_tiles`` and
-exit (about 1 us of SM time each). Items are ordered in bands of ``band`` row
-tiles per column block, so the tiles of one group stream the same weight block
-through L2 together. Row tiles are group-aligned (a tile never straddles groups;
-loads and stores are row-masked); zero-fill tiles (group -1) write the rows of no
-local group. The K loop is an ``scf.for`` Triton software-pipelines with
-``num_stages`` buffers.
+Work items are (row tile, tn-column block). Row tiles come from the segment table of
+:mod:`pallas_kernels.common.gmm_segments` (built by ``gmm_table.schedule_table``): a program
+decodes tile t with one compare-and-count over the table's [W] cumulative tile counts and
+two scalar loads -- there is no per-slot schedule array and no XLA work before the launch.
+The launch is persistent: ``occupancy`` programs per SM each walk the *active* items
+``pid, pid + P, ...`` (a dynamic-trip-count loop), so a static worst-case tile count costs
+nothing -- with one program per slot a DeepSeek-size schedule would launch ~20k programs
+that only find they have no work (about 1 us of SM time each). Items are ordered in bands
+of ``band`` row tiles per column block, so the tiles of one group stream the same weight
+block through L2 together. Row tiles are group-aligned (a tile never straddles groups;
+stores are row-masked); zero-fill tiles (launch 0 only) write the rows of no local group.
+The K loop is an ``scf.for`` Triton software-pipelines with ``num_stages`` buffers.
 
 Shapes: lhs[i] [M, K] (all one dtype), rhs[j] [G, K, N] ([G, N, K] with
 ``transpose_rhs``), outputs [M, N]; float32 accumulation.
@@ -26,10 +27,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import gmm_plan
+from pallas_kernels.common import gmm_plan, gmm_segments
 from pallas_kernels.common.gmm_plan import Fusion, Tiles
 from sparse_jax import _compat
-from sparse_jax.group_metadata import GroupMetadata
 
 # Defaults for an H100 (benchmarks/notes/grouped_matmul.md): big tiles for full, compute-bound
 # row tiles; small tiles for the short tail tiles of small groups (weight streaming).
@@ -57,38 +57,44 @@ def _block_dims(k: int, n: int, tiles: Tiles) -> tuple[int, int]:
     return gmm_plan.pow2_block(n, tiles.tn), gmm_plan.pow2_block(k, tiles.tk)
 
 
-def forward(xs, ws, meta: GroupMetadata, *, fusion: Fusion, tiles: Tiles, transpose_rhs: bool, out_dtypes,
+def forward(xs, ws, table, *, launch: int, fusion: Fusion, tiles: Tiles, transpose_rhs: bool, out_dtypes,
             interpret: bool = False, existing=None):
-    """Run ``fusion`` over the tiles of ``meta``; returns ``fusion.num_out`` arrays [M, N].
+    """Run ``fusion`` over launch ``launch``'s tiles of ``table``; returns ``fusion.num_out`` arrays [M, N].
 
+    ``table``: int32 [6, W] from ``gmm_table.schedule_table`` built with tm_{launch} = tiles.tm.
     ``existing`` (outputs of an earlier launch over other rows) are aliased to the outputs:
-    rows this schedule does not visit keep their values.
+    rows this launch does not visit keep their values.
     """
     M, K = xs[0].shape
+    G = ws[0].shape[0]
     N = ws[0].shape[1] if transpose_rhs else ws[0].shape[2]
-    tm = meta.tile_m
+    tm = tiles.tm
     tn, tk = _block_dims(K, N, tiles)
     nt, nk = gmm_plan.cdiv(N, tn), gmm_plan.cdiv(K, tk)
     mask_k, mask_n = K % tk != 0, N % tn != 0
     clamp_rows = M >= tm
     in_dtype = xs[0].dtype
     num_out = fusion.num_out
+    W = table.shape[1]
 
     dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
-    slots = meta.max_tiles * nt
+    slots = gmm_segments.max_tiles(M, tm, G, launch) * nt
     persistent = tiles.occupancy > 0
     programs = min(slots, tiles.programs or num_sms() * tiles.occupancy) if persistent else slots
+    count = gmm_segments.TOTAL0 if launch == 0 else gmm_segments.G1
 
-    def kernel(tg_ref, tr_ref, tlo_ref, thi_ref, nt_ref, *refs):
+    def kernel(tab_ref, *refs):
         x_refs = refs[:fusion.num_lhs]
         w_refs = refs[fusion.num_lhs:fusion.num_lhs + fusion.num_rhs]
         o_refs = refs[len(refs) - num_out:]
-        active = nt_ref[0]
+        active = tab_ref[gmm_segments.SCALARS, count]
 
         def work_item(w):
             """Row tile x column block number ``w`` (< active * nt)."""
             t, nb = swizzle(w, active, nt, tiles.band)
-            g, row0, lo, hi = tg_ref[t], tr_ref[t], tlo_ref[t], thi_ref[t]
+            g, row0, hi = gmm_segments.decode(t, launch=launch, tm=tm, num_rows=M,
+                                              row=lambda r: tab_ref[r, pl.ds(0, W)], at=lambda r, i: tab_ref[r, i])
+            lo = row0
             if clamp_rows:
                 # Keep the [tm] row block inside lhs, so its loads need no row mask: the rows
                 # outside [lo, hi) it reads belong to other groups and are never stored (row i
@@ -153,7 +159,7 @@ def forward(xs, ws, meta: GroupMetadata, *, fusion: Fusion, tiles: Tiles, transp
                 work_item(pid)
 
     out_shape = [jax.ShapeDtypeStruct((M, N), dt) for dt in out_dtypes]
-    args = [*meta.tile_arrays(), *[x.astype(in_dtype) for x in xs], *ws]
+    args = [table, *[x.astype(in_dtype) for x in xs], *ws]
     aliases = {}
     if existing is not None:
         aliases = {len(args) + i: i for i in range(num_out)}
@@ -161,7 +167,7 @@ def forward(xs, ws, meta: GroupMetadata, *, fusion: Fusion, tiles: Tiles, transp
     itemsize = jnp.dtype(in_dtype).itemsize
     cost = pl.CostEstimate(
         flops=2 * M * K * N * fusion.num_terms,
-        bytes_accessed=(M * K * fusion.num_lhs * nt + meta.num_groups * K * N * fusion.num_rhs) * itemsize
+        bytes_accessed=(M * K * fusion.num_lhs * nt + G * K * N * fusion.num_rhs) * itemsize
         + M * N * sum(jnp.dtype(d).itemsize for d in out_dtypes),
         transcendentals=M * N if fusion.epilogue != "none" else 0)
     call = pl.pallas_call(

@@ -1,27 +1,31 @@
 """GPU entry points of the grouped matmuls: schedule, tile choice, kernel launches.
 
 ``forward`` runs a forward :class:`~pallas_kernels.common.gmm_plan.Fusion` (gmm, dual
-gmm, SwiGLU) and ``transposed`` the weight-gradient kernel; both take group sizes,
-build the :class:`~sparse_jax.group_metadata.GroupMetadata` on device and launch.
+gmm, SwiGLU) and ``transposed`` the weight-gradient kernel. Each first launches the
+one-program schedule kernel (:mod:`pallas_kernels.triton.gmm_table`) on ``group_sizes``:
+no XLA op runs between the caller's arrays and the matmul launches, and nothing syncs
+with the host.
 
 Adaptive tile height: each group's rows are split between a big-tile launch (full,
 compute-bound tiles) and a small-tile launch (the tail of a group, or whole small
-groups, where a big tile would mostly compute padding) by the device-side cost model
-of :func:`~pallas_kernels.common.gmm_plan.split_rows`. Both launches always run (the
-second writes into the first's output buffer); a launch with no tiles costs one
-launch of early-exiting programs. No ``lax.switch`` (an XLA:GPU conditional reads its
-predicate on the host), no host sync.
+groups, where a big tile would mostly compute padding) by the cost model of
+:func:`~pallas_kernels.common.gmm_plan.split_rows`, evaluated inside the schedule kernel.
+Both launches always run (the second writes into the first's output buffer); a launch
+with no tiles costs one launch of early-exiting programs. No ``lax.switch`` (an XLA:GPU
+conditional reads its predicate on the host).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax.numpy as jnp
 
 from pallas_kernels.common import gmm_plan
 from pallas_kernels.common.gmm_plan import Fusion, Tiles
 from pallas_kernels.triton import gmm as gmm_kernel
+from pallas_kernels.triton import gmm_table
 from pallas_kernels.triton import tgmm as tgmm_kernel
-from sparse_jax.group_metadata import local_group_bounds, metadata_from_rows
 
 # (big, small) per fusion kind for 2-byte inputs; benchmarks/tune_gmm.py sweeps them.
 FORWARD_TILES = {
@@ -58,22 +62,18 @@ def forward(xs, ws, group_sizes, group_offset, *, fusion: Fusion, transpose_rhs:
     N = ws[0].shape[1] if transpose_rhs else ws[0].shape[2]
     itemsize = jnp.dtype(xs[0].dtype).itemsize
     tiles, policy, cost = forward_tiles(fusion, itemsize)
-    starts, ends = local_group_bounds(group_sizes, M, G, group_offset)
     run = dict(fusion=fusion, transpose_rhs=transpose_rhs, out_dtypes=out_dtypes, interpret=interpret)
+    sched = dict(num_rows=M, num_groups=G, interpret=interpret)
     if len(tiles) == 1 or policy in ("big", "small"):
         t = tiles[-1] if policy == "small" else tiles[0]
-        meta = metadata_from_rows(starts, ends, num_rows=M, tile_m=t.tm, align="group", zero_fill=True,
-                                  visit_empty=False)
-        return gmm_kernel.forward(xs, ws, meta, tiles=t, **run)
+        table = gmm_table.schedule_table(group_sizes, group_offset, tm0=t.tm, **sched)
+        return gmm_kernel.forward(xs, ws, table, launch=0, tiles=t, **run)
     big, small = tiles
-    split = gmm_plan.split_rows(starts, ends, tm_big=big.tm, tm_small=small.tm, k=K, n=N,
-                                num_rhs=fusion.num_rhs, itemsize=itemsize, cost=cost)
-    meta_big = metadata_from_rows(starts, ends, num_rows=M, tile_m=big.tm, align="group", zero_fill=True,
-                                  visit_empty=False, rows_end=split)
-    meta_small = metadata_from_rows(starts, ends, num_rows=M, tile_m=small.tm, align="group", zero_fill=False,
-                                    visit_empty=False, rows_start=split)
-    outs = gmm_kernel.forward(xs, ws, meta_big, tiles=big, **run)
-    return gmm_kernel.forward(xs, ws, meta_small, tiles=small, existing=outs, **run)
+    split = functools.partial(gmm_plan.split_rows, tm_big=big.tm, tm_small=small.tm, k=K, n=N,
+                              num_rhs=fusion.num_rhs, itemsize=itemsize, cost=cost)
+    table = gmm_table.schedule_table(group_sizes, group_offset, tm0=big.tm, tm1=small.tm, split=split, **sched)
+    outs = gmm_kernel.forward(xs, ws, table, launch=0, tiles=big, **run)
+    return gmm_kernel.forward(xs, ws, table, launch=1, tiles=small, existing=outs, **run)
 
 
 def transposed(lhs, rhs, group_sizes, group_offset, *, num_groups: int, out_dtype, interpret: bool = False):
@@ -82,5 +82,7 @@ def transposed(lhs, rhs, group_sizes, group_offset, *, num_groups: int, out_dtyp
     ov = gmm_plan.current_override()
     tiles = ov.transposed if ov is not None and ov.transposed is not None else \
         _for_itemsize(TRANSPOSED_TILES, jnp.dtype(lhs.dtype).itemsize)
-    starts, ends = local_group_bounds(group_sizes, M, num_groups, group_offset)
-    return tgmm_kernel.transposed(lhs, rhs, starts, ends, tiles=tiles, out_dtype=out_dtype, interpret=interpret)
+    table = gmm_table.schedule_table(group_sizes, group_offset, num_rows=M, num_groups=num_groups, tm0=1,
+                                     interpret=interpret)
+    return tgmm_kernel.transposed(lhs, rhs, table, num_groups=num_groups, tiles=tiles, out_dtype=out_dtype,
+                                  interpret=interpret)

@@ -20,7 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import gmm_plan
+from pallas_kernels.common import gmm_plan, gmm_segments
 from pallas_kernels.common.gmm_plan import Tiles
 from pallas_kernels.triton.gmm import swizzle
 from sparse_jax import _compat
@@ -28,26 +28,32 @@ from sparse_jax import _compat
 DEFAULT = Tiles(tm=64, tn=128, tk=128, num_warps=8, num_stages=3, band=8)
 
 
-def transposed(lhs, rhs, group_starts, group_ends, *, tiles: Tiles, out_dtype, interpret: bool = False):
-    """lhs [M, K], rhs: tuple of [M, N], group rows [group_starts[g], group_ends[g]) (int32 [G],
-    as in :class:`~sparse_jax.group_metadata.GroupMetadata`) -> tuple of [G, K, N] (``out_dtype``).
+def transposed(lhs, rhs, table, *, num_groups: int, tiles: Tiles, out_dtype, interpret: bool = False):
+    """lhs [M, K], rhs: tuple of [M, N] -> tuple of [num_groups, K, N] (``out_dtype``).
 
-    Needs no tile schedule: a program walks its group's rows itself.
+    Local group g is global group ``OFF + g`` of ``table`` (int32 [6, W] from
+    ``gmm_table.schedule_table``), rows [START, END); groups past the table's groups are
+    empty. Needs no tile schedule: a program walks its group's rows itself.
     """
     M, K = lhs.shape
     N = rhs[0].shape[1]
-    G = group_starts.shape[0]
+    G = num_groups
+    W = table.shape[1]
+    S = gmm_segments
     tm = tiles.tm
     tk, tn = gmm_plan.pow2_block(K, tiles.tk), gmm_plan.pow2_block(N, tiles.tn)
     kt, nt = gmm_plan.cdiv(K, tk), gmm_plan.cdiv(N, tn)
     P = len(rhs)
 
-    def kernel(start_ref, end_ref, x_ref, *refs):
+    def kernel(tab_ref, x_ref, *refs):
         r_refs, o_refs = refs[:P], refs[P:]
         pid = pl.program_id(0)
         g = pid // (kt * nt)
         kb, nb = swizzle(pid % (kt * nt), kt, nt, tiles.band)
-        start, end = start_ref[g], end_ref[g]
+        h = tab_ref[S.SCALARS, S.OFF] + g
+        hc = jnp.minimum(h, W - 1)
+        start = tab_ref[S.START, hc]
+        end = jnp.where(h < W, tab_ref[S.END, hc], start)  # columns past G_total hold empty groups
         ks = kb * tk + lax.broadcasted_iota(jnp.int32, (tk,), 0)
         ns = nb * tn + lax.broadcasted_iota(jnp.int32, (tn,), 0)
         k_ok, n_ok = ks < K, ns < N
@@ -84,4 +90,4 @@ def transposed(lhs, rhs, group_starts, group_ends, *, tiles: Tiles, out_dtype, i
         cost_estimate=cost,
         name=f"tgmm_{P}_{tm}x{tk}x{tn}",
     )
-    return tuple(call(group_starts, group_ends, lhs, *[r.astype(lhs.dtype) for r in rhs]))
+    return tuple(call(table, lhs, *[r.astype(lhs.dtype) for r in rhs]))
