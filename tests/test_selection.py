@@ -190,6 +190,10 @@ def test_per_head_thresholds_and_budget_cap():
 def test_limit_blocks_rejects_nonpositive():
     with pytest.raises(ValueError, match="positive"):
         sel.limit_blocks(jnp.ones((2, 4), bool), jnp.ones((2, 4)), 0)
+    with pytest.raises(ValueError, match="threshold"):
+        sel.cumulative_threshold(jnp.ones((1, 1, 2, 2)), -0.1)
+    with pytest.raises(ValueError, match="block_scores"):
+        sel.cumulative_threshold(jnp.ones((2, 2)), 0.5)
 
 
 # -- selectors -------------------------------------------------------------------------------

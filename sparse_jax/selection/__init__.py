@@ -12,13 +12,14 @@ for :func:`sparse_jax.block_sparse_attention`.
 :func:`vertical_slash`   MInference's columns + diagonals from the last queries
 =======================  ===========================================================
 
-Building blocks: :func:`cumulative_threshold`, :func:`limit_blocks`, the scores in
-:mod:`sparse_jax.selection.scores`, :func:`to_block_mask`. GQA: ``gqa="per_head"`` gives
+Building blocks: :func:`cumulative_threshold` and :func:`limit_blocks` (bool block
+selections), the scores in :mod:`sparse_jax.selection.scores`, :func:`to_block_mask`;
+:mod:`sparse_jax.selection.synthetic` plants attention patterns for evaluation. GQA: ``gqa="per_head"`` gives
 [B, Hq] tables, ``"union"`` / ``"mean"`` one table per kv head (see also
 :func:`sparse_jax.gqa_union`).
 """
 
-from sparse_jax.selection import scores
+from sparse_jax.selection import scores, synthetic
 from sparse_jax.selection._geometry import Grid
 from sparse_jax.selection.scores import (antidiagonal_block_scores, last_block_importance, pooled_block_logits,
                                          pooled_block_scores)
@@ -30,4 +31,4 @@ from sparse_jax.selection.xattention import xattention
 
 __all__ = ["xattention", "threshold_blocks", "topk_blocks", "vertical_slash", "cumulative_threshold",
            "limit_blocks", "to_block_mask", "antidiagonal_block_scores", "pooled_block_scores",
-           "pooled_block_logits", "last_block_importance", "scores", "Grid"]
+           "pooled_block_logits", "last_block_importance", "scores", "synthetic", "Grid"]

@@ -18,7 +18,11 @@ GQA_MODES = ("per_head", "union", "mean")
 
 
 def _threshold_array(threshold, ndim_batch_heads):
-    """float or [H] / [B, H] -> f32 broadcastable to [B, H, 1, 1]."""
+    """float or [H] / [B, H] -> f32 broadcastable to [B, H, 1, 1] (concrete values checked)."""
+    if not isinstance(threshold, jax.core.Tracer):
+        t = np.asarray(threshold, np.float64)
+        if np.any(~np.isfinite(t)) or np.any(t < 0):
+            raise ValueError(f"threshold must be finite and >= 0; got {threshold!r}")
     t = jnp.asarray(threshold, jnp.float32)
     if t.ndim > 2:
         raise ValueError(f"threshold must be a scalar, [H] or [B, H]; got shape {tuple(t.shape)}")
