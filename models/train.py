@@ -66,7 +66,7 @@ class TrainConfig:
 @functools.lru_cache(maxsize=32)
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     """Clip by global norm, then AdamW on a warmup-cosine schedule (no decay on norms / 1-D params)."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, min(tc.warmup_steps, tc.steps), tc.steps,
+    schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, min(tc.warmup_steps, tc.steps - 1), tc.steps,
                                                   tc.lr * tc.min_lr_ratio)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
     return optax.chain(optax.clip_by_global_norm(tc.grad_clip),
@@ -179,13 +179,16 @@ class TrainResult:
 
 
 def train(model: DecoderLM | ModelConfig, task, tc: TrainConfig, *, ckpt_dir: str | None = None,
-          resume: bool = False, until: int | None = None, desc: str = "train") -> TrainResult:
+          resume: bool = False, until: int | None = None, time_limit_s: float | None = None,
+          desc: str = "train") -> TrainResult:
     """Train ``model`` (or a fresh model of a config) on ``task`` for ``tc.steps`` steps in all.
 
     With ``ckpt_dir`` the run checkpoints every ``tc.ckpt_every`` steps and at the end;
     with ``resume`` it first restores the latest checkpoint there (if any) and trains
     only the remaining steps. ``until`` stops after that step (as a preemption would:
-    the schedule still spans ``tc.steps``), saving a checkpoint there.
+    the schedule still spans ``tc.steps``), saving a checkpoint there. ``time_limit_s``
+    likewise stops after the first step that ends past that many seconds (the result's
+    ``history`` tells how far it got).
     """
     if isinstance(model, ModelConfig):
         model = DecoderLM(model, rngs=nnx.Rngs(tc.seed))
@@ -214,6 +217,9 @@ def train(model: DecoderLM | ModelConfig, task, tc: TrainConfig, *, ckpt_dir: st
     bar = tqdm(range(start + 1, end + 1), desc=desc, disable=not tc.progress, leave=False)
     for s in bar:
         pending.append((s, step_fn(model, optimizer, jax.random.fold_in(data_key, s))))
+        if time_limit_s is not None and s < end and time.perf_counter() - t0 > time_limit_s:
+            jax.block_until_ready(pending[-1][1])
+            end = s
         if s % 25 == 0 or s == end:
             flush()
             bar.set_postfix(loss=f"{history[-1]['task_loss']:.3f}")
@@ -222,6 +228,8 @@ def train(model: DecoderLM | ModelConfig, task, tc: TrainConfig, *, ckpt_dir: st
                                                  seed=tc.eval_seed, eval_step=eval_step)))
         if mngr is not None and tc.ckpt_every and s % tc.ckpt_every == 0 and s != end:
             save_checkpoint(mngr, s, model, optimizer, data_key, meta)
+        if s == end:
+            break
     bar.close()
     flush()
     if start < end:

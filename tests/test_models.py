@@ -145,3 +145,35 @@ def test_train_config_errors():
         T.TrainConfig(steps=0)
     with pytest.raises(ValueError, match="ckpt_dir"):
         T.train(tiny(), tasks.MQAR(32, 2, 2, VOCAB), T.TrainConfig(steps=2, progress=False), resume=True)
+
+
+def test_time_limit_stops_training_early():
+    task = tasks.MQAR(32, num_pairs=2, num_queries=2, vocab=VOCAB)
+    tc = T.TrainConfig(steps=80, batch_size=16, lr=1e-2, warmup_steps=10, progress=False)
+    res = T.train(tiny(), task, tc, time_limit_s=0.0)
+    assert [h["step"] for h in res.history] == [1] and res.evals[-1]["step"] == 1
+
+
+# -- the study's pieces (the study itself runs as `python -m models.study --preset cpu`) -----------
+def test_study_variants_and_report(tmp_path):
+    from models import study_report, study_variants
+
+    variants = study_variants.swap_variants(256, 32)
+    names = [v.name for v in variants]
+    assert len(names) == len(set(names)) and names[0] == "dense"
+    assert {"sliding_window", "chunked", "sinks"} <= {v.family for v in variants}
+    for v in variants:  # every spec builds a model config
+        tiny(attention=v.spec)
+    rows = [dict(family="dense", knob="", name="dense", accuracy=0.9, density_vs_causal=1.0),
+            dict(family="sliding_window", knob="window=64", name="sliding_window window=64", accuracy=0.4,
+                 density_vs_causal=0.3, time_ms=1.0, speed_density_vs_causal=0.3, note="a | b")]
+    result = dict(preset=dict(name="test", size="tiny", seq_len=256, block_size=32, speed_batch=1, speed_len=256,
+                              dtype="float32"),
+                  env=dict(device="cpu", backend="xla", jax=jax.__version__),
+                  dense_training=dict(params=1000, steps=10, seconds=1.0, final_loss=1.0),
+                  swaps=rows, native=[], notes=["n"], seconds=2.0)
+    written = study_report.write(result, [str(tmp_path)])
+    assert all((tmp_path / f).stat().st_size > 0 for f in
+               ("results.json", "summary.md", "accuracy_vs_density.png", "speed_vs_density.png"))
+    md = (tmp_path / "summary.md").read_text()
+    assert "| sliding_window window=64 | 0.300 |" in md and "a \\| b" in md and len(written) == 4

@@ -95,6 +95,9 @@ MASKS = {
     "causal": sj.masks.causal,
     "sliding": sj.masks.sliding_window(9, causal=True),
     "chunked": sj.masks.chunked(16, causal=True),
+    # not classified exactly per block: the host build refines blocks, here inside the jit trace
+    "sinks": sj.masks.and_masks(sj.masks.causal, sj.masks.or_masks(sj.masks.sliding_window(8, causal=True),
+                                                                  sj.masks.KVPrefix(8))),
 }
 
 

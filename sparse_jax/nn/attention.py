@@ -49,7 +49,10 @@ class BlockTables:
             return self.fixed
         key = (int(q_len), int(kv_len))
         if key not in self._built:
-            self._built[key] = create_block_mask(self.mask, None, self.heads, q_len, kv_len, self.block_size)
+            # Built while a layer is being traced: evaluate the builder's own jitted helpers
+            # eagerly (on the host) instead of staging them into the caller's trace.
+            with jax.ensure_compile_time_eval():
+                self._built[key] = create_block_mask(self.mask, None, self.heads, q_len, kv_len, self.block_size)
             self.builds += 1
         return self._built[key]
 
