@@ -1,4 +1,8 @@
-"""GroupMetadata: every row covered exactly once, tiles inside one group, static bounds, on-device build."""
+"""Tile schedules: every row covered exactly once, tiles inside one group, static bounds, on-device build.
+
+GroupMetadata (the TPU kernels' per-slot schedule) and the GPU segment table
+(``pallas_kernels.common.gmm_segments``: one schedule kernel, tiles decoded in the matmul).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pallas_kernels.common import gmm_plan
-from sparse_jax.group_metadata import GroupMetadata, local_group_bounds, make_group_metadata, metadata_from_rows
+from pallas_kernels.common import gmm_plan, gmm_segments
+from sparse_jax.group_metadata import GroupMetadata, local_group_bounds, make_group_metadata
 
 
 def _np_bounds(sizes, M, G=None, offset=0):
@@ -119,29 +123,84 @@ def test_bad_group_sizes_raise():
         make_group_metadata(jnp.array([1, 2], jnp.int32), num_rows=4, tile_m=2, align="rows")
 
 
+@functools.cache
+def _table_and_tiles(M, G, G_total, tm0, tm1, cost):
+    """jit: (sizes, offset) -> (table, per-launch (group, first, end) of every slot t < max_tiles)."""
+    split = None if tm1 is None else functools.partial(gmm_plan.split_rows, tm_big=tm0, tm_small=tm1, k=64, n=64,
+                                                       num_rhs=1, itemsize=2, cost=cost)
+
+    def build(sizes, off):
+        table = gmm_segments.table_xla(sizes, off, num_rows=M, num_groups=G, tm0=tm0, tm1=tm1, split=split)
+        out = []
+        for launch, tm in ((0, tm0), (1, tm1 or tm0)):
+            t = jnp.arange(gmm_segments.max_tiles(M, tm, G, launch), dtype=jnp.int32)
+            out.append(jax.vmap(lambda t: gmm_segments.decode(t, launch=launch, tm=tm, num_rows=M,
+                                                              row=lambda r: table[r], at=lambda r, i: table[r, i]))(t))
+        return table, out
+    return jax.jit(build)
+
+
 @settings(max_examples=25, deadline=None)
-@given(sizes=sizes_st, bw=st.sampled_from([1e3, 1e9]), small=st.sampled_from([100.0, 600.0]))
-def test_split_rows_partitions_each_group(sizes, bw, small):
-    """Big-tile share: whole group, or full big tiles; the small-tile kernel gets the rest."""
-    M, tb, ts = 61, 16, 4
-    starts, ends = local_group_bounds(jnp.asarray(sizes, jnp.int32), M)
-    cost = gmm_plan.CostModel(big_tflops=600.0, small_tflops=small, big_gbps=bw, small_gbps=bw)
-    split = np.asarray(gmm_plan.split_rows(starts, ends, tm_big=tb, tm_small=ts, k=64, n=64, num_rhs=1, itemsize=2,
-                                           cost=cost))
-    starts, ends = np.asarray(starts), np.asarray(ends)
-    assert np.all((starts <= split) & (split <= ends))
-    big = split - starts
-    assert np.all((big == ends - starts) | (big % tb == 0))
-    # the two schedules together cover each row once
+@given(sizes=sizes_st, offset=st.sampled_from([None, 0, 2, 4]),
+       tiles=st.sampled_from([(16, None, 1e9), (16, 4, 1e3), (8, 2, 1e9)]))  # (tm0, tm1, weight GB/s of the model)
+def test_segment_table_covers_every_row_once(sizes, offset, tiles):
+    """Zero-fill tiles (launch 0) cover exactly the rows of no local group; every local row is in one
+    tile of one launch, of its own group; tiles are group-aligned and at most tm rows; launch 0 takes
+    whole groups or full big tiles; slot counts stay under the static bound."""
+    M, (tm0, tm1, bw) = 61, tiles
+    G = 5 if offset is None else 3
+    cost = gmm_plan.CostModel(big_tflops=600.0, small_tflops=300.0, big_gbps=bw, small_gbps=bw)
+    table, launches = _table_and_tiles(M, G, 5, tm0, tm1, cost)(jnp.asarray(sizes, jnp.int32), jnp.int32(offset or 0))
+    table = np.asarray(table)
+    W = gmm_segments.table_width(5)
+    assert table.shape == (gmm_segments.NUM_ROWS, W)
+    all_starts, all_ends = _np_bounds(sizes, M)
+    np.testing.assert_array_equal(table[gmm_segments.START, :5], all_starts)
+    np.testing.assert_array_equal(table[gmm_segments.END, :5], all_ends)
+    starts, ends = _np_bounds(sizes, M, G, offset or 0)
+    owner = _row_owner(starts, ends, M)
+    sc = table[gmm_segments.SCALARS]
+    counts = (sc[gmm_segments.TOTAL0], sc[gmm_segments.G1])
     covered = np.zeros(M, int)
-    for rs, re, tm, zero in ((starts, split, tb, True), (split, ends, ts, False)):
-        meta = metadata_from_rows(jnp.asarray(starts), jnp.asarray(ends), num_rows=M, tile_m=tm, align="group",
-                                  zero_fill=zero, visit_empty=False, rows_start=jnp.asarray(rs),
-                                  rows_end=jnp.asarray(re))
-        n, (_, _, lo, hi) = _tiles(meta)
-        for t in range(n):
-            covered[lo[t]:hi[t]] += 1
+    for launch, (tm, (grp, first, end)) in enumerate(zip((tm0, tm1 or tm0), launches)):
+        n = int(counts[launch])
+        assert n <= gmm_segments.max_tiles(M, tm, G, launch)
+        grp, first, end = (np.asarray(a)[:n] for a in (grp, first, end))
+        for g, f, e in zip(grp, first, end):
+            assert 0 <= f <= e <= M and e - f <= tm, (launch, g, f, e)
+            assert np.all(owner[f:e] == g), (launch, g, f, e, owner[f:e])
+            covered[f:e] += 1
+            if g >= 0:  # group-aligned: a tile starts a multiple of tm into its share of the group
+                seg = table[gmm_segments.START if launch == 0 else gmm_segments.MID, (offset or 0) + g]
+                assert (f - seg) % tm == 0
+        if launch == 1:
+            assert np.all(grp >= 0), "only launch 0 zero-fills"
     np.testing.assert_array_equal(covered, 1)
+    if tm1 is not None:  # launch 0's share of a group: all of it or whole big tiles
+        mid, st_ = table[gmm_segments.MID], table[gmm_segments.START]
+        for g in range(G):
+            h = (offset or 0) + g
+            if h < 5:
+                big = mid[h] - st_[h]
+                assert big == ends[g] - starts[g] or big % tm0 == 0
+
+
+@pytest.mark.parametrize("sizes,offset,G,tiles", [
+    ([7, 0, 30, 1, 12], None, 5, (16, 4)),                       # G_total=5: padded to W=8
+    ([3, 0, 9, 1, 0, 25, 13, 10, 2], 2, 5, (32, 16)),            # group offset, W=16
+])
+def test_schedule_kernel_matches_xla_table(sizes, offset, G, tiles):
+    """The one-program Pallas-Triton schedule kernel (interpreted) writes the table XLA computes."""
+    from pallas_kernels.triton import gmm_table
+    tm0, tm1 = tiles
+    cost = gmm_plan.CostModel(big_tflops=600.0, small_tflops=300.0, big_gbps=2000.0, small_gbps=2500.0)
+    split = None if tm1 is None else functools.partial(gmm_plan.split_rows, tm_big=tm0, tm_small=tm1, k=4096,
+                                                       n=14336, num_rhs=1, itemsize=2, cost=cost)
+    gs = jnp.asarray(sizes, jnp.int32)
+    off = None if offset is None else jnp.int32(offset)
+    kw = dict(num_rows=70, num_groups=G, tm0=tm0, tm1=tm1, split=split)
+    got = jax.jit(lambda g, o: gmm_table.schedule_table(g, o, interpret=True, **kw))(gs, off)
+    np.testing.assert_array_equal(got, gmm_segments.table_xla(gs, off, **kw))
 
 
 def test_split_rows_prefers_small_tiles_for_tails_when_they_are_cheap():
