@@ -1,21 +1,35 @@
 #!/usr/bin/env python3
-"""PTX evidence for the Triton attention kernels *without a GPU*: registers, spills, shared
-memory, wgmma vs mma.sync, ex2.approx and cp.async counts per launch config.
+"""Codegen evidence for the Triton attention kernels, with or without a GPU: registers, spills,
+shared memory, CTAs per SM, wgmma vs mma.sync, and per-loop SASS instruction counts.
 
-Pallas lowers each kernel to Triton IR on the CPU (``_compat.export(..., "cuda")``); this
-script captures that IR and compiles it for sm_90a with the ``triton`` Python package
-(which ships ptxas) in a *separate* interpreter, so sparse-jax itself never depends on
-triton. XLA runs its own copy of Triton's pass pipeline on the GPU, so numbers can differ
-slightly from what the GPU build gets (``benchmarks/tune_attention.py`` collects those).
+Pallas lowers each kernel to Triton IR (``_compat.export(..., "cuda")`` on a CPU; the same
+lowering on a GPU machine); this script captures that IR and compiles it for sm_90a with the
+``triton`` Python package (which ships ptxas, cuobjdump and nvdisasm), in a separate
+interpreter when sparse-jax's does not have triton. XLA runs its own copy of Triton's pass
+pipeline on the GPU, so numbers can differ slightly from the GPU build.
 
-    python -m venv /tmp/tritonvenv && /tmp/tritonvenv/bin/pip install triton
+What it reports per kernel (one JSON line each):
+
+* ``regs`` / ``spill_st`` (ptxas -v), ``smem`` (bytes Triton allocates), ``ctas_per_sm``
+  (min over the register file, 228 KB of shared memory and 64 warps);
+* ``loops``: for every loop of the SASS (a backward branch), its instruction count per warp
+  and the mix (HGMMA, MUFU.EX2, LDGSTS, integer address math, FMUL, spills, BAR...);
+* ``kv_prefetch``: per ``scf.for`` of the TTGIR, how many K/V buffers it cycles and the
+  ``async_wait`` depth (``num``): a loop whose wait is ``num = 0`` prefetches one step ahead.
+
+    python -m venv /tmp/tritonvenv && /tmp/tritonvenv/bin/pip install triton==3.6.0
     PYTHONPATH=. python benchmarks/attention_ptx_local.py --triton-python /tmp/tritonvenv/bin/python \\
-        --D 128 --fwd 128,64,8,3 --fwd 128,128,8,2 --dq 64,64,4,2 --dkdv 64,64,8,2 [--fused]
+        --D 128 --mask dense --fwd block_q=128,block_kv=64,num_warps=4,num_stages=2,lazy_rescale=1 \\
+        --bwd block_q_dq=128,block_kv_dq=128,warps_dq=8 --out /tmp/bsa_ptx
+
+``--fwd`` / ``--bwd`` take ``FwdConfig`` / ``BwdConfig`` fields as ``key=value`` (repeatable;
+a bare 4-tuple ``128,64,8,3`` also works for the forward).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import glob
 import json
 import os
@@ -26,111 +40,247 @@ import tempfile
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+SMEM_PER_SM = 233472  # bytes of shared memory per SM on sm_90 (228 KiB); 1 KiB reserved per CTA
+REGS_PER_SM = 65536
 
-def _capture(out_dir, D, S, fwds, bwds, fused):
-    """Export forward + backward for each config and write <tag>_<kernel>.ttir / .json."""
-    import jax
-    import jax.numpy as jnp
-    from jax._src.pallas.triton import pallas_call_registration as reg
+SASS_CLASSES = [
+    ("HGMMA", r"^HGMMA"), ("HMMA", r"^HMMA"), ("MUFU.EX2", r"^MUFU\.EX2"), ("MUFU", r"^MUFU"),
+    ("LDGSTS", r"^LDGSTS"), ("LDG", r"^LDG"), ("STG", r"^STG"), ("ATOM/RED", r"^(ATOM|RED)"),
+    ("LDS", r"^LDS"), ("STS", r"^STS"), ("BAR", r"^BAR"), ("DEPBAR", r"^DEPBAR"), ("SHFL", r"^SHFL"),
+    ("FFMA", r"^FFMA"), ("FMUL", r"^FMUL"), ("FADD", r"^FADD"), ("FMNMX", r"^FMNMX"), ("F2FP", r"^F2F"),
+    ("FSETP/FSEL", r"^(FSETP|FSEL)"), ("STL/LDL", r"^(STL|LDL)"),
+    ("INT", r"^(IMAD|IADD|LEA|SHF|LOP|ISETP|SEL|MOV|IABS|VIADD|PRMT|U\w+|R2UR|S2UR|PLOP3|P2R|R2P)"),
+]
+
+
+# -- kernel side (needs only the triton package) --------------------------------------------------
+def sass_loops(sass: str) -> list[dict]:
+    """Instruction mix of every loop (backward branch) in a cuobjdump -sass listing."""
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            text = m.group(2).strip()
+            op = re.sub(r"^@!?U?P\w+\s+", "", text).split()
+            ins.append((int(m.group(1), 16), op[0] if op else "", text))
+    loops = []
+    for addr, op, text in ins:
+        m = re.search(r"BRA\s+0x([0-9a-f]+)", text) if op.startswith("BRA") else None
+        if m and int(m.group(1), 16) < addr:
+            lo = int(m.group(1), 16)
+            body = [o for a, o, _ in ins if lo <= a <= addr]
+            mix = collections.Counter(next((name for name, pat in SASS_CLASSES if re.match(pat, o)), "other")
+                                      for o in body)
+            loops.append(dict(start=hex(lo), instructions=len(body), mix=dict(mix.most_common())))
+    return loops
+
+
+def ttgir_prefetch(ttgir: str) -> list[dict]:
+    """Per scf.for: the K/V ring size (largest memdesc ring allocated before it) and async_wait depths."""
+    out = []
+    lines = ttgir.splitlines()
+    ring = 0
+    for i, line in enumerate(lines):
+        m = re.search(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x", line)
+        if m:
+            ring = max(ring, int(m.group(1)))
+        if "scf.for" in line:
+            depth, waits = 1, []
+            for body in lines[i + 1:]:
+                depth += body.count("{") - body.count("}")
+                w = re.search(r"ttg\.async_wait .*\{num = (\d+)", body)
+                if w:
+                    waits.append(int(w.group(1)))
+                if depth <= 0:
+                    break
+            out.append(dict(buffers=ring, async_wait_num=waits))
+            ring = 0
+    return out
+
+
+def occupancy(regs: int | None, smem: int, warps: int) -> int | None:
+    if regs is None:
+        return None
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = REGS_PER_SM // (regs_per_warp * warps)
+    by_smem = SMEM_PER_SM // (smem + 1024)
+    return int(min(by_regs, by_smem, 64 // warps))
+
+
+def compile_ttir(path: str, opts: dict) -> dict:
+    """Run Triton 3.6's TTIR passes (triton.compile skips them for IR input; XLA runs them) and
+    compile to cubin for sm_90a; returns the statistics described in the module docstring."""
+    import triton
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    target = GPUTarget("cuda", 90, 32)
+    backend = CUDABackend(target)
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    backend.load_dialects(ctx)
+    mod = ir.parse_mlir_module(path, ctx)
+    mod.context = ctx
+    mod = backend.make_ttir(mod, {}, backend.parse_options(opts), 90)
+    base = path[:-5]
+    with open(base + ".opt.ttir", "w") as f:
+        f.write(str(mod))
+    k = triton.compile(base + ".opt.ttir", target=target, options=opts)
+    ptx = k.asm["ptx"]
+    for ext, data in ((".ptx", ptx), (".ttgir", k.asm["ttgir"])):
+        with open(base + ext, "w") as f:
+            f.write(data)
+    with open(base + ".cubin", "wb") as f:
+        f.write(k.asm["cubin"])
+    r = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", base + ".ptx", "-o", os.devnull],
+                       capture_output=True, text=True)
+    log = r.stdout + r.stderr
+    reg = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", base + ".cubin"], capture_output=True,
+                          text=True).stdout
+    with open(base + ".sass", "w") as f:
+        f.write(sass)
+    regs = int(reg.group(1)) if reg else None
+    smem = int(k.metadata.shared)
+    return dict(regs=regs, spill_st=int(spill.group(1)) if spill else None, smem=smem,
+                ctas_per_sm=occupancy(regs, smem, opts["num_warps"]),
+                wgmma=len(re.findall(r"wgmma\.mma_async", ptx)), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
+                ex2=len(re.findall(r"ex2\.approx", ptx)), cp_async=len(re.findall(r"cp\.async\.c[ag]", ptx)),
+                sass_total=dict(collections.Counter(
+                    o for o in re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9.]*)", sass)
+                    if o.split(".")[0] in ("HGMMA", "HMMA", "MUFU", "LDGSTS", "STL", "LDL", "BAR"))),
+                loops=sass_loops(sass), kv_prefetch=ttgir_prefetch(k.asm["ttgir"]))
+
+
+def compile_dir(out_dir: str) -> list[dict]:
+    """Compile every captured ``*.ttir`` of ``out_dir``; prints and returns one row per kernel."""
+    rows = []
+    for path in sorted(p for p in glob.glob(os.path.join(out_dir, "*.ttir")) if not p.endswith(".opt.ttir")):
+        with open(path[:-5] + ".json") as f:
+            meta = json.load(f)
+        opts = dict(num_warps=meta["num_warps"], num_stages=meta["num_stages"])
+        row = dict(kernel=os.path.basename(path)[:-5], **meta)
+        try:
+            row.update(compile_ttir(path, opts))
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {e}"[:400]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+# -- capture side (needs jax + sparse_jax) --------------------------------------------------------
+def parse_config(spec: str, kind: str):
+    """'key=value,...' (or 'bq,bkv,warps,stages' for the forward) -> FwdConfig / BwdConfig."""
+    from pallas_kernels.triton.attention_configs import BwdConfig, FwdConfig
+    cls = FwdConfig if kind == "fwd" else BwdConfig
+    if "=" not in spec:
+        return cls(*(int(x) for x in spec.split(",")))
+    kw = {}
+    for item in spec.split(","):
+        key, _, val = item.partition("=")
+        field = cls.__dataclass_fields__[key]
+        if field.type in ("bool", "bool | None"):
+            kw[key] = None if val == "None" else val.lower() in ("1", "true", "yes")
+        elif field.type in ("int", "int | None"):
+            kw[key] = None if val == "None" else int(val)
+        else:
+            kw[key] = val
+    return cls(**kw)
+
+
+def config_tag(cfg) -> str:
+    from pallas_kernels.triton.attention_configs import FwdConfig
+    default = type(cfg)()
+    if isinstance(cfg, FwdConfig):
+        tag = f"{cfg.block_q}x{cfg.block_kv}_w{cfg.num_warps}_s{cfg.num_stages}"
+        skip = ("block_q", "block_kv", "num_warps", "num_stages")
+    else:
+        tag = (f"dq{cfg.block_q_dq}x{cfg.block_kv_dq}w{cfg.warps_dq}s{cfg.stages_dq}_"
+               f"dkv{cfg.block_q_dkv}x{cfg.block_kv_dkv}w{cfg.warps_dkv}s{cfg.stages_dkv}")
+        skip = ("block_q_dq", "block_kv_dq", "warps_dq", "stages_dq", "block_q_dkv", "block_kv_dkv", "warps_dkv",
+                "stages_dkv")
+    for name in cfg.__dataclass_fields__:
+        if name not in skip and getattr(cfg, name) != getattr(default, name):
+            val = getattr(cfg, name)
+            tag += f"_{name}{int(val) if isinstance(val, bool) else val}"
+    return re.sub(r"[^\w.-]", "", tag)
+
+
+def make_mask(kind: str, S: int, block: int = 128):
+    import numpy as np
 
     import sparse_jax as sj
-    from pallas_kernels.triton import attention_configs as cfgs
+    from sparse_jax import masks
+    if kind == "dense":
+        return sj.create_block_mask(masks.full, None, None, S, S, block_size=block)
+    if kind == "causal":
+        return sj.create_block_mask(masks.causal, None, None, S, S, block_size=block)
+    if kind == "random":  # all-full random blocks, as in the sparsity benchmark
+        nb = S // block
+        sel = np.random.default_rng(0).random((nb, nb)) < 0.5
+        sel[np.arange(nb), np.arange(nb)] = True
+        return sj.BlockMask.from_block_bool(sel, S, S, block_size=block)
+    raise ValueError(f"unknown mask {kind!r}")
+
+
+def capture(out_dir: str, D: int, S: int, mask: str, fwds, bwds, H: int = 4, platform: str = "cuda") -> None:
+    """Lower forward (and backward) for each config; write <tag>_<kernel>.ttir / .json per kernel.
+
+    ``platform='cuda'`` lowers for an abstract H100 (works without a GPU); on a GPU machine pass
+    'gpu' to lower for the attached device through jit.
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax._src.pallas.triton import lowering
+
     from pallas_kernels.triton import block_sparse_attention as K
-    from sparse_jax import _compat, masks
+    from sparse_jax import _compat
 
     captured = []
-    original = reg.lowering.lower_jaxpr_to_triton_module
+    original = lowering.lower_jaxpr_to_triton_module
 
     def spy(*a, **kw):  # the Triton module of every pallas_call lowered
         result = original(*a, **kw)
         captured.append(result.module.operation.get_asm(enable_debug_info=False))
         return result
 
-    reg.lowering.lower_jaxpr_to_triton_module = spy
-    bm = sj.create_block_mask(masks.causal, None, None, S, S, block_size=128)
-    spec = jax.ShapeDtypeStruct((1, S, 4, D), jnp.bfloat16)
+    bm = make_mask(mask, S)
+    spec = jax.ShapeDtypeStruct((1, S, H, D), jnp.bfloat16)
     kw = dict(scale=D ** -0.5, softcap=None, segments_everywhere=False, interpret=False)
-    jobs = [("fwd", cfgs.FwdConfig(*f), None) for f in fwds]
-    jobs += [("bwd", None, cfgs.BwdConfig(*b, fused_dq=fused)) for b in bwds]
+
+    def lower(fn, n_args):
+        if platform == "cuda":
+            return _compat.export(fn, "cuda", *([spec] * n_args)).mlir_module()
+        return jax.jit(fn).lower(*([spec] * n_args)).as_text()
+
+    lowering.lower_jaxpr_to_triton_module = spy
     try:
-        for kind, fc, bc in jobs:
+        jobs = [("fwd", c) for c in fwds] + [("bwd", c) for c in bwds]
+        for kind, cfg in jobs:
             n0 = len(captured)
             if kind == "fwd":
-                fn = lambda q, k, v, fc=fc: K.forward(q, k, v, bm, None, None, None, None, config=fc, **kw)  # noqa
-                _compat.export(fn, "cuda", spec, spec, spec)
-                items = [(f"fwd_{fc.block_q}x{fc.block_kv}_w{fc.num_warps}_s{fc.num_stages}", fc.num_warps,
-                          fc.num_stages)]
+                text = lower(lambda q, k, v, c=cfg: K.forward(q, k, v, bm, None, None, None, None, config=c, **kw), 3)
             else:
-                def fn(q, k, v, do, bc=bc):
-                    o, lse = K.forward(q, k, v, bm, None, None, None, None, **kw)
-                    return K.backward(q, k, v, o, lse, do, bm, None, None, None, None, config=bc, **kw)
-                _compat.export(fn, "cuda", spec, spec, spec, spec)
-                items = [("fwd_default", 0, 0)]
-                if not bc.fused_dq:
-                    items.append((f"dq_{bc.block_q_dq}x{bc.block_kv_dq}_w{bc.warps_dq}_s{bc.stages_dq}", bc.warps_dq,
-                                  bc.stages_dq))
-                items.append((f"dkdv{'_fused' if bc.fused_dq else ''}_{bc.block_q_dkv}x{bc.block_kv_dkv}"
-                              f"_w{bc.warps_dkv}_s{bc.stages_dkv}", bc.warps_dkv, bc.stages_dkv))
-            for (tag, warps, stages), text in zip(items, captured[n0:]):
-                if tag == "fwd_default":
+                def fn(q, k, v, do, c=cfg):
+                    o, lse = jax.lax.stop_gradient(K.forward(q, k, v, bm, None, None, None, None, **kw))
+                    return K.backward(q, k, v, o, lse, do, bm, None, None, None, None, config=c, **kw)
+                text = lower(fn, 4)
+            calls = re.findall(r'name = "([^"]*)", num_stages = (\d+) : i32, num_warps = (\d+)', text)
+            for ir_text, (name, stages, warps) in zip(captured[n0:], calls):
+                if kind == "bwd" and name.endswith("_fwd"):
                     continue
-                base = os.path.join(out_dir, f"D{D}_{tag}")
+                short = name.replace("block_sparse_attention_", "")
+                base = os.path.join(out_dir, f"D{D}_{mask}_{short}_{config_tag(cfg)}")
                 with open(base + ".ttir", "w") as f:
-                    f.write(text)
+                    f.write(ir_text)
                 with open(base + ".json", "w") as f:
-                    json.dump(dict(num_warps=warps, num_stages=stages), f)
+                    json.dump(dict(num_warps=int(warps), num_stages=int(stages), mask=mask, D=D, S=S), f)
     finally:
-        reg.lowering.lower_jaxpr_to_triton_module = original
-
-
-def _compile(out_dir):
-    """(Runs under the triton interpreter.) Compile every .ttir for sm_90a and print stats."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    rows = []
-    for path in sorted(p for p in glob.glob(os.path.join(out_dir, "*.ttir")) if not p.endswith(".opt.ttir")):
-        with open(path[:-5] + ".json") as f:
-            opts = json.load(f)
-        row = dict(kernel=os.path.basename(path)[:-5], **opts)
-        try:
-            # triton.compile skips the TTIR passes for IR input; XLA runs them (canonicalize,
-            # combine dot+add into the accumulator, ...), so run them here first.
-            from triton._C.libtriton import ir
-            from triton.backends.nvidia.compiler import CUDABackend
-            backend = CUDABackend(GPUTarget("cuda", 90, 32))
-            ctx = ir.context()
-            ir.load_dialects(ctx)
-            backend.load_dialects(ctx)
-            mod = ir.parse_mlir_module(path, ctx)
-            mod.context = ctx
-            mod = backend.make_ttir(mod, {}, backend.parse_options(opts), 90)
-            opt_path = path[:-5] + ".opt.ttir"
-            with open(opt_path, "w") as f:
-                f.write(str(mod))
-            ptx = triton.compile(opt_path, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
-            with open(path[:-5] + ".ptx", "w") as f:
-                f.write(ptx)
-            r = subprocess.run([ptxas, "-arch=sm_90a", "-v", path[:-5] + ".ptx", "-o", path[:-5] + ".cubin"],
-                               capture_output=True, text=True)
-            log = r.stdout + r.stderr
-            reg = re.search(r"Used (\d+) registers", log)
-            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-            smem = re.search(r"\.shared \.align \d+ \.b8 \w+\[(\d+)\]", ptx)
-            row.update(regs=int(reg.group(1)) if reg else None,
-                       spill_st=int(spill.group(1)) if spill else None,
-                       wgmma=len(re.findall(r"wgmma\.mma_async", ptx)), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
-                       ex2=len(re.findall(r"ex2\.approx", ptx)), cp_async=len(re.findall(r"cp\.async\.c[ag]", ptx)),
-                       smem_decl=int(smem.group(1)) if smem else None)
-        except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {e}"[:300]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    return rows
-
-
-def _tuple(s):
-    return tuple(int(x) for x in s.split(","))
+        lowering.lower_jaxpr_to_triton_module = original
 
 
 def main():
@@ -138,24 +288,22 @@ def main():
     ap.add_argument("--triton-python", default=None, help="interpreter with the triton package")
     ap.add_argument("--D", type=int, default=128)
     ap.add_argument("--S", type=int, default=1024)
-    ap.add_argument("--fwd", action="append", default=[], type=_tuple, help="block_q,block_kv,warps,stages")
-    ap.add_argument("--dq", action="append", default=[], type=_tuple)
-    ap.add_argument("--dkdv", action="append", default=[], type=_tuple)
-    ap.add_argument("--fused", action="store_true", help="fused (atomic) dQ variant of the backward configs")
+    ap.add_argument("--mask", default="causal", choices=("dense", "causal", "random"))
+    ap.add_argument("--fwd", action="append", default=[], help="FwdConfig fields key=value,...")
+    ap.add_argument("--bwd", action="append", default=[], help="BwdConfig fields key=value,...")
     ap.add_argument("--out", default=None)
     ap.add_argument("--compile-only", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.compile_only:
-        _compile(args.compile_only)
+        compile_dir(args.compile_only)
         return
     out = args.out or tempfile.mkdtemp(prefix="bsa_ttir_")
     os.makedirs(out, exist_ok=True)
-    dqs = args.dq or [(64, 64, 4, 2)]
-    bwds = [dq + kv for dq in dqs for kv in (args.dkdv or [(64, 64, 8, 2)])] if (args.dq or args.dkdv) else []
-    _capture(out, args.D, args.S, args.fwd, bwds, args.fused)
+    capture(out, args.D, args.S, args.mask, [parse_config(s, "fwd") for s in args.fwd],
+            [parse_config(s, "bwd") for s in args.bwd])
     py = args.triton_python or sys.executable
     subprocess.run([py, os.path.abspath(__file__), "--compile-only", out], check=False)
-    print(f"Triton IR and PTX in {out}")
+    print(f"Triton IR, PTX, SASS in {out}")
 
 
 if __name__ == "__main__":

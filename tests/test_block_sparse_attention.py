@@ -33,6 +33,13 @@ def kb(kernel_backend):
     return backend, interpret
 
 
+def _covered_on_tpu_by(kb, test_name: str):
+    """Skip the Mosaic interpret run of a case tests/test_attention_tpu.py already covers (CPU
+    time: every case is a kernel compile per backend)."""
+    if kb[0] == "mosaic_tpu" and kb[1]:
+        pytest.skip(f"Mosaic: covered by tests/test_attention_tpu.py::{test_name}")
+
+
 def _inputs(seed, B, Sq, Skv, Hq, Hkv, D, dtype, Dv=None):
     Dv = D if Dv is None else Dv
     q = randn(seed, (B, Sq, Hq, D), dtype)
@@ -42,10 +49,14 @@ def _inputs(seed, B, Sq, Skv, Hq, Hkv, D, dtype, Dv=None):
     return q, k, v, do
 
 
-def _run(backend, interpret, q, k, v, do, bm, **kw):
-    """o, lse and (dq, dk, dv) of the public op, jitted once."""
+# On the CPU (interpret mode) XLA's backend optimisations cost a third of each case's compile
+# time and buy nothing for these tiny shapes.
+_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
 
-    @jax.jit
+
+def _run(backend, interpret, q, k, v, do, bm, **kw):
+    """o, lse and (dq, dk, dv) of the public op, compiled once."""
+
     def f(q, k, v, do):
         def fn(q, k, v):
             o, lse = sj.block_sparse_attention(q, k, v, bm, backend=backend, interpret=interpret, return_lse=True,
@@ -54,7 +65,8 @@ def _run(backend, interpret, q, k, v, do, bm, **kw):
         o, vjp, lse = jax.vjp(fn, q, k, v, has_aux=True)
         return o, lse, vjp(do)
 
-    return f(q, k, v, do)
+    compiled = jax.jit(f).lower(q, k, v, do).compile(compiler_options=_COMPILER_OPTIONS)
+    return compiled(q, k, v, do)
 
 
 _REFERENCE_CACHE: dict = {}
@@ -109,53 +121,54 @@ def _random_blocks(seed, shape, density, diagonal=False):
 
 
 # -- masks -----------------------------------------------------------------------------------
-def test_causal_ragged_f32(kb):
-    q, k, v, do = _inputs(0, 1, 200, 200, 2, 2, 32, jnp.float32)
-    bm = sj.create_block_mask(masks.causal, None, None, 200, 200, block_size=64)
+# Each case below combines several features on one small shape (CPU interpret mode is slow:
+# one case is one compile of three kernels per backend).
+def test_causal_ragged_softcap_segments_f32(kb):
+    """Ragged last block, softcap with a custom scale, explicit segment ids (which apply inside
+    full blocks too): causal 64-blocks over 200 positions."""
+    _covered_on_tpu_by(kb, "test_positions_segments_and_dead_rows, test_decode_gqa8_softcap_bf16")
+    S = 200
+    q, k, v, do = _inputs(0, 1, S, S, 2, 2, 32, jnp.float32)
+    seg = np.random.default_rng(6).integers(0, 3, S).astype(np.int32)  # unsorted on purpose
+    bm = sj.create_block_mask(masks.causal, None, None, S, S, block_size=64)
+    check(kb, q * 3.0, k, v, do, bm, softcap=5.0, scale=0.3, segment_ids=seg)
+
+
+def test_random_blocks_per_batch_window_gqa2(kb):
+    """Per-batch tables (blocks at random), a sliding-window mask inside them, 2 query heads per
+    kv head sharing one table."""
+    S = 128
+    sel = _random_blocks(4, (2, 1, 4, 4), 0.6, diagonal=True)
+    bm = sj.BlockMask.from_block_bool(sel, S, S, block_size=32, mask_fn=masks.sliding_window(40))
+    q, k, v, do = _inputs(50, 2, S, S, 4, 2, 32, jnp.float32)
     check(kb, q, k, v, do, bm)
 
 
-def test_sliding_window_gqa2(kb):
-    q, k, v, do = _inputs(10, 1, 150, 150, 4, 2, 32, jnp.float32)
-    bm = sj.create_block_mask(masks.sliding_window(40), None, None, 150, 150, block_size=32)
-    check(kb, q, k, v, do, bm)
-
-
-def test_document_and_causal_window_bf16(kb):
+def test_document_and_causal_window_16bit(kb):
+    """Document mask (segment ids reach the kernel) and a causal window; float16 on Triton,
+    bfloat16 on TPUs (no float16 matmuls there, see test_float16_unsupported_on_tpu)."""
+    _covered_on_tpu_by(kb, "test_unaligned_tiles_documents_gqa2_bf16")
     S = 160
     ids = np.sort(np.random.default_rng(1).integers(0, 4, S)).astype(np.int32)
     m = masks.and_masks(masks.document(ids), masks.sliding_window(48, causal=True))
-    q, k, v, do = _inputs(20, 1, S, S, 2, 1, 64, jnp.bfloat16)
+    dtype = jnp.bfloat16 if kb[0] == "mosaic_tpu" else jnp.float16
+    q, k, v, do = _inputs(20, 1, S, S, 2, 1, 64, dtype)
     bm = sj.create_block_mask(m, None, None, S, S, block_size=32)
     check(kb, q, k, v, do, bm)
 
 
-def test_prefix_lm_rectangular_blocks(kb):
-    q, k, v, do = _inputs(30, 1, 130, 130, 2, 2, 16, jnp.float32)
-    bm = sj.create_block_mask(masks.prefix_lm(50), None, None, 130, 130, block_size=(32, 64))
-    check(kb, q, k, v, do, bm)
-
-
-def test_random_blocks_per_head_rectangular(kb):
-    """Per-query-head tables (H = Hq with GQA), no mask function, q_len != kv_len."""
+def test_prefix_lm_per_head_rectangular(kb):
+    """Per-query-head tables (H = Hq with GQA), rectangular blocks, q_len != kv_len."""
     Sq, Skv = 100, 190
-    sel = _random_blocks(3, (1, 4, 4, 6), 0.4)
-    bm = sj.BlockMask.from_block_bool(sel, Sq, Skv, block_size=32)
-    q, k, v, do = _inputs(40, 1, Sq, Skv, 4, 2, 32, jnp.float32)
-    check(kb, q, k, v, do, bm)
-
-
-def test_random_blocks_with_mask_fn_batched(kb):
-    """Per-batch tables, blocks selected at random, causal applied inside them."""
-    S = 128
-    sel = _random_blocks(4, (2, 1, 4, 4), 0.5, diagonal=True)
-    bm = sj.BlockMask.from_block_bool(sel, S, S, block_size=32, mask_fn=masks.causal)
-    q, k, v, do = _inputs(50, 2, S, S, 2, 1, 32, jnp.float32)
+    sel = _random_blocks(3, (1, 4, 4, 3), 0.6)
+    bm = sj.BlockMask.from_block_bool(sel, Sq, Skv, block_size=(32, 64), mask_fn=masks.prefix_lm(50))
+    q, k, v, do = _inputs(40, 1, Sq, Skv, 4, 2, 16, jnp.float32)
     check(kb, q, k, v, do, bm)
 
 
 def test_user_mask_fn_with_fully_masked_rows(kb):
     """Rows q % 7 == 3 have no allowed key inside partial blocks; empty table rows too."""
+    _covered_on_tpu_by(kb, "test_positions_segments_and_dead_rows")
     S = 96
 
     def fn(b, h, q, kv):
@@ -175,6 +188,7 @@ def test_user_mask_fn_with_fully_masked_rows(kb):
 
 def test_decode_gqa8_bf16(kb):
     """Sq = 4 queries at the end of a 300-key context, 8 query heads per kv head."""
+    _covered_on_tpu_by(kb, "test_decode_gqa8_softcap_bf16")
     Sq, Skv = 4, 300
     bm = sj.create_block_mask(masks.bottom_right(masks.causal, Sq, Skv), None, None, Sq, Skv,
                               block_size=(16, 64))
@@ -182,15 +196,24 @@ def test_decode_gqa8_bf16(kb):
     check(kb, q, k, v, do, bm)
 
 
-def test_decode_single_query_f32(kb):
-    Sq, Skv = 1, 200
-    bm = sj.create_block_mask(masks.full, None, None, Sq, Skv, block_size=(16, 64))
-    q, k, v, do = _inputs(75, 1, Sq, Skv, 4, 2, 32, jnp.float32)
-    check(kb, q, k, v, do, bm)
+def test_decode_single_query_window_split_kv_f32(kb):
+    """Sq = 1 against 300 keys in a 200-key window (partial blocks at its edge); on Triton the
+    row's key blocks are split over 3 programs (flash-decoding) and merged."""
+    Sq, Skv = 1, 300
+    m = masks.and_masks(masks.bottom_right(masks.causal, Sq, Skv), masks.sliding_window(200))
+    bm = sj.create_block_mask(m, None, None, Sq, Skv, block_size=(16, 64))
+    q, k, v, do = _inputs(165, 1, Sq, Skv, 4, 2, 32, jnp.float32)
+    if kb[0] != "triton":
+        check(kb, q, k, v, do, bm)
+        return
+    from pallas_kernels.triton import attention_configs as cfgs
+    with cfgs.override(fwd=cfgs.FwdConfig(block_q=16, block_kv=32, num_warps=4, num_stages=2, num_splits=3)):
+        check(kb, q, k, v, do, bm)
 
 
 def test_permuted_layout_positions(kb):
     """Tokens stored in a permuted order: the mask is evaluated at their original positions."""
+    _covered_on_tpu_by(kb, "test_positions_segments_and_dead_rows")
     S = 96
     perm = np.random.default_rng(5).permutation(S).astype(np.int32)
     nb = 3
@@ -201,22 +224,6 @@ def test_permuted_layout_positions(kb):
     check(kb, q, k, v, do, bm, q_positions=perm, kv_positions=perm)
 
 
-def test_explicit_segment_ids_mask_full_blocks(kb):
-    """Explicit (unsorted) segment ids apply inside full blocks too."""
-    S = 128
-    seg = np.random.default_rng(6).integers(0, 3, S).astype(np.int32)
-    bm = sj.create_block_mask(masks.causal, None, None, S, S, block_size=32)
-    q, k, v, do = _inputs(90, 1, S, S, 2, 2, 32, jnp.float32)
-    check(kb, q, k, v, do, bm, segment_ids=seg)
-
-
-def test_softcap(kb):
-    q, k, v, do = _inputs(100, 1, 128, 128, 2, 1, 32, jnp.float32, )
-    q = q * 3.0
-    bm = sj.create_block_mask(masks.causal, None, None, 128, 128, block_size=64)
-    check(kb, q, k, v, do, bm, softcap=5.0, scale=0.3)
-
-
 def test_odd_head_dims_and_block_sizes(kb):
     """D = 72 (padded to 128), Dv = 40, a non-power-of-two block (padded tiles)."""
     S = 130
@@ -225,14 +232,11 @@ def test_odd_head_dims_and_block_sizes(kb):
     check(kb, q, k, v, do, bm)
 
 
-def test_float16_forward(kb):
-    q, k, v, do = _inputs(120, 1, 64, 64, 2, 2, 32, jnp.float16)
+def test_float16_unsupported_on_tpu():
+    q, k, v, _ = _inputs(120, 1, 64, 64, 2, 2, 32, jnp.float16)
     bm = sj.create_block_mask(masks.causal, None, None, 64, 64, block_size=32)
-    if kb[0] == "mosaic_tpu":  # TPUs have no float16 matmul path: a clear error instead
-        with pytest.raises(ValueError, match="float16"):
-            check(kb, q, k, v, do, bm, grads=False)
-        return
-    check(kb, q, k, v, do, bm, grads=False)
+    with pytest.raises(ValueError, match="float16"):
+        sj.block_sparse_attention(q, k, v, bm, backend="mosaic_tpu", interpret=True)
 
 
 # -- kv_permutation ----------------------------------------------------------------------------
@@ -245,27 +249,18 @@ def _perm_case(seed, B, S, Hkv, invalid=False):
     return perm
 
 
-def test_kv_permutation_causal_gqa(kb):
+def test_kv_permutation_causal_gqa_documents(kb):
+    """Permuted K/V rows (with invalid entries), causal on the logical order, GQA, and segment
+    ids gathered through the permutation (they apply inside full blocks too)."""
     backend, _ = kb
     if backend not in attention_op._KV_PERMUTATION_BACKENDS:
         pytest.skip(f"{backend} has no kv_permutation")
     S = 96
     perm = _perm_case(7, 2, S, 2, invalid=True)
+    ids = np.sort(np.random.default_rng(2).integers(0, 3, S)).astype(np.int32)
     sel = _random_blocks(8, (1, 1, 3, 3), 0.7, diagonal=True)
     bm = sj.BlockMask.from_block_bool(sel, S, S, block_size=32, mask_fn=masks.causal)
     q, k, v, do = _inputs(130, 2, S, S, 4, 2, 32, jnp.float32)
-    check(kb, q, k, v, do, bm, kv_permutation=perm)
-
-
-def test_kv_permutation_full_blocks_and_documents(kb):
-    backend, _ = kb
-    if backend not in attention_op._KV_PERMUTATION_BACKENDS:
-        pytest.skip(f"{backend} has no kv_permutation")
-    S = 64
-    perm = _perm_case(9, 1, S, 1)
-    ids = np.sort(np.random.default_rng(2).integers(0, 3, S)).astype(np.int32)
-    bm = sj.BlockMask.from_block_bool(np.ones((2, 2), bool), S, S, block_size=32)
-    q, k, v, do = _inputs(140, 1, S, S, 2, 1, 16, jnp.float32)
     check(kb, q, k, v, do, bm, kv_permutation=perm, segment_ids=ids)
 
 
@@ -287,42 +282,59 @@ def test_kv_permutation_reference_matches_physical_permutation():
     assert_close(o, jnp.concatenate(outs, axis=2), 1e-5, "o")
 
 
-# -- GQA packing and launch configs ------------------------------------------------------------
-@pytest.mark.parametrize("pack,fused_dq", [(False, False), (True, True)])
-def test_gqa8_packing_and_fused_dq(kb, pack, fused_dq):
-    """Triton launch variants: GQA heads packed into one tile; dQ by atomics in the dK/dV kernel."""
+# -- Triton launch variants ----------------------------------------------------------------------
+_TRITON_VARIANTS = {
+    # row tiles of one head; the reference max moved lazily (logits grow along the keys, so
+    # some steps rescale and others skip); the next block index carried through the walk
+    "lazy_rescale+prefetch": dict(pack=False, fused_dq=False, lazy_rescale=True, prefetch_index=True,
+                                  grid_order="heads_first"),
+    # the 8 query heads of a group packed into one tile; dQ by atomics in the dK/dV kernel;
+    # query tiles of one head launched side by side
+    "packed+fused_dq+tiles_first": dict(pack=True, fused_dq=True, lazy_rescale=False, prefetch_index=False,
+                                        grid_order="tiles_first"),
+}
+
+
+@pytest.mark.parametrize("variant", list(_TRITON_VARIANTS))
+def test_triton_launch_variants(kb, variant):
     backend, interpret = kb
     if backend != "triton":
         pytest.skip("Triton launch configs")
     from pallas_kernels.triton import attention_configs as cfgs
+    o = _TRITON_VARIANTS[variant]
     S = 48
     bm = sj.create_block_mask(masks.causal, None, None, S, S, block_size=32)
     q, k, v, do = _inputs(160, 1, S, S, 8, 1, 16, jnp.float32)
-    fwd = cfgs.FwdConfig(block_q=64 if pack else 32, block_kv=16, pack_gqa=pack, schedule="reverse")
-    bwd = cfgs.BwdConfig(32, 16, 4, 2, 64 if pack else 16, 32, 4, 2, pack_gqa=pack, fused_dq=fused_dq)
+    k = k * (1.0 + jnp.arange(S, dtype=jnp.float32) / 4.0)[None, :, None, None]  # growing logits
+    fwd = cfgs.FwdConfig(block_q=64 if o["pack"] else 32, block_kv=16, pack_gqa=o["pack"], schedule="reverse",
+                         lazy_rescale=o["lazy_rescale"], prefetch_index=o["prefetch_index"],
+                         grid_order=o["grid_order"])
+    bwd = cfgs.BwdConfig(32, 16, 4, 2, 64 if o["pack"] else 16, 32, 4, 2, pack_gqa=o["pack"],
+                         fused_dq=o["fused_dq"], prefetch_index=o["prefetch_index"], grid_order=o["grid_order"])
     with cfgs.override(fwd=fwd, bwd=bwd):
-        check(kb, q, k, v, do, bm)
+        check(kb, q * 3.0, k, v, do, bm)
 
 
-@pytest.mark.parametrize("splits", [3, None])
-def test_split_kv_decode(kb, splits):
-    """Split-KV (flash-decoding): each split walks a share of the row, states merged after."""
-    backend, interpret = kb
-    if backend != "triton":
-        pytest.skip("Triton launch configs")
+def test_triton_config_choices():
+    """Split-KV and decode tiles are chosen from the shape; TUNED keys are well formed."""
     from pallas_kernels.triton import attention_configs as cfgs
+    from pallas_kernels.triton import attention_fwd, block_sparse_attention as K
     Sq, Skv = 4, 300
-    m = masks.and_masks(masks.bottom_right(masks.causal, Sq, Skv), masks.sliding_window(200))
-    bm = sj.create_block_mask(m, None, None, Sq, Skv, block_size=(16, 64))
-    q, k, v, do = _inputs(165, 1, Sq, Skv, 4, 2, 32, jnp.float32)
-    fwd = cfgs.FwdConfig(block_q=16, block_kv=32, num_warps=4, num_stages=2, num_splits=splits)
-    if splits is None:  # the automatic choice splits this shape (few programs, many key tiles)
-        from pallas_kernels.triton import attention_fwd, block_sparse_attention as K
-        P = K.problem(q, k, v, bm, None, None, None, None, scale=1.0, softcap=None, segments_everywhere=False,
-                      kv_permutation=None)
-        assert attention_fwd.num_splits(P, fwd) > 1
-    with cfgs.override(fwd=fwd):
-        check(kb, q, k, v, do, bm)
+    bm = sj.create_block_mask(masks.bottom_right(masks.causal, Sq, Skv), None, None, Sq, Skv, block_size=(16, 64))
+    q, k, v, _ = _inputs(165, 1, Sq, Skv, 4, 2, 32, jnp.float32)
+    P = K.problem(q, k, v, bm, None, None, None, None, scale=1.0, softcap=None, segments_everywhere=False,
+                  kv_permutation=None)
+    fwd = cfgs.FwdConfig(block_q=16, block_kv=32, num_warps=4, num_stages=2)
+    assert attention_fwd.num_splits(P, fwd) > 1  # few programs, many key tiles: split
+    assert attention_fwd.num_splits(P, cfgs.FwdConfig(block_q=16, block_kv=32, num_splits=1)) == 1
+    # decode tiles hold every query position of a table row times the packed heads
+    assert cfgs.decode_rows(1, 4) == 16 and cfgs.decode_rows(16, 4) == 64 and cfgs.decode_rows(16, 16) == 128
+    assert cfgs.forward_config(128, jnp.bfloat16, 16, group=4).block_q == 64
+    assert cfgs.shape_class(1, True) == "decode" and cfgs.shape_class(128, False) == "dense"
+    for key, c in cfgs.TUNED_FWD.items():
+        assert len(key) == 4 and key[3] in ("decode", "masked", "dense") and isinstance(c, cfgs.FwdConfig)
+    with pytest.raises(ValueError, match="grid_order"):
+        cfgs.FwdConfig(grid_order="rows")
 
 
 # -- the xla backend and bad inputs ----------------------------------------------------------------

@@ -3,9 +3,14 @@
 Everything here is traced *inside* a Pallas kernel: tile geometry (which rows of
 the flattened ``[B*S*H, D]`` operands a tile reads), masked row loads, the
 logit mask of a block, and the walk over one row (or column) of a BlockMask's
-tables. Operands are flattened so every load is a row gather
-``x2[rows[:, None], cols[None, :]]``: the same code serves contiguous tiles,
-GQA-packed tiles and permuted K/V (``kv_permutation``).
+tables. Every load is a row gather ``x2[rows[:, None], cols[None, :]]`` (contiguity
+along D is visible to Triton's axis analysis: 16-byte cp.async vectors); a tile's
+rows are ``base + rel`` with a scalar ``base`` (the block being visited) and a
+vector ``rel`` shared by every tile of a program (contiguous rows: ``c * H``;
+GQA-packed rows: ``i * H + g``); ``kv_permutation`` gathers rows through the
+permutation. (A 1-D layout with hoisted ``rel * D + cols`` offsets was tried: the
+same SASS instruction count per step, ptxas already strength-reduces the
+addresses — see the notes.)
 
 Tables are flat int32 arrays read with scalar loads (Pallas-Triton has no scalar
 prefetch); a row's full blocks are walked first, without mask work, then its
@@ -111,23 +116,35 @@ def _and(a, b):
 # -- tiles ---------------------------------------------------------------------------------
 @dataclasses.dataclass
 class QTile:
-    """Query rows of one tile (all vectors [M]); ``head`` is a scalar when heads aren't packed."""
+    """Query rows of one tile (vectors [M]); ``head`` is a scalar when heads aren't packed.
+
+    Row r of the tile is row ``base + rel[r]`` of the flattened [B*Sq*Hq, .] operands (and of
+    the [B, Sq, Hq] row statistics); ``rel`` does not depend on the block visited.
+    """
 
     pos: Any  # sequence index
     head: Any
-    rows: Any  # row in the flattened [B*Sq*Hq, .] operands (and [B, Sq, Hq] row stats)
+    base: Any  # scalar
+    rel: Any  # [M]
     valid: Any  # bool [M] or None when every row is valid
     qp: Any = None  # positions the mask sees
     seg: Any = None
 
+    @property
+    def rows(self):
+        return self.base + self.rel
+
 
 @dataclasses.dataclass
 class KVTile:
-    """Key rows of one tile (vectors [N])."""
+    """Key rows of one tile (vectors [N]): loads read rows ``base + rel``; dK/dV of logical
+    key j go to rows ``out_base + out_rel`` (before un-permuting)."""
 
     pos: Any  # logical index j
-    rows: Any  # row in the flattened [B*Skv*Hkv, .] operands
-    out_rows: Any  # row where dK/dV of logical j is written (before un-permuting)
+    base: Any
+    rel: Any
+    out_base: Any
+    out_rel: Any
     valid: Any  # key usable: in range and (with a permutation) a valid entry
     in_range: Any  # j inside its block and the sequence (None: always)
     kp: Any = None
@@ -139,63 +156,73 @@ def q_tile(P: Problem, tq: BlockTiling, pk: HeadPacking, b, head0, qblk, sub) ->
     n_pos, hp = tq.tile, pk.heads_pad
     r = jnp.arange(n_pos * hp, dtype=jnp.int32)
     i = div(r, hp)
-    local = sub * n_pos + i
-    pos = qblk * P.block_q + local
+    start = qblk * P.block_q + sub * n_pos  # first position of the tile
+    pos = start + i
     valid = None
     if tq.needs_bounds:
         valid = pos < P.q_len
         if tq.padded:
-            valid = valid & (local < P.block_q)
+            valid = valid & (sub * n_pos + i < P.block_q)
+    rel = i * P.num_q_heads
     if hp > 1:
         g = mod(r, hp)
         if pk.heads < hp:
             valid = _and(valid, g < pk.heads)
             g = jnp.minimum(g, pk.heads - 1)
         head = head0 + g
+        rel = rel + g
     else:
         head = head0
-    rows = (b * P.q_len + pos) * P.num_q_heads + head
-    return QTile(pos, head, rows, valid)
+    base = (b * P.q_len + start) * P.num_q_heads + head0
+    return QTile(pos, head, base, rel, valid)
 
 
 def kv_tile(P: Problem, tk: BlockTiling, b, hkv, kvblk, sub, perm_ref, *, bounds: bool) -> KVTile:
     """Rows of key tile ``sub`` of logical block ``kvblk`` (gathered through the permutation)."""
     c = jnp.arange(tk.tile, dtype=jnp.int32)
-    local = sub * tk.tile + c
-    j = kvblk * P.block_kv + local
+    start = kvblk * P.block_kv + sub * tk.tile
+    j = start + c
     in_range = None
     if bounds or P.has_perm:
         in_range = j < P.kv_len
         if tk.padded:
-            in_range = in_range & (local < P.block_kv)
-    out_rows = (b * P.kv_len + j) * P.num_kv_heads + hkv
-    valid, rows = in_range, out_rows
+            in_range = in_range & (sub * tk.tile + c < P.block_kv)
+    out_base = (b * P.kv_len + start) * P.num_kv_heads + hkv
+    out_rel = c * P.num_kv_heads
+    valid, base, rel = in_range, out_base, out_rel
     if P.has_perm:
         src = plgpu.load(perm_ref.at[(b * P.num_kv_heads + hkv) * P.kv_len + j], mask=in_range, other=-1)
         valid = in_range & (src >= 0)
-        rows = (b * P.kv_len + jnp.maximum(src, 0)) * P.num_kv_heads + hkv
-    return KVTile(j, rows, out_rows, valid, in_range)
+        base = b * P.kv_len * P.num_kv_heads + hkv
+        rel = jnp.maximum(src, 0) * P.num_kv_heads
+    return KVTile(j, base, rel, out_base, out_rel, valid, in_range)
 
 
-def load_rows(ref, rows, valid, d: int, d_pad: int):
-    """x[rows, :d] padded to d_pad columns with zeros: [len(rows), d_pad]."""
-    cols = jnp.arange(d_pad, dtype=jnp.int32)
+def _offsets(ref, base, rel, d_pad: int):
+    """Ref view of rows base + rel, columns 0 .. d_pad-1."""
+    rows = base + rel
+    return ref.at[rows[:, None], jnp.arange(d_pad, dtype=jnp.int32)[None, :]]
+
+
+def _row_mask(valid, d: int, d_pad: int):
     mask = None if valid is None else valid[:, None]
     if d_pad != d:
-        mask = _and(mask, (cols < d)[None, :])
-    at = ref.at[rows[:, None], cols[None, :]]
+        mask = _and(mask, (jnp.arange(d_pad, dtype=jnp.int32) < d)[None, :])
+    return mask
+
+
+def load_rows(ref, base, rel, valid, d: int, d_pad: int):
+    """x[base + rel, :d] padded to d_pad columns with zeros: [len(rel), d_pad]."""
+    at = _offsets(ref, base, rel, d_pad)
+    mask = _row_mask(valid, d, d_pad)
     if mask is None:
         return plgpu.load(at)
     return plgpu.load(at, mask=mask, other=0)
 
 
-def store_rows(ref, rows, valid, value, d: int):
-    d_pad = value.shape[-1]
-    cols = jnp.arange(d_pad, dtype=jnp.int32)
-    mask = None if valid is None else valid[:, None]
-    if d_pad != d:
-        mask = _and(mask, (cols < d)[None, :])
-    plgpu.store(ref.at[rows[:, None], cols[None, :]], value.astype(ref.dtype), mask=mask)
+def store_rows(ref, base, rel, valid, value, d: int):
+    at = _offsets(ref, base, rel, value.shape[-1])
+    plgpu.store(at, value.astype(ref.dtype), mask=_row_mask(valid, d, value.shape[-1]))
 
 
 def load_vec(ref, idx, valid, other):
@@ -285,32 +312,53 @@ class Walk:
     split_tail: bool
 
 
-def walk(w: Walk, refs_full, refs_part, row, carry, body: Callable, *, active=None, split=None):
+def walk(w: Walk, refs_full, refs_part, row, carry, body: Callable, *, active=None, split=None,
+         prefetch_index: bool = False):
     """Run ``body(block, sub, carry, kind)`` over the row's full then partial blocks.
 
     refs_full/refs_part: (num_ref, idx_ref) flat tables; ``row`` indexes the row.
     ``active`` (bool scalar) zeroes the trip counts of a tile that has no valid rows.
     ``split`` = (index, count): walk only that contiguous share of the row's steps
     (split-KV: the partial softmax states are merged afterwards).
+    ``prefetch_index``: read step i+1's block index during step i and carry it. Without it
+    Triton's pipeliner gives the index load of a full-block loop its own pipeline stage
+    (an asynchronous copy), which leaves the K/V tiles one stage of prefetch instead of
+    ``num_stages - 1``.
     """
     t = w.tiling
     n_sub = t.n_sub
 
+    def slot_sub(i, slot0):
+        if slot0 is None:
+            return div(i, n_sub), mod(i, n_sub)
+        return slot0, i
+
     def step(width, idx_ref, kind, slot0=None):
-        def fn(i, c):
-            if slot0 is None:
-                slot, sub = div(i, n_sub), mod(i, n_sub)
-            else:
-                slot, sub = slot0, i
-            blk = idx_ref[row * width + slot]
-            return body(blk, sub, c, kind)
-        return fn
+        if width == 0:  # the table has no such blocks at all: nothing to walk (or to read)
+            return None, None
+
+        def read(i):
+            slot, _ = slot_sub(i, slot0)
+            return idx_ref[row * width + jnp.minimum(slot, width - 1)]
+
+        if not prefetch_index:
+            def fn(i, c):
+                slot, sub = slot_sub(i, slot0)
+                return body(idx_ref[row * width + slot], sub, c, kind)
+            return fn, None
+
+        def fn_pf(i, c):
+            c, blk_i = c
+            _, sub = slot_sub(i, slot0)
+            nxt = read(i + 1)
+            return body(blk_i, sub, c, kind), nxt
+        return fn_pf, read
 
     full_num, full_idx = refs_full
     part_num, part_idx = refs_part
     n_full = full_num[row]
     tail = None
-    if w.split_tail and t.ragged:
+    if w.split_tail and t.ragged and w.full_width > 0:
         last = full_idx[row * w.full_width + jnp.maximum(n_full - 1, 0)]
         tail = ((n_full > 0) & (last == t.n_blocks - 1)).astype(jnp.int32)
         n_full = n_full - tail
@@ -319,9 +367,18 @@ def walk(w: Walk, refs_full, refs_part, row, carry, body: Callable, *, active=No
         segments.append((tail * t.n_sub_last, step(w.full_width, full_idx, "tail", slot0=n_full)))
     segments.append((part_num[row] * n_sub, step(w.part_width, part_idx, "partial")))
 
+    def run(lo, hi, fn_read, carry):
+        fn, read = fn_read
+        if fn is None:
+            return carry
+        if read is None:
+            return jax.lax.fori_loop(lo, hi, fn, carry)
+        carry, _ = jax.lax.fori_loop(lo, hi, fn, (carry, read(lo)))
+        return carry
+
     if split is None:
-        for n, fn in segments:
-            carry = jax.lax.fori_loop(0, n if active is None else jnp.where(active, n, 0), fn, carry)
+        for n, fr in segments:
+            carry = run(0, n if active is None else jnp.where(active, n, 0), fr, carry)
         return carry
     index, count = split
     total = sum(n for n, _ in segments)
@@ -331,8 +388,8 @@ def walk(w: Walk, refs_full, refs_part, row, carry, body: Callable, *, active=No
     if active is not None:
         hi = jnp.where(active, hi, lo)
     offset = 0
-    for n, fn in segments:
-        carry = jax.lax.fori_loop(jnp.clip(lo - offset, 0, n), jnp.clip(hi - offset, 0, n), fn, carry)
+    for n, fr in segments:
+        carry = run(jnp.clip(lo - offset, 0, n), jnp.clip(hi - offset, 0, n), fr, carry)
         offset = offset + n
     return carry
 

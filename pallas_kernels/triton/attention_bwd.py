@@ -37,10 +37,21 @@ NEG_INF = float("-inf")
 POS_INF = float("inf")
 
 
-def _dq_kernel(*refs, P: blk.Problem, names, tq, tk, pk):
+def _program(cfg: BwdConfig):
+    """(head-program, tile) ids of the 2-D grid of either kernel (see ``grid``)."""
+    if cfg.grid_order == "tiles_first":
+        return pl.program_id(1), pl.program_id(0)
+    return pl.program_id(0), pl.program_id(1)
+
+
+def _grid(cfg: BwdConfig, programs: int, tiles: int):
+    return (tiles, programs) if cfg.grid_order == "tiles_first" else (programs, tiles)
+
+
+def _dq_kernel(*refs, P: blk.Problem, names, tq, tk, pk, cfg: BwdConfig):
     refs = dict(zip(names, refs))
     n_qb = P.n_q_blocks
-    bh, t = pl.program_id(0), pl.program_id(1)
+    bh, t = _program(cfg)
     b = blk.div(bh, pk.programs_per_batch)
     head0 = blk.mod(bh, pk.programs_per_batch) * pk.heads
     hkv = blk.div(head0, P.group)
@@ -50,16 +61,16 @@ def _dq_kernel(*refs, P: blk.Problem, names, tq, tk, pk):
 
     qt = blk.q_tile(P, tq, pk, b, head0, qblk, sub)
     blk.load_q_meta(P, qt, b, refs)
-    q = blk.load_rows(refs["q"], qt.rows, qt.valid, P.head_dim, P.head_dim_pad)
-    do = blk.load_rows(refs["do"], qt.rows, qt.valid, P.head_dim_v, P.head_dim_v_pad)
+    q = blk.load_rows(refs["q"], qt.base, qt.rel, qt.valid, P.head_dim, P.head_dim_pad)
+    do = blk.load_rows(refs["do"], qt.base, qt.rel, qt.valid, P.head_dim_v, P.head_dim_v_pad)
     lse2, delta = _row_stats(P, refs, b, qt)
     c = blk.log2_factor(P)
 
     def body(kvblk, kv_sub, dq, kind):
         kt = blk.kv_tile(P, tk, b, hkv, kvblk, kv_sub, refs.get("perm"), bounds=blk.kind_needs_bounds(kind, tk))
         blk.load_kv_meta(P, kt, b, hkv, refs)
-        k = blk.load_rows(refs["k"], kt.rows, kt.valid, P.head_dim, P.head_dim_pad)
-        v = blk.load_rows(refs["v"], kt.rows, kt.valid, P.head_dim_v, P.head_dim_v_pad)
+        k = blk.load_rows(refs["k"], kt.base, kt.rel, kt.valid, P.head_dim, P.head_dim_pad)
+        v = blk.load_rows(refs["v"], kt.base, kt.rel, kt.valid, P.head_dim_v, P.head_dim_v_pad)
         s, tanh_s = blk.scores(P, plgpu.dot(q, k, trans_b=True))
         x = s * c - lse2[:, None]
         allowed = blk.logit_mask(P, kind, b, qt, kt, transposed=False)
@@ -78,8 +89,8 @@ def _dq_kernel(*refs, P: blk.Problem, names, tq, tk, pk):
     walk = blk.Walk(tk, P.max_full_kv, P.max_kv, split_tail=True)
     dq = jnp.zeros((q.shape[0], P.head_dim_pad), jnp.float32)
     dq = blk.walk(walk, (refs["full_num"], refs["full_idx"]), (refs["num"], refs["idx"]), row, dq, body,
-                  active=active)
-    blk.store_rows(refs["dq"], qt.rows, qt.valid, dq * P.scale, P.head_dim)
+                  active=active, prefetch_index=cfg.prefetch_index)
+    blk.store_rows(refs["dq"], qt.base, qt.rel, qt.valid, dq * P.scale, P.head_dim)
 
 
 def _row_stats(P: blk.Problem, refs, b, qt):
@@ -88,25 +99,26 @@ def _row_stats(P: blk.Problem, refs, b, qt):
     return (blk.load_vec(refs["lse2"], idx, qt.valid, POS_INF), blk.load_vec(refs["delta"], idx, qt.valid, 0.0))
 
 
-def _dkdv_kernel(*refs, P: blk.Problem, names, tq, tk, pk, fused_dq: bool, interpret: bool):
+def _dkdv_kernel(*refs, P: blk.Problem, names, tq, tk, pk, cfg: BwdConfig, interpret: bool):
     refs = dict(zip(names, refs))
+    fused_dq = cfg.fused_dq
     n_kb = P.n_kv_blocks
-    bh, t = pl.program_id(0), pl.program_id(1)
+    bh, t = _program(cfg)
     b, hkv = blk.div(bh, P.num_kv_heads), blk.mod(bh, P.num_kv_heads)
     kvblk, sub = blk.div(t, tk.n_sub), blk.mod(t, tk.n_sub)
 
     kt = blk.kv_tile(P, tk, b, hkv, kvblk, sub, refs.get("perm"), bounds=tk.needs_bounds)
     blk.load_kv_meta(P, kt, b, hkv, refs)
-    k = blk.load_rows(refs["k"], kt.rows, kt.valid, P.head_dim, P.head_dim_pad)
-    v = blk.load_rows(refs["v"], kt.rows, kt.valid, P.head_dim_v, P.head_dim_v_pad)
+    k = blk.load_rows(refs["k"], kt.base, kt.rel, kt.valid, P.head_dim, P.head_dim_pad)
+    v = blk.load_rows(refs["v"], kt.base, kt.rel, kt.valid, P.head_dim_v, P.head_dim_v_pad)
     c = blk.log2_factor(P)
 
     def body(head0, qblk, q_sub, carry, kind):
         dk, dv = carry
         qt = blk.q_tile(P, tq, pk, b, head0, qblk, q_sub)
         blk.load_q_meta(P, qt, b, refs)
-        q = blk.load_rows(refs["q"], qt.rows, qt.valid, P.head_dim, P.head_dim_pad)
-        do = blk.load_rows(refs["do"], qt.rows, qt.valid, P.head_dim_v, P.head_dim_v_pad)
+        q = blk.load_rows(refs["q"], qt.base, qt.rel, qt.valid, P.head_dim, P.head_dim_pad)
+        do = blk.load_rows(refs["do"], qt.base, qt.rel, qt.valid, P.head_dim_v, P.head_dim_v_pad)
         lse2, delta = _row_stats(P, refs, b, qt)
         s, tanh_s = blk.scores(P, plgpu.dot(k, q, trans_b=True))  # [N, M]
         x = s * c - lse2[None, :]
@@ -122,7 +134,7 @@ def _dkdv_kernel(*refs, P: blk.Problem, names, tq, tk, pk, fused_dq: bool, inter
         ds = ds.astype(q.dtype)
         dk = dk + plgpu.dot(ds, q)
         if fused_dq:  # dQ += dSᵀᵀ·K straight into the float32 accumulator (FA2-style atomics)
-            _atomic_add_rows(refs["dq_acc_out"], qt.rows, qt.valid, plgpu.dot(ds, k, trans_a=True),
+            _atomic_add_rows(refs["dq_acc_out"], qt.base, qt.rel, qt.valid, plgpu.dot(ds, k, trans_a=True),
                              P.head_dim, interpret)
         return dk, dv
 
@@ -132,7 +144,7 @@ def _dkdv_kernel(*refs, P: blk.Problem, names, tq, tk, pk, fused_dq: bool, inter
         head0 = hkv * P.group + hg * pk.heads
         col = blk.table_row(P, b, head0, hkv, kvblk, n_kb)
         return blk.walk(walk, (refs["full_q_num"], refs["full_q_idx"]), (refs["q_num"], refs["q_idx"]), col,
-                        carry, functools.partial(body, head0))
+                        carry, functools.partial(body, head0), prefetch_index=cfg.prefetch_index)
 
     carry = (jnp.zeros((k.shape[0], P.head_dim_pad), jnp.float32),
              jnp.zeros((v.shape[0], P.head_dim_v_pad), jnp.float32))
@@ -141,16 +153,14 @@ def _dkdv_kernel(*refs, P: blk.Problem, names, tq, tk, pk, fused_dq: bool, inter
         dk, dv = group(0, carry)
     else:
         dk, dv = jax.lax.fori_loop(0, n_groups, group, carry)
-    blk.store_rows(refs["dk"], kt.out_rows, kt.in_range, dk * P.scale, P.head_dim)
-    blk.store_rows(refs["dv"], kt.out_rows, kt.in_range, dv, P.head_dim_v)
+    blk.store_rows(refs["dk"], kt.out_base, kt.out_rel, kt.in_range, dk * P.scale, P.head_dim)
+    blk.store_rows(refs["dv"], kt.out_base, kt.out_rel, kt.in_range, dv, P.head_dim_v)
 
 
-def _atomic_add_rows(ref, rows, valid, value, d: int, interpret: bool):
+def _atomic_add_rows(ref, base, rel, valid, value, d: int, interpret: bool):
     cols = jnp.arange(value.shape[-1], dtype=jnp.int32)
-    mask = None if valid is None else valid[:, None]
-    if value.shape[-1] != d:
-        mask = blk._and(mask, (cols < d)[None, :])
-    idx = (rows[:, None], cols[None, :])
+    mask = blk._row_mask(valid, d, value.shape[-1])
+    idx = ((base + rel)[:, None], cols[None, :])
     if mask is None:
         plgpu.atomic_add(ref, idx, value)
     elif interpret:  # the interpreter has no masked atomics: add zeros (masked rows never alias valid ones)
@@ -178,10 +188,11 @@ def plan_dkdv(P: blk.Problem, cfg: BwdConfig):
 def dq_call(P: blk.Problem, cfg: BwdConfig, inputs: dict, *, dtype, interpret):
     tq, tk, pk = plan_dq(P, cfg)
     names = list(inputs) + ["dq"]
-    kernel = functools.partial(_dq_kernel, P=P, names=names, tq=tq, tk=tk, pk=pk)
-    out_shape = jax.ShapeDtypeStruct((P.batch * P.q_len * P.num_q_heads, P.head_dim), dtype)
+    kernel = functools.partial(_dq_kernel, P=P, names=names, tq=tq, tk=tk, pk=pk, cfg=cfg)
+    out_shape = jax.ShapeDtypeStruct(inputs["q"].shape, dtype)
     return pl.pallas_call(
-        kernel, grid=(P.batch * pk.programs_per_batch, tq.n_tiles), out_shape=out_shape, interpret=interpret,
+        kernel, grid=_grid(cfg, P.batch * pk.programs_per_batch, tq.n_tiles), out_shape=out_shape,
+        interpret=interpret,
         name="block_sparse_attention_dq",
         compiler_params=_compat.triton_compiler_params(num_warps=cfg.warps_dq, num_stages=cfg.stages_dq),
     )(*inputs.values())
@@ -192,17 +203,15 @@ def dkdv_call(P: blk.Problem, cfg: BwdConfig, inputs: dict, *, k_dtype, v_dtype,
     ``inputs['dq_acc']``, which must be zeros [B*Sq*Hq, D])."""
     tq, tk, pk = plan_dkdv(P, cfg)
     names = list(inputs) + ["dk", "dv"] + (["dq_acc_out"] if cfg.fused_dq else [])
-    kernel = functools.partial(_dkdv_kernel, P=P, names=names, tq=tq, tk=tk, pk=pk, fused_dq=cfg.fused_dq,
+    kernel = functools.partial(_dkdv_kernel, P=P, names=names, tq=tq, tk=tk, pk=pk, cfg=cfg,
                                interpret=bool(interpret))
-    rows = P.batch * P.kv_len * P.num_kv_heads
-    out_shape = [jax.ShapeDtypeStruct((rows, P.head_dim), k_dtype),
-                 jax.ShapeDtypeStruct((rows, P.head_dim_v), v_dtype)]
+    out_shape = [jax.ShapeDtypeStruct(inputs["k"].shape, k_dtype), jax.ShapeDtypeStruct(inputs["v"].shape, v_dtype)]
     aliases = {}
     if cfg.fused_dq:
         out_shape.append(jax.ShapeDtypeStruct(inputs["dq_acc"].shape, jnp.float32))
         aliases = {list(inputs).index("dq_acc"): 2}
     return pl.pallas_call(
-        kernel, grid=(P.batch * P.num_kv_heads, tk.n_tiles), out_shape=out_shape, interpret=interpret,
+        kernel, grid=_grid(cfg, P.batch * P.num_kv_heads, tk.n_tiles), out_shape=out_shape, interpret=interpret,
         name="block_sparse_attention_dkdv", input_output_aliases=aliases,
         compiler_params=_compat.triton_compiler_params(num_warps=cfg.warps_dkv, num_stages=cfg.stages_dkv),
     )(*inputs.values())

@@ -2,10 +2,11 @@
 
 A config names the kernel tile (rows x columns of the score tile the MMA
 computes), warps and pipeline stages. :func:`forward_config` /
-:func:`backward_config` look a problem up in :data:`TUNED` (filled from
-``benchmarks/tune_attention.py`` runs on real GPUs) and fall back to a
-heuristic. Tiles are *wishes*: ``pallas_kernels.common.attention_tiling``
-shrinks them to fit the block mask's logical blocks and short sequences.
+:func:`backward_config` look a problem up in :data:`TUNED_FWD` /
+:data:`TUNED_BWD` (filled from ``benchmarks/tune_attention.py`` runs on real
+GPUs) and fall back to a heuristic built on the same evidence. Tiles are
+*wishes*: ``pallas_kernels.common.attention_tiling`` shrinks them to fit the
+block mask's logical blocks and short sequences.
 
 Callers may pass an explicit config to ``forward``/``backward`` (the tuning
 script does) or install one for a region of code with :func:`override`.
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 SCHEDULES = ("sorted", "reverse", "natural")
+GRID_ORDERS = ("heads_first", "tiles_first")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +32,13 @@ class FwdConfig:
     ``schedule``: order of query tiles ('sorted' heavy rows first from the tables,
     'reverse' last block first, 'natural'). ``num_splits``: split each table row's
     key blocks over this many programs (flash-decoding) and merge their partial
-    softmax states; None picks it when there are too few programs to fill the GPU."""
+    softmax states; None picks it when there are too few programs to fill the GPU.
+    ``lazy_rescale``: move the softmax reference max (and rescale the accumulator) only
+    when a row's max grew by more than 2**8 — one branch per step instead of a multiply
+    per accumulator element. ``grid_order``: 'heads_first' launches the same query tile of
+    every head together; 'tiles_first' launches a head's tiles together (they share its
+    K/V in L2). ``prefetch_index``: carry the next block index through the table walk so
+    Triton's pipeliner prefetches K/V ``num_stages - 1`` steps ahead (see ``walk``)."""
 
     block_q: int = 128
     block_kv: int = 64
@@ -39,6 +47,9 @@ class FwdConfig:
     pack_gqa: bool | None = None
     schedule: str = "sorted"
     num_splits: int | None = None  # split-KV: None = decide from the shape, 1 = off
+    lazy_rescale: bool = False
+    grid_order: str = "heads_first"
+    prefetch_index: bool = False
 
     def __post_init__(self):
         if self.num_splits is not None and self.num_splits < 1:
@@ -47,6 +58,7 @@ class FwdConfig:
         _check_pow2(self.block_kv, "block_kv")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}; got {self.schedule!r}")
+        _check_choice(self.grid_order, GRID_ORDERS, "grid_order")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +66,8 @@ class BwdConfig:
     """Backward launches: the dQ kernel walks rows (``block_q_dq`` x ``block_kv_dq``),
     the dK/dV kernel walks columns (``block_kv_dkv`` keys resident, ``block_q_dkv``
     queries per step). ``fused_dq``: no dQ kernel; the dK/dV kernel adds dQ with
-    float32 atomics (fewer matmuls, run-to-run bit differences)."""
+    float32 atomics (fewer matmuls, run-to-run bit differences). ``grid_order`` and
+    ``prefetch_index`` as in :class:`FwdConfig` (for both kernels)."""
 
     block_q_dq: int = 64
     block_kv_dq: int = 64
@@ -66,10 +79,13 @@ class BwdConfig:
     stages_dkv: int = 2
     pack_gqa: bool | None = None
     fused_dq: bool = False  # dQ by float32 atomics inside the dK/dV kernel (no dQ kernel)
+    grid_order: str = "heads_first"
+    prefetch_index: bool = False
 
     def __post_init__(self):
         for name in ("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"):
             _check_pow2(getattr(self, name), name)
+        _check_choice(self.grid_order, GRID_ORDERS, "grid_order")
 
 
 def _check_pow2(n, name):
@@ -77,10 +93,33 @@ def _check_pow2(n, name):
         raise ValueError(f"{name} must be a positive power of two; got {n!r}")
 
 
-# (device family, padded head dim, input itemsize) -> config. Measured entries replace
-# the heuristic; see benchmarks/notes/block_sparse_attention_gpu.md for the numbers.
-TUNED_FWD: dict[tuple[str, int, int], FwdConfig] = {}
-TUNED_BWD: dict[tuple[str, int, int], BwdConfig] = {}
+def _check_choice(value, choices, name):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}; got {value!r}")
+
+
+# Measured configs. Forward key: (device family, padded head dim, input itemsize, shape class)
+# with shape class 'decode' (<= 16 query positions per table row; block_q is then derived
+# from the rows a packed tile needs, see decode_rows), 'masked' (a mask function evaluated
+# inside partial blocks) or 'dense' (no mask function: dense or block-granular masks).
+# Backward key: (device family, padded head dim, input itemsize). Numbers and the runs they
+# come from: benchmarks/notes/block_sparse_attention_gpu.md ("Variants and outcomes").
+TUNED_FWD: dict[tuple[str, int, int, str], FwdConfig] = {
+    # H100 SXM, jax 0.11.2, B=1 H=16 S=8192 D=128 bf16 (round 1, 2026-11-22):
+    # dense 1.275 ms = 431 TFLOP/s (2 CTAs/SM: 98 KB smem, 255 regs);
+    ("h100", 128, 2, "dense"): FwdConfig(block_q=128, block_kv=64, num_warps=4, num_stages=3),
+    # causal 0.824 ms = 339 TFLOP/s ('reverse' 0.814: 1% faster on causal, 'sorted' kept as the
+    # general choice); 128x64/4 warps/3 stages was 0.965 ms here (its 3-buffer partial loop
+    # needs 131 KB of shared memory: 1 CTA/SM);
+    ("h100", 128, 2, "masked"): FwdConfig(block_q=128, block_kv=128, num_warps=8, num_stages=3),
+    # decode Sq=1 Skv=16K B=8 Hq=32 Hkv=8: 0.232 ms (2.3 TB/s of K/V; cuDNN 0.255 ms).
+    ("h100", 128, 2, "decode"): FwdConfig(block_q=16, block_kv=64, num_warps=4, num_stages=3),
+}
+TUNED_BWD: dict[tuple[str, int, int], BwdConfig] = {
+    # H100, same shape: dense 4.01 ms, causal 2.04 ms for dQ + dK/dV (round 1); the dK/dV
+    # kernel with 4 warps runs 2 CTAs/SM, with 8 warps 1 (7.23 ms with dK/dV 64x64/8 warps).
+    ("h100", 128, 2): BwdConfig(128, 128, 8, 2, 64, 64, 4, 2),
+}
 
 _OVERRIDE: dict[str, object] = {}
 
@@ -112,26 +151,49 @@ def device_family() -> str:
     return "generic"
 
 
-def forward_config(head_dim_pad: int, dtype, q_span: int) -> FwdConfig:
-    """Config for a forward launch; ``q_span`` = query positions per logical block row."""
+def shape_class(q_span: int, masked: bool) -> str:
+    """'decode', 'masked' or 'dense' (the last element of a TUNED_FWD key)."""
+    if q_span <= 16:
+        return "decode"
+    return "masked" if masked else "dense"
+
+
+def decode_rows(q_span: int, group: int) -> int:
+    """Tile rows (block_q) of a decode launch: every query position of a table row times the
+    packed heads (16 .. 128 rows), so one program reads each K/V tile once per kv head."""
+    return int(min(128, max(16, 1 << max(0, (q_span * group - 1).bit_length()))))
+
+
+def forward_config(head_dim_pad: int, dtype, q_span: int, *, group: int = 1, masked: bool = True) -> FwdConfig:
+    """Config for a forward launch; ``q_span`` = query positions per logical block row,
+    ``group`` = query heads a packed tile may hold (1 when packing is impossible),
+    ``masked`` = the block mask evaluates a mask function inside partial blocks."""
     if "fwd" in _OVERRIDE:
         return _OVERRIDE["fwd"]  # type: ignore[return-value]
     itemsize = jnp.dtype(dtype).itemsize
-    tuned = TUNED_FWD.get((device_family(), head_dim_pad, itemsize))
-    if tuned is not None:
-        return tuned
-    if q_span <= 16:  # decode: M comes from packed heads, keep the kv tile long
-        return FwdConfig(block_q=16, block_kv=128 if head_dim_pad <= 128 else 64, num_warps=4, num_stages=3)
-    # Registers: ptxas -v (sm_90a) of the Pallas-generated kernels compiled off-GPU with
-    # benchmarks/attention_ptx_local.py; every default is spill-free and emits wgmma.
-    # (Counts marked <= were taken before the TTIR combine pass, an upper bound.)
+    kind = shape_class(q_span, masked)
+    cfg = TUNED_FWD.get((device_family(), head_dim_pad, itemsize, kind)) or _heuristic_fwd(head_dim_pad, itemsize,
+                                                                                            kind)
+    if kind == "decode":
+        cfg = dataclasses.replace(cfg, block_q=decode_rows(q_span, group))
+    return cfg
+
+
+def _heuristic_fwd(head_dim_pad: int, itemsize: int, kind: str) -> FwdConfig:
+    # Registers, shared memory and CTAs/SM from ptxas -v / Triton's allocation of the
+    # Pallas-generated kernels (benchmarks/attention_ptx_local.py, sm_90a). On the H100, two
+    # CTAs of 4 warps per SM (M=128 each, <= 113 KB of shared memory) beat one CTA of 8 warps:
+    # the two warpgroups overlap each other's softmax and MMAs (notes: "Occupancy").
+    if kind == "decode":
+        return FwdConfig(block_q=16, block_kv=64, num_warps=4, num_stages=3)
     if itemsize == 4:
         return FwdConfig(block_q=64, block_kv=32 if head_dim_pad >= 256 else 64, num_warps=4, num_stages=2)
     if head_dim_pad <= 64:
-        return FwdConfig(block_q=128, block_kv=128, num_warps=8, num_stages=3)  # <= 176 regs
+        return FwdConfig(block_q=128, block_kv=128, num_warps=4, num_stages=2)  # 255 regs, 80 KB: 2 CTAs
     if head_dim_pad <= 128:
-        return FwdConfig(block_q=128, block_kv=64, num_warps=8, num_stages=3)  # 167 regs
-    return FwdConfig(block_q=64, block_kv=64, num_warps=8, num_stages=2)  # <= 237 regs
+        # 3 stages give the mask-evaluating loop a 3-deep K/V ring (131 KB: 1 CTA/SM).
+        return FwdConfig(block_q=128, block_kv=64, num_warps=4, num_stages=2 if kind == "masked" else 3)
+    return FwdConfig(block_q=64, block_kv=64, num_warps=8, num_stages=2)  # 176 regs, 160 KB
 
 
 def backward_config(head_dim_pad: int, dtype) -> BwdConfig:
@@ -144,10 +206,10 @@ def backward_config(head_dim_pad: int, dtype) -> BwdConfig:
     if itemsize == 4:
         return BwdConfig(32, 32, 4, 2, 32, 32, 4, 2)
     if head_dim_pad <= 64:
-        return BwdConfig(128, 64, 8, 3, 64, 128, 8, 2)  # dQ <= 144 regs, dK/dV <= 215 regs
+        return BwdConfig(64, 64, 4, 2, 64, 64, 4, 2)  # dQ 128 regs (4 CTAs/SM), dK/dV 192 regs (2 CTAs/SM)
     if head_dim_pad <= 128:
-        return BwdConfig(64, 64, 4, 2, 64, 64, 8, 2)  # dQ 182 regs, dK/dV 218 regs
-    return BwdConfig(64, 32, 8, 2, 64, 32, 8, 2)  # dQ <= 214, dK/dV <= 222 regs (mma.sync: M=32)
+        return BwdConfig(128, 128, 8, 2, 64, 64, 4, 2)  # dQ 226 regs, dK/dV 255 regs (2 CTAs/SM)
+    return BwdConfig(64, 32, 8, 2, 64, 32, 8, 2)  # dQ 193, dK/dV 170 regs
 
 
 def num_sms() -> int:

@@ -1,10 +1,16 @@
 """Forward block-sparse FlashAttention kernel (Pallas, Triton lowering).
 
-Grid: (batch x head programs, query tiles). A program owns one query tile (of one
-head, or of the G heads of a GQA group when packed), walks its row of the block
-tables (full blocks with no mask work, the ragged last block bound-checked,
-partial blocks with the mask) and keeps the online softmax in float32 with exp2
-(log2(e)·scale folded into the exponent's FMA).
+Grid: (batch x head programs, query tiles), or (query tiles, batch x head programs)
+with ``grid_order='tiles_first'`` (the tiles of one head run side by side and share
+its K/V in L2). A program owns one query tile (of one head, or of the G heads of a
+GQA group when packed), walks its row of the block tables (full blocks with no mask
+work, the ragged last block bound-checked, partial blocks with the mask) and keeps
+the online softmax in float32 with exp2 (log2(e)·scale folded into the exponent's FMA).
+
+``lazy_rescale``: the running max used for the exponent is only moved (and the
+accumulator rescaled) when some row's max grew by more than 2**RESCALE_LOG2 since the
+last move — a block-uniform branch. Exact: o = acc / l and lse = m + log2(l) hold for
+any reference max; p <= 2**RESCALE_LOG2 keeps every term finite in f32 / bf16 / fp16.
 
 Inputs are the flattened operands q2 [B*Sq*Hq, D], k2/v2 [B*Skv*Hkv, D|Dv];
 outputs o2 [B*Sq*Hq, Dv] (input dtype) and lse [B*Sq*Hq] float32 (natural log,
@@ -27,12 +33,17 @@ from pallas_kernels.triton.attention_configs import FwdConfig
 from sparse_jax import _compat
 
 NEG_INF = float("-inf")
+RESCALE_LOG2 = 8.0  # lazy rescale threshold: p = exp2(s - m_ref) stays <= 256
 
 
-def _kernel(*refs, P: blk.Problem, names, tq, tk, pk, schedule: str, n_splits: int):
+def _kernel(*refs, P: blk.Problem, names, tq, tk, pk, cfg: FwdConfig, n_splits: int):
     refs = dict(zip(names, refs))
+    schedule = cfg.schedule
     n_qb = P.n_q_blocks
-    bh, t = pl.program_id(0), pl.program_id(1)
+    if cfg.grid_order == "tiles_first":
+        t, bh = pl.program_id(0), pl.program_id(1)
+    else:
+        bh, t = pl.program_id(0), pl.program_id(1)
     b = blk.div(bh, pk.programs_per_batch)
     head0 = blk.mod(bh, pk.programs_per_batch) * pk.heads
     hkv = blk.div(head0, P.group)
@@ -47,7 +58,7 @@ def _kernel(*refs, P: blk.Problem, names, tq, tk, pk, schedule: str, n_splits: i
 
     qt = blk.q_tile(P, tq, pk, b, head0, qblk, sub)
     blk.load_q_meta(P, qt, b, refs)
-    q = blk.load_rows(refs["q"], qt.rows, qt.valid, P.head_dim, P.head_dim_pad)
+    q = blk.load_rows(refs["q"], qt.base, qt.rel, qt.valid, P.head_dim, P.head_dim_pad)
     m_rows = q.shape[0]
     c = blk.log2_factor(P)
 
@@ -55,18 +66,35 @@ def _kernel(*refs, P: blk.Problem, names, tq, tk, pk, schedule: str, n_splits: i
         acc, m, l = carry
         kt = blk.kv_tile(P, tk, b, hkv, kvblk, kv_sub, refs.get("perm"), bounds=blk.kind_needs_bounds(kind, tk))
         blk.load_kv_meta(P, kt, b, hkv, refs)
-        k = blk.load_rows(refs["k"], kt.rows, kt.valid, P.head_dim, P.head_dim_pad)
+        k = blk.load_rows(refs["k"], kt.base, kt.rel, kt.valid, P.head_dim, P.head_dim_pad)
         s, _ = blk.scores(P, plgpu.dot(q, k, trans_b=True))
         allowed = blk.logit_mask(P, kind, b, qt, kt, transposed=False)
         if allowed is not None:
             s = jnp.where(allowed, s, NEG_INF)
         m_new = jnp.maximum(m, jnp.max(s, axis=1) * c)
+        if cfg.lazy_rescale:
+            # Move the reference max only when some row outgrew it by 2**RESCALE_LOG2 (one
+            # branch for the whole tile); otherwise p = exp2(s - m) <= 2**RESCALE_LOG2.
+            grow = jnp.max(jnp.where(m_new > m + RESCALE_LOG2, 1, 0)) > 0
+
+            def rescale(state):
+                acc, l, m = state
+                m_use = jnp.where(m_new == NEG_INF, 0.0, m_new)
+                alpha = jnp.exp2(m - m_use)
+                return acc * alpha[:, None], l * alpha, m_new
+
+            acc, l, m = jax.lax.cond(grow, rescale, lambda state: state, (acc, l, m))
+            m_use = m if allowed is None else jnp.where(m == NEG_INF, 0.0, m)
+            p = jnp.exp2(s * c - m_use[:, None])
+            l = l + jnp.sum(p, axis=1)
+            v = blk.load_rows(refs["v"], kt.base, kt.rel, kt.valid, P.head_dim_v, P.head_dim_v_pad)
+            return acc + plgpu.dot(p.astype(v.dtype), v), m, l
         # A row with nothing allowed yet keeps m = -inf; exponentiate against 0 then.
         m_use = m_new if allowed is None else jnp.where(m_new == NEG_INF, 0.0, m_new)
         alpha = jnp.exp2(m - m_use)
         p = jnp.exp2(s * c - m_use[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        v = blk.load_rows(refs["v"], kt.rows, kt.valid, P.head_dim_v, P.head_dim_v_pad)
+        v = blk.load_rows(refs["v"], kt.base, kt.rel, kt.valid, P.head_dim_v, P.head_dim_v_pad)
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
@@ -79,16 +107,16 @@ def _kernel(*refs, P: blk.Problem, names, tq, tk, pk, schedule: str, n_splits: i
     walk = blk.Walk(tk, P.max_full_kv, P.max_kv, split_tail=True)
     split = (pl.program_id(2), n_splits) if n_splits > 1 else None
     acc, m, l = blk.walk(walk, (refs["full_num"], refs["full_idx"]), (refs["num"], refs["idx"]), row, carry,
-                         body, active=active, split=split)
+                         body, active=active, split=split, prefetch_index=cfg.prefetch_index)
 
     has = l > 0
     o = acc * (1.0 / jnp.where(has, l, 1.0))[:, None]
     lse = jnp.where(has, (m + jnp.log2(jnp.where(has, l, 1.0))) * blk.LN2, NEG_INF)
     # lse in the query-row layout [B, Sq, Hq]: indices of masked lanes never alias valid ones.
     # With split-KV each split writes its own slab [split, B*Sq*Hq] (float32 o, merged later).
-    out_rows = qt.rows if split is None else split[0] * (P.batch * P.q_len * P.num_q_heads) + qt.rows
-    blk.store_rows(refs["o"], out_rows, qt.valid, o, P.head_dim_v)
-    blk.store_vec(refs["lse"], out_rows, qt.valid, lse)
+    out_base = qt.base if split is None else split[0] * (P.batch * P.q_len * P.num_q_heads) + qt.base
+    blk.store_rows(refs["o"], out_base, qt.rel, qt.valid, o, P.head_dim_v)
+    blk.store_vec(refs["lse"], out_base + qt.rel, qt.valid, lse)
 
 
 def plan(P: blk.Problem, cfg: FwdConfig):
@@ -118,16 +146,19 @@ def call(P: blk.Problem, cfg: FwdConfig, inputs: dict, *, dtype, interpret):
     splits = num_splits(P, cfg)
     names = list(inputs)
     out_names = ["o", "lse"]
-    kernel = functools.partial(_kernel, P=P, names=names + out_names, tq=tq, tk=tk, pk=pk,
-                               schedule=cfg.schedule, n_splits=splits)
+    kernel = functools.partial(_kernel, P=P, names=names + out_names, tq=tq, tk=tk, pk=pk, cfg=cfg,
+                               n_splits=splits)
     rows = P.batch * P.q_len * P.num_q_heads
+    o_shape = lambda n: (n, P.head_dim_v)  # noqa: E731
+    grid = (P.batch * pk.programs_per_batch, tq.n_tiles)
+    if cfg.grid_order == "tiles_first":
+        grid = grid[::-1]
     if splits > 1:
-        out_shape = [jax.ShapeDtypeStruct((splits * rows, P.head_dim_v), jnp.float32),
+        out_shape = [jax.ShapeDtypeStruct(o_shape(splits * rows), jnp.float32),
                      jax.ShapeDtypeStruct((splits * rows,), jnp.float32)]
-        grid = (P.batch * pk.programs_per_batch, tq.n_tiles, splits)
+        grid = grid + (splits,)
     else:
-        out_shape = [jax.ShapeDtypeStruct((rows, P.head_dim_v), dtype), jax.ShapeDtypeStruct((rows,), jnp.float32)]
-        grid = (P.batch * pk.programs_per_batch, tq.n_tiles)
+        out_shape = [jax.ShapeDtypeStruct(o_shape(rows), dtype), jax.ShapeDtypeStruct((rows,), jnp.float32)]
     o, lse = pl.pallas_call(
         kernel, grid=grid, out_shape=out_shape, interpret=interpret, name="block_sparse_attention_fwd",
         compiler_params=_compat.triton_compiler_params(num_warps=cfg.num_warps, num_stages=cfg.num_stages),

@@ -63,6 +63,11 @@ def _flat(x):
     return jnp.asarray(x).astype(jnp.int32).reshape(-1)
 
 
+def _operand(P: blk.Problem, x, d: int):
+    """[..., d] -> the kernels' [rows, d] layout (a free reshape)."""
+    return x.reshape(-1, d)
+
+
 def _meta_inputs(P: blk.Problem, q_seg, kv_seg, q_pos, kv_pos, perm) -> dict:
     """Positions / segment ids / permutation the kernels read (only those they need)."""
     out = {}
@@ -108,38 +113,48 @@ def forward(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap
     perm = _prepare_perm(kv_permutation, q, k)
     P = problem(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, scale=scale, softcap=softcap,
                 segments_everywhere=segments_everywhere, kv_permutation=perm)
-    cfg = config or attention_configs.forward_config(P.head_dim_pad, q.dtype, min(P.block_q, P.q_len))
+    cfg = config or attention_configs.forward_config(
+        P.head_dim_pad, q.dtype, min(P.block_q, P.q_len), masked=P.mask is not None,
+        group=P.group if P.table_heads in (1, P.num_kv_heads) else 1)
     inputs = _row_tables(block_mask, cfg.schedule == "sorted")
-    inputs.update(q=q.reshape(-1, P.head_dim), k=k.reshape(-1, P.head_dim), v=v.reshape(-1, P.head_dim_v))
+    inputs.update(q=_operand(P, q, P.head_dim), k=_operand(P, k, P.head_dim), v=_operand(P, v, P.head_dim_v))
     inputs.update(_meta_inputs(P, q_seg, kv_seg, q_pos, kv_pos, perm))
     o, lse = attention_fwd.call(P, cfg, inputs, dtype=q.dtype, interpret=interpret)
     return (o.reshape(P.batch, P.q_len, P.num_q_heads, P.head_dim_v),
             lse.reshape(P.batch, P.q_len, P.num_q_heads).transpose(0, 2, 1))
 
 
-def backward(q, k, v, o, lse, do, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap,
-             segments_everywhere, interpret, kv_permutation=None, config: BwdConfig | None = None):
-    """(dq, dk, dv) shaped and typed like (q, k, v)."""
+def backward_inputs(q, k, v, o, lse, do, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap,
+                    segments_everywhere, kv_permutation=None):
+    """(problem, sanitized permutation or None, dQ-kernel inputs, dK/dV-kernel inputs) of a
+    backward pass: the row statistics (head-major [B, Hq, Sq] like lse) and tables the two
+    kernels read. ``benchmarks/tune_attention.py`` times the kernels separately with these."""
     perm = _prepare_perm(kv_permutation, q, k)
     P = problem(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, scale=scale, softcap=softcap,
                 segments_everywhere=segments_everywhere, kv_permutation=perm)
-    cfg = config or attention_configs.backward_config(P.head_dim_pad, q.dtype)
     do = do.astype(q.dtype)
-    # Row statistics head-major [B, Hq, Sq] like lse.
     delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32)).reshape(-1)
     lse2 = jnp.where(jnp.isfinite(lse), lse * blk.LOG2E, jnp.inf).reshape(-1)
-    ops = dict(q=q.reshape(-1, P.head_dim), k=k.reshape(-1, P.head_dim), v=v.reshape(-1, P.head_dim_v),
-               do=do.reshape(-1, P.head_dim_v), lse2=lse2, delta=delta)
+    ops = dict(q=_operand(P, q, P.head_dim), k=_operand(P, k, P.head_dim), v=_operand(P, v, P.head_dim_v),
+               do=_operand(P, do, P.head_dim_v), lse2=lse2, delta=delta)
     meta = _meta_inputs(P, q_seg, kv_seg, q_pos, kv_pos, perm)
-    dkdv_inputs = {**_col_tables(block_mask), **ops, **meta}
+    return P, perm, {**_row_tables(block_mask, True), **ops, **meta}, {**_col_tables(block_mask), **ops, **meta}
+
+
+def backward(q, k, v, o, lse, do, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap,
+             segments_everywhere, interpret, kv_permutation=None, config: BwdConfig | None = None):
+    """(dq, dk, dv) shaped and typed like (q, k, v)."""
+    P, perm, dq_inputs, dkdv_inputs = backward_inputs(
+        q, k, v, o, lse, do, block_mask, q_seg, kv_seg, q_pos, kv_pos, scale=scale, softcap=softcap,
+        segments_everywhere=segments_everywhere, kv_permutation=kv_permutation)
+    cfg = config or attention_configs.backward_config(P.head_dim_pad, q.dtype)
     if cfg.fused_dq:
-        dkdv_inputs["dq_acc"] = jnp.zeros((q.size // P.head_dim, P.head_dim), jnp.float32)
+        dkdv_inputs["dq_acc"] = _operand(P, jnp.zeros(q.shape, jnp.float32), P.head_dim)
         dk, dv, dq = attention_bwd.dkdv_call(P, cfg, dkdv_inputs, k_dtype=k.dtype, v_dtype=v.dtype,
                                              interpret=interpret)
         dq = (dq * P.scale).astype(q.dtype)
     else:
-        dq = attention_bwd.dq_call(P, cfg, {**_row_tables(block_mask, True), **ops, **meta}, dtype=q.dtype,
-                                   interpret=interpret)
+        dq = attention_bwd.dq_call(P, cfg, dq_inputs, dtype=q.dtype, interpret=interpret)
         dk, dv = attention_bwd.dkdv_call(P, cfg, dkdv_inputs, k_dtype=k.dtype, v_dtype=v.dtype,
                                          interpret=interpret)
     dq = dq.reshape(q.shape)
