@@ -107,7 +107,8 @@ class ModelConfig:
     """A decoder-only LM (pre-norm, RMSNorm, RoPE, GQA, SwiGLU / MoE).
 
     attention / ffn: one spec for all layers or a tuple of ``num_layers`` specs.
-    aux_loss_coef / z_loss_coef weight the MoE load-balancing and router z losses.
+    aux_loss_coef / z_loss_coef weight the MoE load-balancing and router z losses;
+    indexer_loss_coef the DSA indexers' KL losses (layers built with ``indexer_loss=True``).
     dtype / param_dtype: names of the compute and storage dtypes.
     """
 
@@ -131,6 +132,7 @@ class ModelConfig:
     interpret: bool = False
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
+    indexer_loss_coef: float = 1.0
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "block_size"):

@@ -1,8 +1,9 @@
 """A config-driven decoder-only LM whose layers each pick their attention and FFN.
 
 ``DecoderLM(cfg, rngs=...)(tokens [B, S]) -> (logits float32 [B, S, V], aux)`` where
-``aux`` holds the MoE router losses summed over layers (zeros without MoE) and
-``aux["aux_loss"]`` is the weighted total the trainer adds to the task loss.
+``aux`` holds the MoE router losses and the DSA indexer losses summed over layers
+(zeros without them) and ``aux["aux_loss"]`` is the weighted total the trainer adds
+to the task loss.
 :func:`swap_attention` rebuilds a model with other attention layers and carries
 every matching weight over (the study's "train dense, evaluate sparse").
 """
@@ -113,7 +114,7 @@ class DecoderLM(nnx.Module):
 
     Call: ``tokens`` int [B, S] (optionally ``positions`` int [B, S] | [S] and
     ``segment_ids`` int [B, S] for packed sequences) -> (logits float32 [B, S, V],
-    aux: {"load_balance_loss", "z_loss", "aux_loss"} float32 scalars).
+    aux: {"load_balance_loss", "z_loss", "indexer_loss", "aux_loss"} float32 scalars).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -143,7 +144,12 @@ class DecoderLM(nnx.Module):
             totals = {k: totals[k] + aux[k] for k in _AUX_KEYS}
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-        totals["aux_loss"] = self.cfg.aux_loss_coef * totals["load_balance_loss"] + self.cfg.z_loss_coef * totals["z_loss"]
+        # DSA layers built with indexer_loss=True sow their indexer's KL loss; collect it here
+        # (other intermediates, e.g. recorded densities, stay for the caller).
+        sown = jax.tree.leaves(nnx.pop(self, nnx.All(nnx.Intermediate, nnx.PathContains("indexer_loss"))))
+        totals["indexer_loss"] = sum(sown, jnp.zeros((), jnp.float32))
+        totals["aux_loss"] = (self.cfg.aux_loss_coef * totals["load_balance_loss"] + self.cfg.z_loss_coef * totals["z_loss"]
+                              + self.cfg.indexer_loss_coef * totals["indexer_loss"])
         return logits.astype(jnp.float32), totals
 
 

@@ -66,6 +66,7 @@ class Preset:
     native: tuple = ("moe", "nsa", "sliding_window")
     thresholds: tuple = (0.95, 0.9, 0.8, 0.6)  # PBS / XAttention thresholds
     fractions: tuple = (1 / 2, 1 / 4, 1 / 8)  # window, chunk and budget sizes as fractions of seq_len
+    indexer_steps: int = 100  # KL warm-up of a swapped-in DSA indexer (0: leave it at init)
     train_share: float = 0.4  # most of the budget the dense training may take
     time_on_xla: bool = False  # time the (dense) xla reference too; off: its times say nothing about sparsity
 
@@ -145,8 +146,33 @@ def evaluate_model(model, p: Preset, causal_density: float) -> dict:
     return row
 
 
+def indexed_density(topk: int, seq_len: int) -> float:
+    """Share of the causal (query, key) pairs that ``topk`` keys per query attend (token level)."""
+    causal = np.arange(1, seq_len + 1)
+    return float(np.minimum(causal, topk).sum() / causal.sum())
+
+
 def _short(e: Exception) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlyPaths:
+    """nnx filter: the variables at these "a/b/0/c" paths (hashable, so compiled steps are cached)."""
+
+    paths: frozenset
+
+    def __call__(self, path, value) -> bool:
+        return "/".join(map(str, path)) in self.paths
+
+
+def warm_up_new_params(model, missing: list[str], task, p: Preset, tc: T.TrainConfig, time_limit_s: float) -> int:
+    """Train only the parameters the dense model lacked (e.g. a DSA indexer, through its KL
+    loss) on a frozen model, DeepSeek-V3.2's indexer warm-up; returns the steps run."""
+    wtc = dataclasses.replace(tc, steps=p.indexer_steps, warmup_steps=min(10, p.indexer_steps // 4))
+    res = T.train(model, task, wtc, wrt=OnlyPaths(frozenset(missing)), time_limit_s=time_limit_s,
+                  desc="indexer warm-up")
+    return res.history[-1]["step"]
 
 
 def _records(spec: C.AttentionSpec) -> C.AttentionSpec:
@@ -255,10 +281,16 @@ def run(p: Preset, *, out_dirs: list[str], reuse: bool = False, progress: bool =
             result["swaps"].append(row)
             continue
         try:
-            model, missing = lm.swap_attention(dense, _records(v.spec))
-            row.update(evaluate_model(model, p, causal_density))
-            if missing:
+            spec = study_variants.with_options(v.spec, indexer_loss=True) if v.family == "indexed" else v.spec
+            model, missing = lm.swap_attention(dense, _records(spec))
+            if missing and p.indexer_steps:
+                steps = warm_up_new_params(model, missing, train_task, p, tc, time_limit_s=0.1 * budget.left())
+                row["note"] = f"{len(missing)} new params (indexer) warmed up {steps} steps, rest frozen"
+            elif missing:
                 row["note"] = f"{len(missing)} params not in the dense model (left at init)"
+            row.update(evaluate_model(model, p, causal_density))
+            if v.family == "indexed" and row["density_vs_causal"] is None:
+                row["density_vs_causal"] = indexed_density(v.spec.kwargs["topk"], p.seq_len)
         except Exception as e:  # one failing method must not sink the study
             row["note"] = f"error: {_short(e)}"
             traceback.print_exc()

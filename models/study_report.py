@@ -1,4 +1,4 @@
-"""Writes the study's results: ``results.json``, ``summary.md`` and two PNG plots.
+"""Writes the study's results: ``results.json``, ``summary.md`` and two PNG plots (with matplotlib).
 
 Rows are plain dicts (see :mod:`models.study`); the plots are accuracy vs density
 (fraction of the causal blocks computed) and attention time vs density, one line
@@ -7,13 +7,11 @@ per family.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 def _fmt(x, spec=".3f"):
@@ -52,7 +50,8 @@ def markdown(result: dict) -> str:
         f"at {p['seq_len']} tokens for {dense['steps']} steps ({dense['seconds']:.0f} s; final answer loss "
         f"{dense['final_loss']:.3f}); its attention was then swapped for each method below, weights unchanged. "
         f"Density counts computed (query block, key block) pairs of {p['block_size']} tokens relative to causal "
-        f"attention, averaged over layers and eval batches. Attention time: one layer forward, batch "
+        f"attention, averaged over layers and eval batches (indexed/DSA: attended (query, key) pairs, token level). "
+        f"Attention time: one layer forward, batch "
         f"{p['speed_batch']} x {p['speed_len']} tokens, {p['dtype']}.",
         "",
         "## Swapped into the trained dense model",
@@ -61,12 +60,18 @@ def markdown(result: dict) -> str:
     ]
     if result["native"]:
         lines += ["", "## Trained natively", "", *_table(result["native"], NATIVE_COLUMNS)]
-    if result["notes"]:
-        lines += ["", "## Notes", ""] + [f"* {n}" for n in result["notes"]]
+    notes = list(result["notes"]) + ([] if HAVE_MATPLOTLIB else ["matplotlib is not installed: no plots"])
+    if notes:
+        lines += ["", "## Notes", ""] + [f"* {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
 def _plot(rows, x_key, y_key, ylabel, title, path, logy=False, reference=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     families = sorted({r["family"] for r in rows if r.get(x_key) is not None and r.get(y_key) is not None})
     for fam in families:
@@ -103,12 +108,14 @@ def write(result: dict, out_dirs: list[str]) -> list[str]:
             json.dump(result, f, indent=1)
         with open(os.path.join(d, "summary.md"), "w") as f:
             f.write(markdown(result))
+        written += [os.path.join(d, "results.json"), os.path.join(d, "summary.md")]
+        if not HAVE_MATPLOTLIB:
+            continue
         tag = f"{result['preset']['name']} preset, S={result['preset']['seq_len']}"
         _plot(swaps, "density_vs_causal", "accuracy", "exact-match accuracy (mean of tasks)",
               f"Accuracy vs density ({tag})", os.path.join(d, "accuracy_vs_density.png"), reference=dense_acc)
         _plot(swaps, "speed_density_vs_causal", "time_ms", "attention forward (ms)",
               f"Speed vs density ({result['env']['backend']}, S={result['preset']['speed_len']})",
               os.path.join(d, "speed_vs_density.png"), logy=True)
-        written += [os.path.join(d, n) for n in
-                    ("results.json", "summary.md", "accuracy_vs_density.png", "speed_vs_density.png")]
+        written += [os.path.join(d, n) for n in ("accuracy_vs_density.png", "speed_vs_density.png")]
     return written

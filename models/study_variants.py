@@ -37,7 +37,8 @@ class Variant:
         return self.family if not self.knob else f"{self.family} {self.knob}"
 
 
-def _with(spec: AttentionSpec, **options) -> AttentionSpec:
+def with_options(spec: AttentionSpec, **options) -> AttentionSpec:
+    """``spec`` with extra layer options."""
     return dataclasses.replace(spec, options=dict(spec.kwargs, **options))
 
 
@@ -88,4 +89,4 @@ def unavailable() -> list[str]:
 
 def recording(spec: AttentionSpec) -> AttentionSpec:
     """``spec`` with density recording on (the study reads the sown densities)."""
-    return _with(spec, record_density=True)
+    return with_options(spec, record_density=True)

@@ -19,7 +19,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from tqdm.auto import tqdm
+
+try:  # tqdm is an optional extra ("bench"); without it training runs without a progress bar
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover - depends on the install
+    tqdm = None
 
 from models import tasks as tasks_lib
 from models.config import ModelConfig
@@ -74,11 +78,12 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
 
 @functools.lru_cache(maxsize=32)
-def make_train_step(task, batch_size: int) -> Callable:
+def make_train_step(task, batch_size: int, wrt=nnx.Param) -> Callable:
     """``step(model, optimizer, key) -> metrics``: samples a batch from ``key`` and updates in place.
 
-    Cached per (task, batch size), like :func:`make_optimizer` per config, so runs of
-    one configuration share compiled steps.
+    ``wrt``: the nnx filter of the trained parameters (the optimizer's ``wrt``).
+    Cached per (task, batch size, wrt), like :func:`make_optimizer` per config, so runs
+    of one configuration share compiled steps.
     """
 
     @nnx.jit
@@ -90,10 +95,12 @@ def make_train_step(task, batch_size: int) -> Callable:
             task_loss = tasks_lib.answer_loss(logits, batch)
             return task_loss + aux["aux_loss"], (task_loss, aux)
 
-        (loss, (task_loss, aux)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)
+        (loss, (task_loss, aux)), grads = grad_fn(model)
         optimizer.update(model, grads)
         return dict(loss=loss, task_loss=task_loss, aux_loss=aux["aux_loss"],
-                    load_balance_loss=aux["load_balance_loss"], grad_norm=optax.global_norm(grads))
+                    load_balance_loss=aux["load_balance_loss"], indexer_loss=aux["indexer_loss"],
+                    grad_norm=optax.global_norm(grads))
 
     return step
 
@@ -168,6 +175,28 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, model, optimizer=None, step:
 
 
 # -- the loop ---------------------------------------------------------------------------------
+class _NoBar:
+    """What the loop needs of a tqdm bar, when tqdm is off or not installed."""
+
+    def __init__(self, iterable):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(iterable, *, desc: str, enabled: bool):
+    if not enabled or tqdm is None:
+        return _NoBar(iterable)
+    return tqdm(iterable, desc=desc, leave=False)
+
+
 @dataclasses.dataclass
 class TrainResult:
     model: DecoderLM
@@ -180,7 +209,7 @@ class TrainResult:
 
 def train(model: DecoderLM | ModelConfig, task, tc: TrainConfig, *, ckpt_dir: str | None = None,
           resume: bool = False, until: int | None = None, time_limit_s: float | None = None,
-          desc: str = "train") -> TrainResult:
+          wrt=nnx.Param, desc: str = "train") -> TrainResult:
     """Train ``model`` (or a fresh model of a config) on ``task`` for ``tc.steps`` steps in all.
 
     With ``ckpt_dir`` the run checkpoints every ``tc.ckpt_every`` steps and at the end;
@@ -188,13 +217,14 @@ def train(model: DecoderLM | ModelConfig, task, tc: TrainConfig, *, ckpt_dir: st
     only the remaining steps. ``until`` stops after that step (as a preemption would:
     the schedule still spans ``tc.steps``), saving a checkpoint there. ``time_limit_s``
     likewise stops after the first step that ends past that many seconds (the result's
-    ``history`` tells how far it got).
+    ``history`` tells how far it got). ``wrt`` (an nnx filter) restricts training to
+    some parameters, e.g. a DSA indexer warm-up on a frozen model.
     """
     if isinstance(model, ModelConfig):
         model = DecoderLM(model, rngs=nnx.Rngs(tc.seed))
     if resume and ckpt_dir is None:
         raise ValueError("resume=True needs a ckpt_dir")
-    optimizer = nnx.Optimizer(model, make_optimizer(tc), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, make_optimizer(tc), wrt=wrt)
     data_key = jax.random.key(tc.data_seed)
     mngr = checkpoint_manager(ckpt_dir, tc) if ckpt_dir is not None else None
     end = tc.steps if until is None else int(until)
@@ -204,7 +234,7 @@ def train(model: DecoderLM | ModelConfig, task, tc: TrainConfig, *, ckpt_dir: st
     if resume and mngr.latest_step() is not None:
         start, data_key, _ = restore_checkpoint(mngr, model, optimizer)
     meta = dict(model_config=model.cfg.to_dict(), train_config=dataclasses.asdict(tc))
-    step_fn = make_train_step(task, tc.batch_size)
+    step_fn = make_train_step(task, tc.batch_size, wrt)
     eval_step = make_eval_step(task, tc.batch_size)
     history, evals, pending = [], [], []
     t0 = time.perf_counter()
@@ -214,7 +244,7 @@ def train(model: DecoderLM | ModelConfig, task, tc: TrainConfig, *, ckpt_dir: st
             history.append(dict(step=s, **{k: float(v) for k, v in m.items()}))
         pending.clear()
 
-    bar = tqdm(range(start + 1, end + 1), desc=desc, disable=not tc.progress, leave=False)
+    bar = _progress_bar(range(start + 1, end + 1), desc=desc, enabled=tc.progress)
     for s in bar:
         pending.append((s, step_fn(model, optimizer, jax.random.fold_in(data_key, s))))
         if time_limit_s is not None and s < end and time.perf_counter() - t0 > time_limit_s:
