@@ -80,6 +80,15 @@ def test_needle_answer_is_the_queried_needles_value():
         assert len(needles) == 3 and tgt[78] == needles[toks[78]]
 
 
+@pytest.mark.parametrize("task", [tasks.MQAR(32768, num_pairs=64, num_queries=64),
+                                  tasks.Needle(32768, num_needles=8)], ids=["mqar", "needle"])
+def test_tasks_scale_to_32k_tokens(task):
+    b = task.sample(jax.random.key(5), 1)
+    assert b.tokens.shape == (1, 32768) and b.tokens.dtype == jnp.int32
+    n = 64 if isinstance(task, tasks.MQAR) else 1
+    assert int(b.weights.sum()) == n and int(b.tokens.max()) < task.vocab.size
+
+
 def test_task_errors():
     with pytest.raises(ValueError, match="no room"):
         tasks.MQAR(16, num_pairs=8, num_queries=8, vocab=VOCAB)

@@ -368,3 +368,19 @@ def test_dynamic_layer_errors():
     with pytest.raises(ValueError, match="segment_ids"):
         sjnn.PermutedBlockSparseAttention(**layer_kwargs(segment_size=16, block_size=8))(
             jnp.ones((1, 16, 32)), segment_ids=jnp.zeros(16, jnp.int32))
+
+
+def test_linen_bridge():
+    import flax.linen as nn
+
+    x = randn(3, (2, 16, 32))
+    lin = nnx.bridge.to_linen(sjnn.BlockSparseAttention, 32, 4, 2, block_size=8)
+    with nnx.use_eager_sharding(False):
+        variables = lin.init(jax.random.key(0), x)
+    y = jax.jit(lin.apply)(variables, x)
+    assert y.shape == x.shape and isinstance(lin, nn.Module)
+    nnx_layer = sjnn.BlockSparseAttention(**layer_kwargs(block_size=8))
+    params = variables["params"]
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        getattr(nnx_layer, name).kernel[...] = nn.unbox(params[name]["kernel"])
+    assert_close(y, nnx_layer(x), 1e-6, "linen bridge")

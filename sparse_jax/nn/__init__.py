@@ -4,6 +4,10 @@ Attention layers share one convention: ``Layer(d_model, num_heads, num_kv_heads,
 head_dim=None, ..., dtype, param_dtype, backend, interpret, rngs)`` and
 ``layer(x [B, S, d_model], *, positions=None) -> [B, S, d_model]``, with the
 projections named q_proj / k_proj / v_proj / o_proj so weights move between them.
+
+Linen users: ``flax.nnx.bridge.to_linen(Layer, *args, **kwargs)`` gives a Linen module;
+run its ``init`` under ``nnx.use_eager_sharding(False)`` (parameters carry logical
+axis names, placed on a mesh later by :func:`shard_model` / :func:`partition_specs`).
 """
 from sparse_jax.nn._common import (
     EMBED, EXPERT, HEAD_DIM, HEADS, KV_HEADS, MLP, VOCAB, annotate, einsum_projection, expert_weights,
