@@ -77,9 +77,9 @@ PRESETS = {
                   mqar_pairs=4, needles=2, vocab=tasks.Vocab(128, 32, 32), model=(("qk_norm", True),),
                   thresholds=(0.9, 0.7), fractions=(1 / 2, 1 / 4), native=("moe", "nsa")),
     "gpu": Preset("gpu", "small", seq_len=2048, block_size=128, batch_size=16, steps=1200, lr=2e-3, warmup=100,
-                  native_steps=500, eval_batches=4, speed_len=16384, speed_batch=1, dtype="bfloat16", budget_s=450,
+                  native_steps=500, eval_batches=4, speed_len=16384, speed_batch=1, dtype="bfloat16", budget_s=420,
                   mqar_pairs=16, needles=4, vocab=tasks.Vocab(512, 128, 128), thresholds=(0.9, 0.6),
-                  fractions=(1 / 4, 1 / 16),
+                  fractions=(1 / 4, 1 / 16), train_share=0.35,
                   model=(("d_model", 384), ("num_heads", 6), ("num_kv_heads", 2), ("qk_norm", True),
                          ("ffn", C.FFNSpec("dense", 1024)))),
 }

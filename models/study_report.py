@@ -38,6 +38,12 @@ NATIVE_COLUMNS = [("model", "name", ""), ("params", "params", ",d"), ("steps", "
                   ("note", "note", "")]
 
 
+def _grouped(rows):
+    """Rows grouped by family (in order of first appearance), order within a family kept."""
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    return sorted(rows, key=lambda r: families.index(r["family"]))
+
+
 def markdown(result: dict) -> str:
     p, env = result["preset"], result["env"]
     dense = result["dense_training"]
@@ -56,7 +62,7 @@ def markdown(result: dict) -> str:
         "",
         "## Swapped into the trained dense model",
         "",
-        *_table(result["swaps"], SWAP_COLUMNS),
+        *_table(_grouped(result["swaps"]), SWAP_COLUMNS),
     ]
     if result["native"]:
         lines += ["", "## Trained natively", "", *_table(result["native"], NATIVE_COLUMNS)]

@@ -44,7 +44,8 @@ def with_options(spec: AttentionSpec, **options) -> AttentionSpec:
 
 def swap_variants(seq_len: int, block_size: int, *, thresholds=(0.95, 0.9, 0.8, 0.6),
                   fractions=(1 / 2, 1 / 4, 1 / 8)) -> list[Variant]:
-    """Every available variant at ``seq_len`` with ``block_size`` tables.
+    """Every available variant at ``seq_len`` with ``block_size`` tables, ordered round-robin
+    over the families (dense first).
 
     Static masks use windows / chunks of ``fraction * seq_len`` (at least one block);
     threshold methods use ``thresholds``; budgeted methods keep ``fraction`` of the blocks
@@ -79,7 +80,14 @@ def swap_variants(seq_len: int, block_size: int, *, thresholds=(0.95, 0.9, 0.8, 
         k = max(block_size, int(seq_len * f))
         out.append(Variant("indexed", f"topk={k}", AttentionSpec("indexed", options=dict(topk=k))))
     unique = {v.name: v for v in out}  # small sequences collapse some budgets onto one another
-    return [v for v in unique.values() if hasattr(sjnn, FAMILY_LAYERS[v.family])]
+    kept = [v for v in unique.values() if hasattr(sjnn, FAMILY_LAYERS[v.family])]
+    # Round-robin over families (densest first within each), so a time budget that cuts the
+    # list short drops the sparsest settings of every family rather than whole families.
+    rank, seen = {}, {}
+    for v in kept:
+        rank[v.name] = seen[v.family] = seen.get(v.family, -1) + 1
+    families = list(dict.fromkeys(v.family for v in kept))
+    return sorted(kept, key=lambda v: (rank[v.name], families.index(v.family)))
 
 
 def unavailable() -> list[str]:
