@@ -1,24 +1,38 @@
 #!/usr/bin/env python3
-"""Block-sparse attention on one GPU (Pallas-Triton): compiled correctness, a launch-config
-sweep, baselines in the same process, and PTX/SASS evidence. One self-contained run.
+"""Block-sparse attention on one GPU (Pallas-Triton), round 2: compiled correctness of the new
+code paths, then A/B timings of the variants the round-1 evidence pointed at, the same-mask
+FlexAttention comparison and SASS evidence. One self-contained run: --budget-s 270 (default)
+plus a watchdog at budget + 15 s keeps it under 300 s of wall time.
 
-    PYTHONPATH=. python benchmarks/tune_attention.py [--budget-s 300]
-    PYTHONPATH=. python benchmarks/tune_attention.py --smoke      # CPU: tiny shapes, interpret mode
+    PYTHONPATH=. python benchmarks/tune_attention.py                 # on the GPU machine
+    PYTHONPATH=. python benchmarks/tune_attention.py --smoke         # CPU: tiny shapes, interpret mode
 
-Phases (each skipped once the budget is spent; results JSON rewritten after each):
-  1. correctness, compiled: forward o / lse and dq, dk, dv vs the float32 reference for
-     causal, document+window, decode GQA, odd head dim f32, kv_permutation, softcap, fused dQ;
-  2. forward sweep, B=1 H=16 S=8192 D=128 bf16, dense-equivalent (all blocks full) and causal
-     (block_q x block_kv x warps x stages, schedules), cuDNN and JAX Pallas ``mha`` beside it;
-  3. backward sweep (dQ kernel, dK/dV kernel, fused-atomic dQ) at the same shape;
-  4. PTX evidence of the best forward/backward: wgmma / ex2 / cp.async counts, registers and
-     spills from ptxas -v, HGMMA count from the SASS (a subprocess with --xla_dump_to);
-  5. sparsity scaling at S=32768 (densities 1, .5, .2, .1, .05; random blocks + diagonal);
-  6. D=64 and D=256 sweeps; 7. GQA packing on/off (prefill G=8, decode Sq=1/16);
-  8. torch FlexAttention on the same random 11%-dense 128-block mask (if torch is there).
+Round 1 (H100, notes "Variants and outcomes") showed that shared memory, through CTAs per SM,
+decides the forward: 2 CTAs of 4 warps (M=128 each, <= 113 KB) beat 1 CTA of 8 warps, and a
+mask-evaluating loop with a 3-deep K/V ring (num_stages=3) drops a config to 1 CTA/SM. Phases
+(each skipped once the budget is spent; JSON rewritten after each):
+
+  1. correctness, compiled (4 cases, compiled in parallel): lazy rescale, tiles-first grid,
+     index prefetch, permuted K/V, decode tiles of every packed row; o, lse, dq, dk, dv vs
+     the float32 reference;
+  2. forward S=8192 H=16 D=128 bf16, dense and causal: 128x64 / 4 warps at 2 and 3 stages,
+     lazy rescale, grid order, index prefetch, the round-1 winners, cuDNN beside them; a
+     causal mask with its diagonal blocks marked full (isolates the masked-loop cost);
+  3. backward: the dQ and dK/dV kernels timed separately, the best pair then fwd+bwd through
+     the public op against cuDNN fwd+bwd (dense and causal);
+  4. sparsity at S=32768: densities 1 .. 0.05 (random blocks, all full) for both grid orders,
+     and d=0.5 as one contiguous band (random access vs table-walk cost);
+  5. decode Sq=1 / Sq=16 (B=8 Hq=32 Hkv=8 Skv=16K) with the new decode tiles; GQA prefill;
+  6. causal D=64 and D=256 (the heuristic against alternatives), cuDNN beside them;
+  7. evidence: the kernels' Triton IR captured from this process's lowering, compiled with the
+     installed triton (ptxas -v, cuobjdump -sass): registers, spills, shared memory, CTAs/SM,
+     per-loop SASS instruction mix (benchmarks/attention_ptx_local.py);
+  8. torch FlexAttention on the same random 11%-dense mask (fwd, fwd+bwd; last: it compiles);
+  9. an XLA dump attempt (--xla_dump_emitter_re) in a child process, if time is left.
+A watchdog prints the table and exits at budget + 15 s whatever is still running.
 
 Writes ``$OUT/tune_attention.json`` (OUT defaults to /tmp) and prints a compact table last,
-with the best configs as Python literals for pallas_kernels/triton/attention_configs.py.
+with the winners as Python literals for pallas_kernels/triton/attention_configs.py.
 """
 
 from __future__ import annotations
@@ -36,9 +50,9 @@ import glob  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
-import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
@@ -49,6 +63,7 @@ import numpy as np  # noqa: E402
 import sparse_jax as sj  # noqa: E402
 from benchmarks import flops as W  # noqa: E402
 from benchmarks import timing  # noqa: E402
+from pallas_kernels.triton import attention_bwd  # noqa: E402
 from pallas_kernels.triton import attention_configs as cfgs  # noqa: E402
 from pallas_kernels.triton import block_sparse_attention as K  # noqa: E402
 from pallas_kernels.triton.attention_configs import BwdConfig, FwdConfig  # noqa: E402
@@ -57,8 +72,8 @@ from sparse_jax import masks  # noqa: E402
 OUT = os.environ.get("OUT", "/tmp")
 START = time.monotonic()
 ARGS = None
-REPORT: dict = {"meta": {}, "correctness": [], "fwd": [], "bwd": [], "baselines": [], "sparsity": [],
-                "gqa": [], "flex": [], "evidence": {}, "best": {}, "errors": []}
+REPORT: dict = {"meta": {}, "correctness": [], "fwd": [], "bwd_kernels": [], "fwd_bwd": [], "baselines": [],
+                "sparsity": [], "flex": [], "decode": [], "evidence": {}, "best": {}, "errors": []}
 
 
 # -- plumbing ------------------------------------------------------------------------------------
@@ -76,12 +91,12 @@ def save():
         json.dump(REPORT, f, indent=1, default=str)
 
 
-def guard(section):
-    """Run a phase; record its exception instead of dying."""
+def guard(section, need_s=10.0):
+    """Run a phase if ``need_s`` of budget is left; record its exception instead of dying."""
     def deco(fn):
         def run(*a, **kw):
-            if left() < 5:
-                log(f"skip {section}: budget spent")
+            if left() < need_s:
+                log(f"skip {section}: {left():.0f}s left")
                 REPORT["errors"].append({"section": section, "error": "skipped: budget"})
                 return None
             t0 = time.monotonic()
@@ -100,7 +115,7 @@ def guard(section):
 
 def bench(fn, arg_sets, *, reps=None, inner=None):
     """Median seconds per call; ``inner`` calls are queued between syncs to hide dispatch."""
-    reps = reps or (3 if ARGS.smoke else 7)
+    reps = reps or (2 if ARGS.smoke else 7)
     inner = inner or (1 if ARGS.smoke else 5)
     for a in arg_sets[:2]:
         jax.block_until_ready(fn(*a))
@@ -116,20 +131,17 @@ def bench(fn, arg_sets, *, reps=None, inner=None):
 
 
 def compile_all(jobs):
-    """jobs: list of (key, fn, example_args) -> {key: compiled or Exception}; lowering is
-    sequential (tracing), XLA/Triton compilation runs in threads."""
+    """jobs: list of (key, fn, example_args) -> {key: compiled or Exception}; tracing is
+    sequential, XLA/Triton compilation runs in threads."""
     lowered = {}
     for key, fn, args in jobs:
         try:
             lowered[key] = jax.jit(fn).lower(*args)
         except Exception as e:  # noqa: BLE001
             lowered[key] = e
-    out = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1 if ARGS.smoke else 8) as ex:
-        futs = {k: ex.submit(lambda l: l.compile(), l) for k, l in lowered.items() if not isinstance(l, Exception)}
-        for k, l in lowered.items():
-            if isinstance(l, Exception):
-                out[k] = l
+    out = {k: l for k, l in lowered.items() if isinstance(l, Exception)}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1 if ARGS.smoke else 12) as ex:
+        futs = {k: ex.submit(l.compile) for k, l in lowered.items() if not isinstance(l, Exception)}
         for k, f in futs.items():
             try:
                 out[k] = f.result()
@@ -168,16 +180,38 @@ def rel(x, ref):
     return float(np.linalg.norm(x - ref) / (d if d > 0 else 1.0))
 
 
-# -- shapes --------------------------------------------------------------------------------------
+def cfg_str(c) -> str:
+    """Short label of a config: tile/warps/stages and the non-default switches."""
+    if isinstance(c, FwdConfig):
+        s = f"{c.block_q}x{c.block_kv}/w{c.num_warps}/s{c.num_stages}"
+        skip = ("block_q", "block_kv", "num_warps", "num_stages")
+    else:
+        s = (f"dq{c.block_q_dq}x{c.block_kv_dq}/w{c.warps_dq}/s{c.stages_dq} "
+             f"dkv{c.block_q_dkv}x{c.block_kv_dkv}/w{c.warps_dkv}/s{c.stages_dkv}")
+        skip = ("block_q_dq", "block_kv_dq", "warps_dq", "stages_dq", "block_q_dkv", "block_kv_dkv", "warps_dkv",
+                "stages_dkv")
+    default = type(c)()
+    for f in dataclasses.fields(c):
+        if f.name not in skip and getattr(c, f.name) != getattr(default, f.name):
+            v = getattr(c, f.name)
+            s += f" {f.name}" if v is True else f" {f.name}={v}"
+    return s
+
+
+# -- shapes and masks ----------------------------------------------------------------------------
 def main_shape():
-    if ARGS.smoke:
-        return dict(B=1, S=256, H=2, D=64)
-    return dict(B=1, S=8192, H=16, D=128)
+    return dict(B=1, S=256, H=2, D=64) if ARGS.smoke else dict(B=1, S=8192, H=16, D=128)
 
 
 def dense_mask(S, causal, block=128):
-    m = masks.causal if causal else masks.full
-    return sj.create_block_mask(m, None, None, S, S, block_size=block)
+    return sj.create_block_mask(masks.causal if causal else masks.full, None, None, S, S, block_size=block)
+
+
+def tril_full_mask(S, block=128):
+    """Causal block structure with the diagonal blocks marked *full*: the causal work without
+    any mask evaluation (wrong numerics on the diagonal; a timing diagnostic only)."""
+    nb = S // block
+    return sj.BlockMask.from_block_bool(np.tril(np.ones((nb, nb), bool)), S, S, block_size=block)
 
 
 def random_mask(S, density, seed, block=128, width=None):
@@ -189,73 +223,132 @@ def random_mask(S, density, seed, block=128, width=None):
                                         max_full_kv_blocks=width, max_full_q_blocks=width)
 
 
+def band_mask(S, density, block=128, width=None):
+    """Each query block row attends to one contiguous run of ~density*nb key blocks (same work
+    as a random mask of that density, sequential K/V access)."""
+    nb = S // block
+    n = max(1, int(round(density * nb)))
+    i = np.arange(nb)[:, None]
+    j = np.arange(nb)[None, :]
+    start = np.minimum(np.maximum(i - n // 2, 0), nb - n)
+    sel = (j >= start) & (j < start + n)
+    return sj.BlockMask.from_block_bool(sel, S, S, block_size=block, max_kv_blocks=width, max_q_blocks=width,
+                                        max_full_kv_blocks=width, max_full_q_blocks=width)
+
+
+# -- the variants ----------------------------------------------------------------------------------
+def fwd_variants():
+    """name -> FwdConfig, with the prediction recorded in the notes (block_sparse_attention_gpu.md)."""
+    if ARGS.smoke:
+        base = FwdConfig(64, 32, 4, 2)
+        return {"w4s2": base, "w4s2 lazy": dataclasses.replace(base, lazy_rescale=True),
+                "w4s2 lazy tiles_first": dataclasses.replace(base, lazy_rescale=True, grid_order="tiles_first"),
+                "w4s3 prefetch": FwdConfig(64, 32, 4, 3, prefetch_index=True)}
+    s2 = FwdConfig(128, 64, 4, 2)
+    return {
+        "r1 dense best 128x64/w4/s3": FwdConfig(128, 64, 4, 3),
+        "r1 causal best 128x128/w8/s3": FwdConfig(128, 128, 8, 3),
+        "w4s2": s2,
+        "w4s2 lazy": dataclasses.replace(s2, lazy_rescale=True),
+        "w4s2 tiles_first": dataclasses.replace(s2, grid_order="tiles_first"),
+        "w4s2 lazy tiles_first": dataclasses.replace(s2, lazy_rescale=True, grid_order="tiles_first"),
+        "w4s2 lazy reverse": dataclasses.replace(s2, lazy_rescale=True, schedule="reverse"),
+        "w4s3 lazy": FwdConfig(128, 64, 4, 3, lazy_rescale=True),
+        "w4s3 prefetch (1 CTA, K/V 2 ahead)": FwdConfig(128, 64, 4, 3, prefetch_index=True),
+        "64x64/w4/s3 lazy": FwdConfig(64, 64, 4, 3, lazy_rescale=True),
+        "128x128/w8/s3 lazy": FwdConfig(128, 128, 8, 3, lazy_rescale=True),
+    }
+
+
+# dQ kernel: (block_q_dq, block_kv_dq, warps_dq, stages_dq); dK/dV: (block_q_dkv, block_kv_dkv, warps, stages)
+DQ_VARIANTS = [((128, 128, 8, 2), {}), ((64, 64, 4, 2), {}), ((128, 64, 8, 2), {}), ((64, 64, 4, 3), {}),
+               ((128, 128, 8, 2), {"grid_order": "tiles_first"}), ((64, 64, 4, 2), {"grid_order": "tiles_first"})]
+DKDV_VARIANTS = [((64, 64, 4, 2), {}), ((32, 64, 4, 2), {}), ((64, 128, 8, 2), {}), ((64, 64, 4, 3), {}),
+                 ((32, 128, 4, 2), {}), ((64, 64, 4, 2), {"grid_order": "tiles_first"}),
+                 ((64, 64, 4, 2), {"prefetch_index": True})]
+SMOKE_DQ = [((64, 32, 4, 2), {}), ((64, 32, 4, 2), {"grid_order": "tiles_first"})]
+SMOKE_DKDV = [((32, 64, 4, 2), {}), ((32, 64, 4, 2), {"prefetch_index": True})]
+
+
+def bwd_cfg(dq, dkdv, **kw):
+    return BwdConfig(*dq, *dkdv, **kw)
+
+
 # -- phase 1: correctness ------------------------------------------------------------------------
-def _grads(backend, q, k, v, do, bm, **kw):
-    def fn(q, k, v):
-        return sj.block_sparse_attention(q, k, v, bm, backend=backend, interpret=ARGS.smoke and backend == "triton",
-                                         return_lse=True, **kw)
+def _grads_fn(backend, bm, kw, fwd=None, bwd=None):
+    interpret = ARGS.smoke and backend == "triton"
 
-    @jax.jit
-    def run(q, k, v, do):
-        o, vjp, lse = jax.vjp(fn, q, k, v, has_aux=True)
-        return o, lse, vjp(do)
-
-    return run(q, k, v, do)
+    def fn(q, k, v, do):
+        def f(q, k, v):
+            return sj.block_sparse_attention(q, k, v, bm, backend=backend, interpret=interpret, return_lse=True,
+                                             **kw)
+        with cfgs.override(fwd=fwd, bwd=bwd):
+            o, vjp, lse = jax.vjp(f, q, k, v, has_aux=True)
+            return o, lse, vjp(do)
+    return fn
 
 
 def correctness_cases():
     s = ARGS.smoke
-    doc_S = 320 if s else 1000
+    doc_S = 320 if s else 600
     ids = np.sort(np.random.default_rng(0).integers(0, 5, doc_S)).astype(np.int32)
-    cases = [
-        ("causal bf16 D128 GQA2", 1, 256 if s else 1024, 256 if s else 1024, 4, 2, 128, jnp.bfloat16,
-         lambda Sq, Skv: sj.create_block_mask(masks.causal, None, None, Sq, Skv, 128), {}, None),
-        ("doc+window fp16 D64 ragged", 2, doc_S, doc_S, 2, 1, 64, jnp.float16,
+    S_c = 256 if s else 512
+    perm_S = 256 if s else 512
+    perm = np.stack([np.stack([np.random.default_rng(10 * b + h).permutation(perm_S) for h in range(2)])
+                     for b in range(2)]).astype(np.int32)
+    lazy = dict(lazy_rescale=True)
+    return [
+        # (name, B, Sq, Skv, Hq, Hkv, D, dtype, mask builder, op kwargs, fwd config, bwd config)
+        ("causal GQA2 bf16 D128: 128x64/w4/s2 lazy tiles_first", 1, S_c, S_c, 4, 2, 128, jnp.bfloat16,
+         lambda Sq, Skv: sj.create_block_mask(masks.causal, None, None, Sq, Skv, 128), {},
+         FwdConfig(128, 64, 4, 2, lazy_rescale=True, grid_order="tiles_first"),
+         BwdConfig(128, 128, 8, 2, 64, 64, 4, 2, grid_order="tiles_first")),
+        ("doc+window fp16 D64 ragged: lazy + prefetch_index", 2, doc_S, doc_S, 2, 1, 64, jnp.float16,
          lambda Sq, Skv: sj.create_block_mask(masks.and_masks(masks.document(ids),
                                                               masks.sliding_window(200, causal=True)),
-                                              None, None, Sq, Skv, (64, 128)), {}, None),
-        ("decode Sq=8 GQA8 bf16", 2, 8, 1500 if s else 4000, 16, 2, 128, jnp.bfloat16,
-         lambda Sq, Skv: sj.create_block_mask(masks.bottom_right(masks.causal, Sq, Skv), None, None, Sq, Skv,
-                                              (16, 128)), {}, None),
-        ("window f32 D72 Dv72", 1, 300, 300, 2, 2, 72, jnp.float32,
-         lambda Sq, Skv: sj.create_block_mask(masks.sliding_window(90), None, None, Sq, Skv, 64), {}, None),
-        ("kv_permutation causal bf16", 2, 512, 512, 4, 2, 64, jnp.bfloat16,
-         lambda Sq, Skv: sj.BlockMask.from_block_bool(np.tril(np.ones((4, 4), bool)), Sq, Skv, 128,
+                                              None, None, Sq, Skv, (64, 128)), {},
+         FwdConfig(128, 64, 4, 3, prefetch_index=True, **lazy),
+         BwdConfig(64, 64, 4, 2, 64, 64, 4, 2, prefetch_index=True)),
+        ("kv_permutation causal bf16 D64 + segments: lazy", 2, perm_S, perm_S, 4, 2, 64, jnp.bfloat16,
+         lambda Sq, Skv: sj.BlockMask.from_block_bool(np.tril(np.ones((Sq // 128, Sq // 128), bool)), Sq, Skv, 128,
                                                       mask_fn=masks.causal),
-         {"kv_permutation": np.stack([np.stack([np.random.default_rng(10 * b + h).permutation(512)
-                                                for h in range(2)]) for b in range(2)]).astype(np.int32)}, None),
-        ("softcap + segments bf16 D256", 1, 384, 384, 2, 1, 256, jnp.bfloat16,
-         lambda Sq, Skv: sj.create_block_mask(masks.causal, None, None, Sq, Skv, 128),
-         {"softcap": 20.0, "segment_ids": np.repeat(np.arange(3), 128).astype(np.int32)}, None),
-        ("fused dQ + packed GQA4 bf16", 1, 512, 512, 8, 2, 128, jnp.bfloat16,
-         lambda Sq, Skv: sj.create_block_mask(masks.causal, None, None, Sq, Skv, 128), {},
-         (FwdConfig(128, 64, 8, 3, pack_gqa=True), BwdConfig(64, 64, 4, 2, 64, 128, 8, 2, pack_gqa=True,
-                                                             fused_dq=True))),
+         {"kv_permutation": perm, "segment_ids": np.repeat(np.arange(perm_S // 128), 128).astype(np.int32)},
+         FwdConfig(128, 64, 4, 2, **lazy), None),
+        ("decode Sq=16 GQA4 bf16 D128: default decode tiles + auto split", 2, 16, 1500 if s else 2500, 16, 4, 128,
+         jnp.bfloat16,
+         lambda Sq, Skv: sj.create_block_mask(masks.bottom_right(masks.causal, Sq, Skv), None, None, Sq, Skv,
+                                              (16, 128)), {}, None, None),
     ]
-    return cases
 
 
-@guard("correctness")
+@guard("correctness", need_s=60)
 def phase_correctness():
-    for name, B, Sq, Skv, Hq, Hkv, D, dtype, mk, kw, override in correctness_cases():
-        if left() < 60:
-            break
-        row = dict(case=name, shape=(B, Sq, Skv, Hq, Hkv, D), dtype=jnp.dtype(dtype).name)
+    cases = correctness_cases()
+    jobs, data = [], {}
+    for name, B, Sq, Skv, Hq, Hkv, D, dtype, mk, kw, fwd, bwd in cases:
+        bm = mk(Sq, Skv)
+        args = qkv_sets(B, Sq, Skv, Hq, Hkv, D, dtype, n=1, with_do=True)[0]
+        data[name] = (args, dtype, (B, Sq, Skv, Hq, Hkv, D))
+        jobs.append(((name, "triton"), _grads_fn("triton", bm, kw, fwd, bwd), args))
+        jobs.append(((name, "xla"), _grads_fn("xla", bm, kw), args))
+    compiled = compile_all(jobs)
+    for name, *_ in cases:
+        args, dtype, shape = data[name]
+        row = dict(case=name, shape=shape, dtype=jnp.dtype(dtype).name)
         try:
-            bm = mk(Sq, Skv)
-            q, k, v, do = qkv_sets(B, Sq, Skv, Hq, Hkv, D, dtype, n=1, with_do=True)[0]
-            fwd, bwd = override if override else (None, None)
-            with cfgs.override(fwd=fwd, bwd=bwd):
-                o, lse, g = _grads("triton", q, k, v, do, bm, **kw)
-            ro, rlse, rg = _grads("xla", q, k, v, do, bm, **kw)
+            ours, ref = compiled[(name, "triton")], compiled[(name, "xla")]
+            for c in (ours, ref):
+                if isinstance(c, Exception):
+                    raise c
+            o, lse, g = ours(*args)
+            ro, rlse, rg = ref(*args)
             tol = 2e-3 if dtype == jnp.float32 else 2e-2
             lse, rlse = np.asarray(lse), np.asarray(rlse)
             fin = np.isfinite(rlse)
-            row.update(
-                o=rel(o, ro), dq=rel(g[0], rg[0]), dk=rel(g[1], rg[1]), dv=rel(g[2], rg[2]),
-                lse_max_abs=float(np.max(np.abs(lse[fin] - rlse[fin]), initial=0.0)),
-                lse_inf_match=bool(np.array_equal(np.isneginf(lse), np.isneginf(rlse))),
-                nan=bool(any(np.isnan(np.asarray(x, np.float32)).any() for x in (o, lse, *g))), tol=tol)
+            row.update(o=rel(o, ro), dq=rel(g[0], rg[0]), dk=rel(g[1], rg[1]), dv=rel(g[2], rg[2]),
+                       lse_max_abs=float(np.max(np.abs(lse[fin] - rlse[fin]), initial=0.0)),
+                       lse_inf_match=bool(np.array_equal(np.isneginf(lse), np.isneginf(rlse))),
+                       nan=bool(any(np.isnan(np.asarray(x, np.float32)).any() for x in (o, lse, *g))), tol=tol)
             row["ok"] = bool(row["o"] <= tol and max(row["dq"], row["dk"], row["dv"]) <= 2 * tol
                              and row["lse_inf_match"] and not row["nan"] and row["lse_max_abs"] < 50 * tol)
         except Exception as e:  # noqa: BLE001
@@ -263,310 +356,222 @@ def phase_correctness():
         REPORT["correctness"].append(row)
         log(f"correctness {name}: {'ok' if row.get('ok') else 'FAIL'} "
             + " ".join(f"{k}={row[k]:.1e}" for k in ("o", "dq", "dk", "dv") if k in row))
-        save()
 
 
-# -- phase 2/3: sweeps ---------------------------------------------------------------------------
-# Local ptxas -v (sm_90a) of these, from benchmarks/attention_ptx_local.py: '*' marks configs that
-# spilled there (kept to show what spilling costs; numbers in the notes).
-FWD_128 = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
-           (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (256, 64, 8, 2), (128, 32, 8, 3),
-           (128, 64, 4, 3)]  # * last
-FWD_64 = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (256, 64, 8, 3),
-          (128, 128, 4, 3)]  # * last
-FWD_256 = [(64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2)]  # * last 3
-# (block_q_dq, block_kv_dq, warps_dq, stages_dq) and (block_q_dkv, block_kv_dkv, warps_dkv, stages_dkv)
-DQ_128 = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3),
-          (64, 32, 4, 3)]
-DKDV_128 = [(64, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 3), (32, 128, 8, 3), (32, 64, 4, 2), (16, 128, 4, 3),
-            (64, 128, 8, 2), (64, 64, 4, 2)]  # * last
-DQ_64 = [(128, 64, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2), (64, 128, 4, 3)]
-DKDV_64 = [(64, 128, 8, 2), (64, 64, 4, 2), (32, 128, 4, 3), (128, 128, 8, 2)]  # * last
-DQ_256 = [(64, 32, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)]
-DKDV_256 = [(64, 32, 8, 2), (32, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)]
-
-SMOKE_FWD = [(64, 64, 4, 2), (32, 32, 4, 2)]
-SMOKE_DQ = [(64, 64, 4, 2)]
-SMOKE_DKDV = [(64, 64, 4, 2)]
-
-
-def fwd_cfg(t, **kw):
-    return FwdConfig(block_q=t[0], block_kv=t[1], num_warps=t[2], num_stages=t[3], **kw)
-
-
-def bwd_cfg(dq, dkdv, **kw):
-    return BwdConfig(*dq, *dkdv, **kw)
-
-
-def sweep_fwd(tag, shape, causal, configs, block=128):
+# -- phase 2: forward ----------------------------------------------------------------------------
+def time_fwd(tag, shape, bm, named_cfgs, *, flop_mask=None, sets=None):
+    """Times K.forward over ``bm`` for each (name, config); rows sorted by time."""
     B, S, H, D = shape["B"], shape["S"], shape["H"], shape["D"]
-    dtype = jnp.bfloat16
-    bm = dense_mask(S, causal, block)
-    flop = W.attention_flops(bm, B, H, D)
-    sets = qkv_sets(B, S, S, H, H, D, dtype)
-    jobs = []
-    for cfg in configs:
-        fn = (lambda cfg: lambda q, k, v: K.forward(q, k, v, bm, None, None, None, None, config=cfg,
-                                                     **kernel_kw(D))[0])(cfg)
-        jobs.append((cfg, fn, sets[0]))
-    compiled = compile_all(jobs)
+    flop = W.attention_flops(flop_mask or bm, B, H, D)
+    sets = sets or qkv_sets(B, S, S, H, H, D, jnp.bfloat16)
+    jobs = [(name, (lambda c: lambda q, k, v: K.forward(q, k, v, bm, None, None, None, None, config=c,
+                                                          **kernel_kw(D))[0])(c), sets[0])
+            for name, c in named_cfgs.items()]
     rows = []
-    for cfg, c in compiled.items():
-        row = dict(tag=tag, S=S, H=H, D=D, causal=causal, config=dataclasses.asdict(cfg))
-        if isinstance(c, Exception):
-            row["error"] = f"{type(c).__name__}: {c}"[:800]
-        else:
-            try:
-                t = bench(c, sets)
-                row.update(ms=t * 1e3, tflops=tflops(flop, t))
-            except Exception as e:  # noqa: BLE001
-                row["error"] = f"{type(e).__name__}: {e}"[:800]
+    for name, c in compile_all(jobs).items():
+        row = dict(tag=tag, S=S, H=H, D=D, variant=name, config=dataclasses.asdict(named_cfgs[name]),
+                   label=cfg_str(named_cfgs[name]))
+        try:
+            if isinstance(c, Exception):
+                raise c
+            t = bench(c, sets)
+            row.update(ms=t * 1e3, tflops=tflops(flop, t))
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {e}"[:800]
         rows.append(row)
         REPORT["fwd"].append(row)
     ok = sorted([r for r in rows if "ms" in r], key=lambda r: r["ms"])
-    if ok:
-        log(f"fwd {tag}: best {ok[0]['config']} {ok[0]['tflops']:.0f} TFLOP/s; worst {ok[-1]['tflops']:.0f}")
-    return ok
-
-
-def sweep_bwd(tag, shape, causal, pairs, block=128):
-    """pairs: list of BwdConfig. Times the backward entry point (delta prep + kernels)."""
-    B, S, H, D = shape["B"], shape["S"], shape["H"], shape["D"]
-    dtype = jnp.bfloat16
-    bm = dense_mask(S, causal, block)
-    flop_bwd = W.attention_flops(bm, B, H, D, backward=True) - W.attention_flops(bm, B, H, D)
-    sets = qkv_sets(B, S, S, H, H, D, dtype, with_do=True)
-    fwd = jax.jit(lambda q, k, v: K.forward(q, k, v, bm, None, None, None, None, **kernel_kw(D)))
-    full_sets = []
-    for q, k, v, do in sets:
-        o, lse = fwd(q, k, v)
-        full_sets.append((q, k, v, o, lse, do))
-    jobs = []
-    for cfg in pairs:
-        fn = (lambda cfg: lambda q, k, v, o, lse, do: K.backward(q, k, v, o, lse, do, bm, None, None, None, None,
-                                                                  config=cfg, **kernel_kw(D)))(cfg)
-        jobs.append((cfg, fn, full_sets[0]))
-    compiled = compile_all(jobs)
-    rows = []
-    for cfg, c in compiled.items():
-        row = dict(tag=tag, S=S, H=H, D=D, causal=causal, config=dataclasses.asdict(cfg))
-        if isinstance(c, Exception):
-            row["error"] = f"{type(c).__name__}: {c}"[:800]
-        else:
-            try:
-                t = bench(c, full_sets)
-                row.update(ms=t * 1e3, tflops_bwd=tflops(flop_bwd, t))
-            except Exception as e:  # noqa: BLE001
-                row["error"] = f"{type(e).__name__}: {e}"[:800]
-        rows.append(row)
-        REPORT["bwd"].append(row)
-    ok = sorted([r for r in rows if "ms" in r], key=lambda r: r["ms"])
-    if ok:
-        log(f"bwd {tag}: best {ok[0]['config']} {ok[0]['tflops_bwd']:.0f} TFLOP/s (bwd-only count)")
+    for r in ok:
+        log(f"fwd {tag:12s} {r['variant']:38s} {r['ms']:7.3f} ms {r['tflops']:6.0f} TFLOP/s")
+    for r in rows:
+        if "error" in r:
+            log(f"fwd {tag:12s} {r['variant']:38s} ERROR {r['error'][:150]}")
     return ok
 
 
 def baseline_rows(shape, causal, backward):
-    """cuDNN (and JAX Pallas mha) in this process, same FLOP count as ours."""
-    B, S, H, D = shape["B"], shape["S"], shape["H"], shape["D"]
+    """cuDNN in this process, counted with the same FLOPs as ours."""
     if ARGS.smoke:
         return []
-    bm = dense_mask(S, causal)
-    flop = W.attention_flops(bm, B, H, D, backward=backward)
-    out = []
-    impls = {"cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")}
+    B, S, H, D = shape["B"], shape["S"], shape["H"], shape["D"]
+    flop = W.attention_flops(dense_mask(S, causal), B, H, D, backward=backward)
+    f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")  # noqa
+    row = dict(impl="cudnn", S=S, H=H, D=D, causal=causal, backward=backward)
     try:
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from jax.experimental.pallas.ops.gpu import attention as pallas_attention
-        impls["jax_pallas_mha"] = lambda q, k, v: pallas_attention.mha(q, k, v, None, sm_scale=1 / math.sqrt(D),
-                                                                       causal=causal)
-    except Exception:  # noqa: BLE001
-        pass
-    for name, f in impls.items():
-        row = dict(impl=name, S=S, H=H, D=D, causal=causal, backward=backward)
-        try:
-            if backward:
-                def g(q, k, v, do, f=f):
-                    _, pb = jax.vjp(f, q, k, v)
-                    return pb(do)
-                fn, sets = jax.jit(g), qkv_sets(B, S, S, H, H, D, jnp.bfloat16, with_do=True)
-            else:
-                fn, sets = jax.jit(f), qkv_sets(B, S, S, H, H, D, jnp.bfloat16)
-            t = bench(fn, sets)
-            row.update(ms=t * 1e3, tflops=tflops(flop, t))
-        except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {e}"[:600]
-        out.append(row)
-        REPORT["baselines"].append(row)
-    return out
+        if backward:
+            def g(q, k, v, do):
+                _, pb = jax.vjp(f, q, k, v)
+                return pb(do)
+            fn, sets = jax.jit(g), qkv_sets(B, S, S, H, H, D, jnp.bfloat16, with_do=True)
+        else:
+            fn, sets = jax.jit(f), qkv_sets(B, S, S, H, H, D, jnp.bfloat16)
+        t = bench(fn, sets)
+        row.update(ms=t * 1e3, tflops=tflops(flop, t))
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {e}"[:600]
+    REPORT["baselines"].append(row)
+    log(f"baseline cudnn S={S} {'causal' if causal else 'dense'}{' fwd+bwd' if backward else ''}: "
+        f"{row.get('ms', float('nan')):.3f} ms")
+    return row
 
 
-@guard("fwd sweep D=128")
+@guard("forward", need_s=40)
 def phase_fwd():
     shape = main_shape()
-    configs = [fwd_cfg(t) for t in (SMOKE_FWD if ARGS.smoke else FWD_128)]
-    dense = sweep_fwd("dense", shape, False, configs)
-    baseline_rows(shape, False, False)
-    top = [FwdConfig(**{k: v for k, v in r["config"].items()}) for r in dense[:4]] or configs[:2]
-    variants = []
-    for c in top:
-        variants.append(c)
-        variants.append(dataclasses.replace(c, schedule="reverse"))
-    variants.append(dataclasses.replace(top[0], schedule="natural"))
-    causal = sweep_fwd("causal", shape, True, variants)
-    baseline_rows(shape, True, False)
+    S = shape["S"]
+    variants = fwd_variants()
+    dense = time_fwd("dense", shape, dense_mask(S, False), variants)
+    causal_variants = {k: v for k, v in variants.items() if "prefetch" not in k or ARGS.smoke}
+    causal_variants["r1 causal best reverse"] = dataclasses.replace(
+        list(variants.values())[1], schedule="reverse") if not ARGS.smoke else list(variants.values())[0]
+    causal = time_fwd("causal", shape, dense_mask(S, True), causal_variants)
     if dense:
         REPORT["best"]["fwd_dense_d128"] = dense[0]
     if causal:
         REPORT["best"]["fwd_causal_d128"] = causal[0]
+        # The causal work with the diagonal blocks marked full: what the mask evaluation costs.
+        best = FwdConfig(**causal[0]["config"])
+        time_fwd("causal-nomask", shape, tril_full_mask(S), {causal[0]["variant"]: best},
+                 flop_mask=dense_mask(S, True))
+    baseline_rows(shape, False, False)
+    baseline_rows(shape, True, False)
 
 
-@guard("bwd sweep D=128")
+# -- phase 3: backward ---------------------------------------------------------------------------
+def _bwd_prep(shape, causal):
+    B, S, H, D = shape["B"], shape["S"], shape["H"], shape["D"]
+    bm = dense_mask(S, causal)
+    sets = qkv_sets(B, S, S, H, H, D, jnp.bfloat16, n=2, with_do=True)
+    fwd = jax.jit(lambda q, k, v: K.forward(q, k, v, bm, None, None, None, None, **kernel_kw(D)))
+    prep = jax.jit(lambda q, k, v, o, lse, do: K.backward_inputs(
+        q, k, v, o, lse, do, bm, None, None, None, None, scale=1.0 / math.sqrt(D), softcap=None,
+        segments_everywhere=False)[2:])
+    P = K.problem(*sets[0][:3], bm, None, None, None, None, scale=1.0 / math.sqrt(D), softcap=None,
+                  segments_everywhere=False, kv_permutation=None)
+    inputs = []
+    for q, k, v, do in sets:
+        o, lse = fwd(q, k, v)
+        inputs.append(prep(q, k, v, o, lse, do))
+    return bm, P, inputs
+
+
+@guard("backward", need_s=50)
 def phase_bwd():
     shape = main_shape()
-    dqs = SMOKE_DQ if ARGS.smoke else DQ_128
-    dkdvs = SMOKE_DKDV if ARGS.smoke else DKDV_128
-    pairs = [bwd_cfg(dq, dkdvs[0]) for dq in dqs] + [bwd_cfg(dqs[0], kv) for kv in dkdvs[1:]]
-    pairs += [bwd_cfg(dqs[0], kv, fused_dq=True) for kv in dkdvs[:3]]  # (64, 64, 8, 2) fused: 255 regs, no spill
-    rows = sweep_bwd("dense", shape, False, pairs)
-    # Best dQ and best dK/dV combined (each was timed with the other's first entry).
-    split = [r for r in rows if not r["config"]["fused_dq"]]
-    best_dq = min((r for r in split if tuple(list(r["config"].values())[4:8]) == dkdvs[0]),
-                  key=lambda r: r["ms"], default=None)
-    best_kv = min((r for r in split if tuple(list(r["config"].values())[:4]) == dqs[0]),
-                  key=lambda r: r["ms"], default=None)
-    finals = []
-    if best_dq and best_kv:
-        c = dict(best_dq["config"])
-        for key in ("block_q_dkv", "block_kv_dkv", "warps_dkv", "stages_dkv"):
-            c[key] = best_kv["config"][key]
-        finals.append(BwdConfig(**c))
-    fused = [r for r in rows if r["config"]["fused_dq"]]
-    if fused:
-        finals.append(BwdConfig(**min(fused, key=lambda r: r["ms"])["config"]))
-    if finals:
-        final_dense = sweep_bwd("dense-final", shape, False, finals)
-        final_causal = sweep_bwd("causal-final", shape, True, finals)
-        if final_dense:
-            REPORT["best"]["bwd_dense_d128"] = final_dense[0]
-        if final_causal:
-            REPORT["best"]["bwd_causal_d128"] = final_causal[0]
-    baseline_rows(shape, False, True)
-    baseline_rows(shape, True, True)
+    B, S, H, D = shape["B"], shape["S"], shape["H"], shape["D"]
+    bm, P, inputs = _bwd_prep(shape, False)
+    dqs, dkdvs = (SMOKE_DQ, SMOKE_DKDV) if ARGS.smoke else (DQ_VARIANTS, DKDV_VARIANTS)
+    flop_pair = 2.0 * W.attention_pairs(bm, B, H) * D  # one [pairs x D] matmul
+    jobs = []
+    for dq, kw in dqs:
+        c = bwd_cfg(dq, dkdvs[0][0], **kw)
+        jobs.append((("dq", cfg_str(c).split(" dkv")[0] + "".join(f" {k}={v}" for k, v in kw.items()), c),
+                     lambda dqi, dki, c=c: attention_bwd.dq_call(P, c, dqi, dtype=jnp.bfloat16,
+                                                                 interpret=ARGS.smoke), inputs[0]))
+    for dkdv, kw in dkdvs:
+        c = bwd_cfg(dqs[0][0], dkdv, **kw)
+        jobs.append((("dkdv", "dkv" + cfg_str(c).split(" dkv")[1], c),
+                     lambda dqi, dki, c=c: attention_bwd.dkdv_call(P, c, dki, k_dtype=jnp.bfloat16,
+                                                                   v_dtype=jnp.bfloat16, interpret=ARGS.smoke),
+                     inputs[0]))
+    best = {}
+    for (kernel, label, c), comp in compile_all(jobs).items():
+        row = dict(kernel=kernel, label=label, config=dataclasses.asdict(c))
+        try:
+            if isinstance(comp, Exception):
+                raise comp
+            t = bench(comp, inputs)
+            n_mm = 3 if kernel == "dq" else 4  # matmuls per block pair it runs
+            row.update(ms=t * 1e3, tflops_executed=tflops(n_mm * flop_pair, t))
+            if kernel not in best or t < best[kernel][0]:
+                best[kernel] = (t, c)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {e}"[:800]
+        REPORT["bwd_kernels"].append(row)
+        log(f"bwd {kernel:4s} {label:44s} " + (f"{row['ms']:7.3f} ms {row['tflops_executed']:5.0f} TFLOP/s executed"
+                                                 if "ms" in row else f"ERROR {row['error'][:120]}"))
+    if "dq" not in best or "dkdv" not in best:
+        return
+    dq_c, kv_c = best["dq"][1], best["dkdv"][1]
+    final = dataclasses.replace(
+        dq_c, block_q_dkv=kv_c.block_q_dkv, block_kv_dkv=kv_c.block_kv_dkv, warps_dkv=kv_c.warps_dkv,
+        stages_dkv=kv_c.stages_dkv, prefetch_index=kv_c.prefetch_index,
+        grid_order=dq_c.grid_order if dq_c.grid_order == kv_c.grid_order else "heads_first")
+    candidates = {"best pair": final, "r1 best": BwdConfig(128, 128, 8, 2, 64, 64, 4, 2)}
+    if ARGS.smoke:
+        candidates = {"best pair": final}
+    fwd_best = REPORT["best"].get("fwd_dense_d128")
+    fcfg = FwdConfig(**fwd_best["config"]) if fwd_best else None
+    for causal in (False, True):
+        bmc = dense_mask(S, causal)
+        flop = W.attention_flops(bmc, B, H, D, backward=True)
+        sets = qkv_sets(B, S, S, H, H, D, jnp.bfloat16, n=2, with_do=True)
+        fc = fcfg
+        if causal and REPORT["best"].get("fwd_causal_d128"):
+            fc = FwdConfig(**REPORT["best"]["fwd_causal_d128"]["config"])
+
+        def mk(bc, fc=fc, bmc=bmc):
+            def g(q, k, v, do):
+                with cfgs.override(fwd=fc, bwd=bc):
+                    _, pb = jax.vjp(lambda q, k, v: sj.block_sparse_attention(q, k, v, bmc, backend="triton",
+                                                                              interpret=ARGS.smoke), q, k, v)
+                    return pb(do)
+            return g
+        comp = compile_all([(name, mk(bc), sets[0]) for name, bc in candidates.items()])
+        for name, c in comp.items():
+            row = dict(causal=causal, variant=name, bwd=dataclasses.asdict(candidates[name]),
+                       fwd=dataclasses.asdict(fc) if fc else None, label=cfg_str(candidates[name]))
+            try:
+                if isinstance(c, Exception):
+                    raise c
+                t = bench(c, sets)
+                row.update(ms=t * 1e3, tflops=tflops(flop, t))
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {e}"[:800]
+            REPORT["fwd_bwd"].append(row)
+            log(f"fwd+bwd {'causal' if causal else 'dense':6s} {name:10s} {row['label']:50s} "
+                f"{row.get('ms', float('nan')):7.3f} ms {row.get('tflops') or 0:5.0f} TFLOP/s")
+        ok = sorted((r for r in REPORT["fwd_bwd"] if r["causal"] == causal and "ms" in r), key=lambda r: r["ms"])
+        if ok:
+            REPORT["best"][f"bwd_{'causal' if causal else 'dense'}_d128"] = dict(ok[0], config=ok[0]["bwd"])
+        baseline_rows(shape, causal, True)
 
 
-@guard("other head dims")
-def phase_head_dims():
-    for D, fwd_list, dq_list, kv_list in ((64, FWD_64, DQ_64, DKDV_64), (256, FWD_256, DQ_256, DKDV_256)):
-        if left() < 40:
-            break
-        shape = dict(main_shape(), D=D)
-        if ARGS.smoke:
-            fwd_list, dq_list, kv_list = SMOKE_FWD, SMOKE_DQ, SMOKE_DKDV
-        best = sweep_fwd(f"causal D={D}", shape, True, [fwd_cfg(t) for t in fwd_list])
-        if best:
-            REPORT["best"][f"fwd_causal_d{D}"] = best[0]
-        pairs = [bwd_cfg(dq, kv_list[0]) for dq in dq_list] + [bwd_cfg(dq_list[0], kv) for kv in kv_list[1:]]
-        bb = sweep_bwd(f"causal D={D}", shape, True, pairs)
-        if bb:
-            REPORT["best"][f"bwd_causal_d{D}"] = bb[0]
-        baseline_rows(shape, True, False)
-
-
-@guard("sparsity scaling")
+# -- phase 4: sparsity ---------------------------------------------------------------------------
+@guard("sparsity", need_s=30)
 def phase_sparsity():
     best = REPORT["best"].get("fwd_dense_d128")
-    cfg = FwdConfig(**best["config"]) if best else FwdConfig()
+    cfg = FwdConfig(**best["config"]) if best else cfgs.forward_config(128, jnp.bfloat16, 128, masked=False)
     S = 1024 if ARGS.smoke else 32768
     B, H, D = 1, (2 if ARGS.smoke else 16), (64 if ARGS.smoke else 128)
+    if ARGS.smoke:
+        cfg = FwdConfig(64, 32, 4, 2)
     nb = S // 128
     sets = qkv_sets(B, S, S, H, H, D, jnp.bfloat16, n=2)
-    fn = jax.jit(lambda q, k, v, bm: K.forward(q, k, v, bm, None, None, None, None, config=cfg, **kernel_kw(D))[0])
-    base = None
-    for d in (1.0, 0.5, 0.2, 0.1, 0.05):
-        if left() < 15:
-            break
-        bm = random_mask(S, d, seed=int(d * 1000), width=nb)
-        t = bench(lambda q, k, v, bm=bm: fn(q, k, v, bm), sets)
+    orders = ("heads_first", "tiles_first")
+    fns = {o: jax.jit(lambda q, k, v, bm, c=dataclasses.replace(cfg, grid_order=o):
+                      K.forward(q, k, v, bm, None, None, None, None, config=c, **kernel_kw(D))[0]) for o in orders}
+    masks_ = [("random", d, random_mask(S, d, seed=int(d * 1000), width=nb)) for d in (1.0, 0.5, 0.2, 0.1, 0.05)]
+    masks_.append(("band", 0.5, band_mask(S, 0.5, width=nb)))
+    base = {}
+    for kind, d, bm in masks_:
         flop = W.attention_flops(bm, B, H, D)
-        base = t if d == 1.0 else base
-        row = dict(S=S, density_target=d, density=float(bm.density), ms=t * 1e3, tflops=tflops(flop, t),
-                   ratio_to_dense=(t / base) if base else None,
-                   goal=(float(bm.density) + 0.05) if d < 1 else None)
-        REPORT["sparsity"].append(row)
-        log(f"sparsity d={bm.density:.3f}: {t * 1e3:.2f} ms, {row['tflops']:.0f} TFLOP/s, "
-            f"ratio {row['ratio_to_dense'] or 1:.3f} (goal <= {row['goal'] or 1:.3f})")
-    if not ARGS.smoke:
-        for causal in (False, True):
-            f = jax.jit(lambda q, k, v, c=causal: jax.nn.dot_product_attention(q, k, v, is_causal=c,
-                                                                               implementation="cudnn"))
-            try:
-                t = bench(f, sets)
-                REPORT["baselines"].append(dict(impl="cudnn", S=S, H=H, D=D, causal=causal, backward=False,
-                                                ms=t * 1e3, tflops=tflops(W.attention_flops(dense_mask(S, causal),
-                                                                                            B, H, D), t)))
-            except Exception as e:  # noqa: BLE001
-                REPORT["baselines"].append(dict(impl="cudnn", S=S, causal=causal, error=str(e)[:500]))
+        for o in orders:
+            if left() < 12:
+                return
+            t = bench(lambda q, k, v, bm=bm, o=o: fns[o](q, k, v, bm), sets)
+            if d == 1.0:
+                base[o] = t
+            row = dict(S=S, kind=kind, density_target=d, density=float(bm.density), grid_order=o, ms=t * 1e3,
+                       tflops=tflops(flop, t), ratio_to_dense=t / base[o] if o in base else None,
+                       goal=(float(bm.density) + 0.05) if d < 1 else None, config=dataclasses.asdict(cfg))
+            REPORT["sparsity"].append(row)
+            log(f"sparsity {kind:6s} d={bm.density:.3f} {o:11s}: {t * 1e3:7.2f} ms {row['tflops']:5.0f} TFLOP/s "
+                f"ratio {row['ratio_to_dense'] or 1:.3f} (goal <= {row['goal'] or 1:.3f})")
 
 
-@guard("gqa / decode")
-def phase_gqa():
-    best = REPORT["best"].get("fwd_causal_d128")
-    base = FwdConfig(**best["config"]) if best else FwdConfig()
-    s = ARGS.smoke
-    # prefill G=8
-    B, S, Hq, Hkv, D = 1, (256 if s else 8192), (8 if s else 32), (1 if s else 4), (64 if s else 128)
-    bm = dense_mask(S, True)
-    flop = W.attention_flops(bm, B, Hq, D)
-    sets = qkv_sets(B, S, S, Hq, Hkv, D, jnp.bfloat16, n=2)
-    for pack in (False, True):
-        cfg = dataclasses.replace(base, pack_gqa=pack)
-        fn = jax.jit(lambda q, k, v, cfg=cfg: K.forward(q, k, v, bm, None, None, None, None, config=cfg,
-                                                         **kernel_kw(D))[0])
-        row = dict(case=f"prefill causal S={S} Hq={Hq} Hkv={Hkv}", pack=pack, config=dataclasses.asdict(cfg))
-        try:
-            t = bench(fn, sets)
-            row.update(ms=t * 1e3, tflops=tflops(flop, t))
-        except Exception as e:  # noqa: BLE001
-            row["error"] = str(e)[:600]
-        REPORT["gqa"].append(row)
-    # decode: Sq in (1, 16) against a long context, bandwidth bound
-    B, Skv, Hq, Hkv = (2, 2048, 8, 2) if s else (8, 16384, 32, 8)
-    for Sq in (1, 16):
-        bm = sj.create_block_mask(masks.bottom_right(masks.causal, Sq, Skv), None, None, Sq, Skv, (16, 128))
-        sets = qkv_sets(B, Sq, Skv, Hq, Hkv, D, jnp.bfloat16, n=2)
-        kv_bytes = 2 * B * Skv * Hkv * D * 2
-        for pack, bkv, warps, splits in ((True, 128, 4, None), (True, 128, 4, 1), (True, 64, 4, None),
-                                         (True, 128, 8, None), (False, 128, 4, None), (True, 128, 4, 32)):
-            cfg = FwdConfig(block_q=16, block_kv=bkv, num_warps=warps, num_stages=3, pack_gqa=pack,
-                            num_splits=splits)
-            fn = jax.jit(lambda q, k, v, cfg=cfg, bm=bm: K.forward(q, k, v, bm, None, None, None, None, config=cfg,
-                                                                    **kernel_kw(D))[0])
-            row = dict(case=f"decode Sq={Sq} Skv={Skv} B={B} Hq={Hq} Hkv={Hkv}", pack=pack,
-                       config=dataclasses.asdict(cfg))
-            try:
-                t = bench(fn, sets)
-                row.update(ms=t * 1e3, kv_gbps=kv_bytes / t / 1e9)
-            except Exception as e:  # noqa: BLE001
-                row["error"] = str(e)[:600]
-            REPORT["gqa"].append(row)
-        if not s:
-            f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
-            row = dict(case=f"decode Sq={Sq} Skv={Skv} B={B} Hq={Hq} Hkv={Hkv}", impl="cudnn (no mask)")
-            try:
-                t = bench(f, sets)
-                row.update(ms=t * 1e3, kv_gbps=kv_bytes / t / 1e9)
-            except Exception as e:  # noqa: BLE001
-                row["error"] = str(e)[:600]
-            REPORT["gqa"].append(row)
-    for r in REPORT["gqa"]:
-        log(f"gqa {r.get('case')} pack={r.get('pack')} {r.get('impl', '')}: "
-            f"{r.get('ms', float('nan')):.3f} ms {r.get('error', '')[:80]}")
-
-
-@guard("flex same mask")
+# -- phase 5: FlexAttention on the same mask -------------------------------------------------------
+@guard("flex same mask", need_s=45)
 def phase_flex():
     if ARGS.smoke:
         return
@@ -577,215 +582,284 @@ def phase_flex():
         return
     B, S, H, D = 1, 8192, 16, 128
     bm = random_mask(S, 0.11, seed=11)
-    best = REPORT["best"].get("fwd_dense_d128")
-    cfg = FwdConfig(**best["config"]) if best else FwdConfig()
-    bbest = REPORT["best"].get("bwd_dense_d128")
-    bcfg = BwdConfig(**bbest["config"]) if bbest else None
+    fb = REPORT["best"].get("fwd_dense_d128")
+    fcfg = FwdConfig(**fb["config"]) if fb else None
+    bb = REPORT["best"].get("bwd_dense_d128")
+    bcfg = BwdConfig(**bb["config"]) if bb else None
     for backward in (False, True):
+        if backward and left() < 40:
+            break
         flop = W.attention_flops(bm, B, H, D, backward=backward)
         row = dict(S=S, density=float(bm.density), backward=backward)
         try:
-            with cfgs.override(fwd=cfg, bwd=bcfg):
-                f = lambda q, k, v: sj.block_sparse_attention(q, k, v, bm, backend="triton")  # noqa: E731
-                if backward:
-                    def g(q, k, v, do):
+            f = lambda q, k, v: sj.block_sparse_attention(q, k, v, bm, backend="triton")  # noqa: E731
+            if backward:
+                def g(q, k, v, do):
+                    with cfgs.override(fwd=fcfg, bwd=bcfg):
                         _, pb = jax.vjp(f, q, k, v)
                         return pb(do)
-                    fn, sets = jax.jit(g), qkv_sets(B, S, S, H, H, D, jnp.bfloat16, with_do=True)
-                else:
-                    fn, sets = jax.jit(f), qkv_sets(B, S, S, H, H, D, jnp.bfloat16)
-                t = bench(fn, sets)
+                fn, sets = jax.jit(g), qkv_sets(B, S, S, H, H, D, jnp.bfloat16, with_do=True)
+            else:
+                def g(q, k, v):
+                    with cfgs.override(fwd=fcfg):
+                        return f(q, k, v)
+                fn, sets = jax.jit(g), qkv_sets(B, S, S, H, H, D, jnp.bfloat16)
+            t = bench(fn, sets)
             row.update(ours_ms=t * 1e3, ours_tflops=tflops(flop, t))
         except Exception as e:  # noqa: BLE001
             row["ours_error"] = str(e)[:600]
-        if left() > 40:
-            try:
-                tf = peers_torch.time_flex(B, S, S, H, H, D, jnp.bfloat16, bm, backward=backward)
-                row.update(flex_ms=tf.ms, flex_tflops=tflops(flop, tf.median_s))
-                if "ours_ms" in row:
-                    row["speedup_vs_flex"] = row["flex_ms"] / row["ours_ms"]
-            except Exception as e:  # noqa: BLE001
-                row["flex_error"] = str(e)[:600]
+        try:
+            tf = peers_torch.time_flex(B, S, S, H, H, D, jnp.bfloat16, bm, backward=backward)
+            row.update(flex_ms=tf.ms, flex_tflops=tflops(flop, tf.median_s))
+            if "ours_ms" in row:
+                row["speedup_vs_flex"] = row["flex_ms"] / row["ours_ms"]
+        except Exception as e:  # noqa: BLE001
+            row["flex_error"] = str(e)[:600]
+        finally:
+            peers_torch.free_memory()
         REPORT["flex"].append(row)
-        log(f"flex same mask bwd={backward}: {row}")
+        log(f"flex same mask bwd={backward}: ours {row.get('ours_ms', float('nan')):.3f} ms, flex "
+            f"{row.get('flex_ms', float('nan')):.3f} ms, x{row.get('speedup_vs_flex', float('nan')):.2f} "
+            f"{row.get('flex_error', '')[:120]}")
 
 
-# -- phase 4: evidence (subprocess with an XLA dump) ---------------------------------------------
-def _find_tool(name):
-    cands = [shutil.which(name)]
-    for pat in (f"{sys.prefix}/lib/python3*/site-packages/nvidia/cuda_nvcc/bin/{name}",
-                f"{sys.prefix}/lib/python3*/site-packages/triton/backends/nvidia/bin/{name}",
-                f"/usr/local/cuda*/bin/{name}", f"/usr/lib/python3*/site-packages/nvidia/cuda_nvcc/bin/{name}"):
-        cands += glob.glob(pat)
-    for c in cands:
-        if c and os.path.exists(c):
-            return c
-    return None
-
-
-def evidence_child(spec):
-    """Runs in the subprocess: compile and run the best forward and backward once."""
-    cfg = FwdConfig(**spec["fwd"]) if spec.get("fwd") else FwdConfig()
-    bcfg = BwdConfig(**spec["bwd"]) if spec.get("bwd") else None
-    shape = main_shape()
-    B, S, H, D = shape["B"], shape["S"], shape["H"], shape["D"]
+# -- phase 6: decode and GQA prefill ---------------------------------------------------------------
+@guard("decode / gqa", need_s=20)
+def phase_decode():
+    s = ARGS.smoke
+    D = 64 if s else 128
+    B, Skv, Hq, Hkv = (2, 2048, 8, 2) if s else (8, 16384, 32, 8)
+    G = Hq // Hkv
+    for Sq in (1, 16):
+        bm = sj.create_block_mask(masks.bottom_right(masks.causal, Sq, Skv), None, None, Sq, Skv, (16, 128))
+        sets = qkv_sets(B, Sq, Skv, Hq, Hkv, D, jnp.bfloat16, n=2)
+        kv_bytes = 2 * B * Skv * Hkv * D * 2
+        variants = {"default": cfgs.forward_config(D, jnp.bfloat16, Sq, group=G),
+                    "r1 (16 rows)": FwdConfig(block_q=16, block_kv=64, num_warps=4, num_stages=3)}
+        if Sq == 16:
+            variants["64 rows bkv128"] = FwdConfig(block_q=64, block_kv=128, num_warps=4, num_stages=3)
+            variants["64 rows lazy"] = dataclasses.replace(variants["default"], lazy_rescale=True)
+        jobs = [(n, (lambda c: lambda q, k, v: K.forward(q, k, v, bm, None, None, None, None, config=c,
+                                                         **kernel_kw(D))[0])(c), sets[0]) for n, c in variants.items()]
+        for name, c in compile_all(jobs).items():
+            row = dict(case=f"decode Sq={Sq} Skv={Skv} B={B} Hq={Hq} Hkv={Hkv}", variant=name,
+                       config=dataclasses.asdict(variants[name]), label=cfg_str(variants[name]))
+            try:
+                if isinstance(c, Exception):
+                    raise c
+                t = bench(c, sets)
+                row.update(ms=t * 1e3, kv_gbps=kv_bytes / t / 1e9)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = str(e)[:600]
+            REPORT["decode"].append(row)
+            log(f"{row['case']} {name:16s} {row['label']:28s} {row.get('ms', float('nan')):.3f} ms "
+                f"{row.get('kv_gbps') or 0:.0f} GB/s {row.get('error', '')[:100]}")
+    # GQA prefill, causal, with the default config
+    S, Hq, Hkv = (256, 8, 1) if s else (8192, 32, 4)
     bm = dense_mask(S, True)
-    q, k, v, do = qkv_sets(B, S, S, H, H, D, jnp.bfloat16, n=1, with_do=True)[0]
-    o, lse = jax.jit(lambda q, k, v: K.forward(q, k, v, bm, None, None, None, None, config=cfg,
-                                               **kernel_kw(D)))(q, k, v)
-    jax.block_until_ready(jax.jit(lambda *a: K.backward(*a, bm, None, None, None, None, config=bcfg,
-                                                       **kernel_kw(D)))(q, k, v, o, lse, do))
+    sets = qkv_sets(1, S, S, Hq, Hkv, D, jnp.bfloat16, n=2)
+    flop = W.attention_flops(bm, 1, Hq, D)
+    best = REPORT["best"].get("fwd_causal_d128")
+    for pack in (False, True):
+        c = dataclasses.replace(FwdConfig(**best["config"]) if best and not s else FwdConfig(64, 32, 4, 2),
+                                pack_gqa=pack)
+        fn = jax.jit(lambda q, k, v, c=c: K.forward(q, k, v, bm, None, None, None, None, config=c,
+                                                     **kernel_kw(D))[0])
+        row = dict(case=f"prefill causal S={S} Hq={Hq} Hkv={Hkv}", variant=f"pack={pack}",
+                   config=dataclasses.asdict(c), label=cfg_str(c))
+        try:
+            t = bench(fn, sets)
+            row.update(ms=t * 1e3, tflops=tflops(flop, t))
+        except Exception as e:  # noqa: BLE001
+            row["error"] = str(e)[:600]
+        REPORT["decode"].append(row)
+        log(f"{row['case']} pack={pack}: {row.get('ms', float('nan')):.3f} ms {row.get('tflops') or 0:.0f} TFLOP/s")
 
 
-def _ptx_stats(text):
-    funcs = re.findall(r"\.entry\s+([\w$.]+)", text)
-    return dict(entries=funcs[:20],
-                wgmma=len(re.findall(r"wgmma\.mma_async", text)), mma_sync=len(re.findall(r"\bmma\.sync", text)),
-                ex2_approx=len(re.findall(r"ex2\.approx", text)), cp_async=len(re.findall(r"cp\.async", text)),
-                cp_async_bulk=len(re.findall(r"cp\.async\.bulk", text)), ld_global=len(re.findall(r"ld\.global", text)),
-                atom_red=len(re.findall(r"\b(?:atom|red)\.global", text)),
-                bar_sync=len(re.findall(r"bar\.sync|barrier\.sync", text)),
-                local_mem=len(re.findall(r"\.local\b", text)))
+# -- phase 7: other head dims ----------------------------------------------------------------------
+HEAD_DIM_VARIANTS = {
+    64: {"heuristic 128x128/w4/s2": FwdConfig(128, 128, 4, 2), "128x64/w4/s3": FwdConfig(128, 64, 4, 3),
+         "r1 heuristic 128x128/w8/s3": FwdConfig(128, 128, 8, 3)},
+    256: {"heuristic 64x64/w8/s2": FwdConfig(64, 64, 8, 2), "64x32/w4/s2 (2 CTAs)": FwdConfig(64, 32, 4, 2),
+          "128x64/w8/s2": FwdConfig(128, 64, 8, 2)},
+}
 
 
-@guard("evidence")
+@guard("head dims 64 / 256", need_s=35)
+def phase_head_dims():
+    for D, variants in HEAD_DIM_VARIANTS.items():
+        if left() < 25:
+            break
+        shape = dict(main_shape(), D=64 if ARGS.smoke else D)
+        if ARGS.smoke:
+            variants = {"smoke": FwdConfig(64, 32, 4, 2)}
+        best = time_fwd(f"causal D={D}", shape, dense_mask(shape["S"], True), variants)
+        if best:
+            REPORT["best"][f"fwd_causal_d{D}"] = best[0]
+        baseline_rows(shape, True, False)
+
+
+# -- phase 8: evidence -----------------------------------------------------------------------------
+@guard("evidence", need_s=25)
 def phase_evidence():
+    from benchmarks import attention_ptx_local as ptx
+    out = tempfile.mkdtemp(prefix="bsa_ev_")
+    fwds = []
+    for key in ("fwd_dense_d128", "fwd_causal_d128"):
+        if REPORT["best"].get(key):
+            fwds.append(FwdConfig(**REPORT["best"][key]["config"]))
+    fwds.append(FwdConfig(128, 64, 4, 2, lazy_rescale=True))
+    bb = REPORT["best"].get("bwd_dense_d128")
+    bwds = [BwdConfig(**bb["config"])] if bb else [cfgs.backward_config(128, jnp.bfloat16)]
+    D = 64 if ARGS.smoke else 128
+    ev = {"dir": out}
+    try:  # lowering here: the Triton IR XLA compiled in this very process (platform 'gpu')
+        ptx.capture(out, D, 1024, "causal", list(dict.fromkeys(fwds)), bwds, platform="cuda" if ARGS.smoke else "gpu")
+        ev["captured"] = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "*.ttir")))
+    except Exception as e:  # noqa: BLE001
+        ev["capture_error"] = f"{type(e).__name__}: {e}"[:800]
+    try:
+        import triton  # noqa: F401  (torch's triton on the GPU machine)
+        py = sys.executable
+    except Exception:  # noqa: BLE001
+        py = os.environ.get("TRITON_PYTHON", sys.executable)
+    try:
+        p = subprocess.run([py, os.path.abspath(ptx.__file__), "--compile-only", out], capture_output=True, text=True,
+                           timeout=max(20, min(90, left() - 30)))
+        ev["kernels"] = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+        ev["compile_tail"] = p.stderr[-1500:]
+    except Exception as e:  # noqa: BLE001
+        ev["compile_error"] = f"{type(e).__name__}: {e}"[:800]
+    for k in ev.get("kernels", []):
+        log(f"sass {k['kernel'][:60]}: regs={k.get('regs')} spill={k.get('spill_st')} smem={k.get('smem')} "
+            f"ctas/SM={k.get('ctas_per_sm')} wgmma={k.get('wgmma')} loops="
+            + "; ".join(f"{lp['instructions']} instr (HGMMA {lp['mix'].get('HGMMA', 0)}, "
+                        f"EX2 {lp['mix'].get('MUFU.EX2', 0)}, INT {lp['mix'].get('INT', 0)}, "
+                        f"FMUL {lp['mix'].get('FMUL', 0)}, STL/LDL {lp['mix'].get('STL/LDL', 0)})"
+                        for lp in k.get("loops", [])[:3]) + (f" ERROR {k['error'][:150]}" if "error" in k else ""))
+    REPORT["evidence"] = ev
+
+
+@guard("xla dump", need_s=30)
+def phase_xla_dump():
     if ARGS.smoke:
         return
-    spec = {"fwd": (REPORT["best"].get("fwd_causal_d128") or {}).get("config"),
-            "bwd": (REPORT["best"].get("bwd_causal_d128") or {}).get("config")}
-    dump = tempfile.mkdtemp(prefix="bsa_dump_")
-    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}").strip())
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--evidence-child", json.dumps(spec)], env=env,
-                       capture_output=True, text=True, timeout=max(30, min(150, left() - 20)))
-    ev = {"child_rc": p.returncode, "child_tail": (p.stdout + p.stderr)[-1500:], "dump": dump}
-    REPORT["evidence"] = parse_dump(dump, ev)
-    for name, st in REPORT["evidence"]["kernels"].items():
-        log(f"evidence {name}: {st}")
+    best = REPORT["best"].get("fwd_dense_d128")
+    REPORT["evidence"]["xla_dump"] = xla_dump_attempt(FwdConfig(**best["config"]) if best else FwdConfig())
+    log(f"xla dump: {json.dumps(REPORT['evidence']['xla_dump'])[:600]}")
 
 
-def parse_dump(dump, ev):
-    """PTX / ptxas / SASS statistics of the kernels in an XLA dump directory."""
-    ptx_files = sorted(glob.glob(os.path.join(dump, "*.ptx")))
-    ev["ptx_files"] = [os.path.basename(f) for f in ptx_files][:30]
-    ev["dump_files"] = len(os.listdir(dump))
-    # Kernel names may be mangled: keep entries named like ours, else any entry with an MMA.
-    kernels = {}
-    for f in ptx_files:
-        text = open(f).read()
-        entries = list(re.finditer(r"\.entry\s+([\w$.]+)", text))
-        for i, m in enumerate(entries):
-            body = text[m.start():entries[i + 1].start() if i + 1 < len(entries) else len(text)]
-            st = _ptx_stats(body)
-            ours = any(t in m.group(1) for t in ("block_sparse", "attention", "pallas"))
-            if ours or st["wgmma"] or st["mma_sync"]:
-                kernels[m.group(1)] = dict(st, file=os.path.basename(f), named_ours=ours)
-    # Where the PTX lacks our kernels (dumped elsewhere), count tokens in any text file that names them.
-    ev["other_files"] = {}
-    for f in glob.glob(os.path.join(dump, "*")):
-        if f.endswith((".ll", ".txt", ".mlir", ".ttir", ".ttgir")) and os.path.getsize(f) < 50_000_000:
-            text = open(f, errors="replace").read()
-            if "block_sparse_attention" in text:
-                ev["other_files"][os.path.basename(f)] = _ptx_stats(text)
-    if len(ev["other_files"]) > 20:
-        ev["other_files"] = dict(list(ev["other_files"].items())[:20])
-    ptxas = _find_tool("ptxas")
-    ev["ptxas"] = ptxas
-    for f in ptx_files:
-        if not ptxas or not any(k.get("file") == os.path.basename(f) for k in kernels.values()):
+def xla_dump_attempt(cfg):
+    """What XLA itself writes for a Pallas-Triton kernel with emitter dumps on (a child process)."""
+    dump = tempfile.mkdtemp(prefix="bsa_xla_")
+    flags = f"--xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_emitter_re=.* --xla_gpu_dump_llvmir"
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+    try:
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--dump-child", json.dumps(dataclasses.asdict(cfg))],
+                           env=env, capture_output=True, text=True, timeout=max(10, min(45, left() - 10)))
+        rc, tail = p.returncode, (p.stdout + p.stderr)[-800:]
+    except Exception as e:  # noqa: BLE001
+        rc, tail = None, f"{type(e).__name__}: {e}"
+    found = {}
+    for f in glob.glob(os.path.join(dump, "**", "*"), recursive=True):
+        if not os.path.isfile(f) or os.path.getsize(f) > 200_000_000:
             continue
-        cubin = f + ".cubin"
-        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", f, "-o", cubin], capture_output=True, text=True,
-                           timeout=120)
-        log_text = r.stdout + r.stderr
-        ev["ptxas_rc"] = r.returncode
-        ev["ptxas_log"] = (ev.get("ptxas_log", "") + "\n".join(
-            l for l in log_text.splitlines() if any(t in l for t in ("registers", "spill", "entry", "error"))))[-6000:]
-        for name in kernels:
-            if kernels[name]["file"] != os.path.basename(f):
-                continue
-            reg = re.search(re.escape(name) + r"[\s\S]*?Used (\d+) registers", log_text)
-            sp = re.search(re.escape(name) + r"[\s\S]*?(\d+) bytes spill stores, (\d+) bytes spill loads", log_text)
-            if reg:
-                kernels[name]["registers"] = int(reg.group(1))
-            if sp:
-                kernels[name]["spill_stores"], kernels[name]["spill_loads"] = int(sp.group(1)), int(sp.group(2))
-        tool = _find_tool("cuobjdump") or _find_tool("nvdisasm")
-        if tool and os.path.exists(cubin):
-            args = [tool, "-sass", cubin] if tool.endswith("cuobjdump") else [tool, cubin]
-            sass = subprocess.run(args, capture_output=True, text=True, timeout=120).stdout
-            ev["sass_tool"] = tool
-            for key, pat in (("sass_hgmma", r"HGMMA"), ("sass_hmma", r"\bHMMA"), ("sass_mufu_ex2", r"MUFU\.EX2"),
-                             ("sass_ldgsts", r"LDGSTS"), ("sass_stl", r"\bSTL\b"), ("sass_ldl", r"\bLDL\b")):
-                ev[key] = ev.get(key, 0) + len(re.findall(pat, sass))
-    ev["kernels"] = kernels
-    return ev
+        with open(f, errors="replace") as fh:
+            text = fh.read()
+        n_wgmma = len(re.findall(r"wgmma\.mma_async|warp_group_dot|nvgpu\.wgmma", text))
+        if n_wgmma or f.endswith((".ptx", ".ll", ".ttgir", ".ttir")) or "block_sparse_attention" in text:
+            found[os.path.relpath(f, dump)] = dict(bytes=len(text), wgmma=n_wgmma,
+                                                  ex2=len(re.findall(r"ex2\.approx", text)),
+                                                  cp_async=len(re.findall(r"cp\.async", text)))
+    return dict(rc=rc, tail=tail, files=len(glob.glob(os.path.join(dump, "**", "*"), recursive=True)),
+                matching=dict(list(found.items())[:30]))
+
+
+def dump_child(spec):
+    cfg = FwdConfig(**json.loads(spec))
+    S, H, D = 1024, 4, 128
+    bm = dense_mask(S, True)
+    q, k, v = qkv_sets(1, S, S, H, H, D, jnp.bfloat16, n=1)[0]
+    jax.block_until_ready(jax.jit(lambda q, k, v: K.forward(q, k, v, bm, None, None, None, None, config=cfg,
+                                                            **kernel_kw(D)))(q, k, v))
 
 
 # -- report ------------------------------------------------------------------------------------
 def final_table():
-    lines = []
+    L = []
     ceil = REPORT["meta"].get("ceilings", {}).get("matmul_tflops_bf16")
-    lines.append(f"device {REPORT['meta'].get('env', {}).get('device')}  jax {jax.__version__}  "
-                 f"matmul ceiling {ceil and round(ceil)} TFLOP/s")
-    lines.append("correctness: " + ", ".join(f"{r['case']}={'ok' if r.get('ok') else 'FAIL'}"
-                                             for r in REPORT["correctness"]))
-    lines.append(f"{'what':44s} {'ms':>8s} {'TFLOP/s':>8s} {'%ceil':>6s}")
-
-    def row(what, ms, tf):
-        pct = f"{100 * tf / ceil:5.0f}%" if (tf and ceil) else "     -"
-        lines.append(f"{what:44s} {ms if ms is not None else float('nan'):8.3f} {tf or float('nan'):8.0f} {pct}")
-
-    for key, r in REPORT["best"].items():
-        tf = r.get("tflops") or r.get("tflops_bwd")
-        row(f"ours {key} {tuple(list(r['config'].values())[:4])}", r.get("ms"), tf)
-    for r in REPORT["baselines"]:
+    L.append(f"device {REPORT['meta'].get('env', {}).get('device')}  jax {jax.__version__}  matmul ceiling "
+             f"{ceil and round(ceil)} TFLOP/s  total {time.monotonic() - START:.0f}s")
+    L.append("correctness: " + ", ".join(f"{r['case'].split(':')[0]}={'ok' if r.get('ok') else 'FAIL'}"
+                                         for r in REPORT["correctness"]))
+    base = {(r["causal"], r["backward"], r["S"], r["D"]): r.get("ms") for r in REPORT["baselines"]}
+    for tag in dict.fromkeys(r["tag"] for r in REPORT["fwd"]):
+        rows = sorted((r for r in REPORT["fwd"] if r["tag"] == tag and "ms" in r), key=lambda r: r["ms"])
+        cud = base.get((tag != "dense", False, rows[0]["S"], rows[0]["D"])) if rows else None
+        L.append(f"fwd {tag} (cuDNN {cud and round(cud, 3)} ms):")
+        for r in rows:
+            L.append(f"  {r['variant']:38s} {r['ms']:7.3f} ms {r['tflops']:5.0f} TF"
+                     + (f"  x{cud / r['ms']:.2f} cuDNN" if cud else ""))
+    if REPORT["bwd_kernels"]:
+        L.append("bwd kernels (executed TFLOP/s: dQ 3, dK/dV 4 matmuls per block pair):")
+        for r in sorted((r for r in REPORT["bwd_kernels"] if "ms" in r), key=lambda r: (r["kernel"], r["ms"])):
+            L.append(f"  {r['kernel']:4s} {r['label']:44s} {r['ms']:7.3f} ms {r['tflops_executed']:5.0f}")
+    for r in REPORT["fwd_bwd"]:
         if "ms" in r:
-            row(f"{r['impl']} S={r['S']} D={r['D']} {'causal' if r['causal'] else 'dense'}"
-                f"{' fwd+bwd' if r.get('backward') else ''}", r["ms"], r.get("tflops"))
+            cud = base.get((r["causal"], True, main_shape()["S"], main_shape()["D"]))
+            L.append(f"fwd+bwd {'causal' if r['causal'] else 'dense':6s} {r['variant']:9s} {r['ms']:7.3f} ms "
+                     f"{r['tflops']:5.0f} TF" + (f"  x{cud / r['ms']:.2f} cuDNN ({cud:.3f} ms)" if cud else ""))
     for r in REPORT["sparsity"]:
-        row(f"sparsity d={r['density']:.3f} ratio={r['ratio_to_dense'] or 1:.3f} goal={r['goal'] or 1:.3f}",
-            r["ms"], r["tflops"])
+        L.append(f"sparsity {r['kind']:6s} d={r['density']:.3f} {r['grid_order']:11s} {r['ms']:7.2f} ms "
+                 f"ratio {r['ratio_to_dense'] or 1:.3f} goal {r['goal'] or 1:.3f}")
     for r in REPORT["flex"]:
-        if "ours_ms" in r:
-            row(f"same-mask ours bwd={r['backward']} vs flex x{r.get('speedup_vs_flex', float('nan')):.2f}",
-                r["ours_ms"], r.get("ours_tflops"))
-    for r in REPORT["gqa"]:
+        L.append(f"flex same mask bwd={r.get('backward')}: ours {r.get('ours_ms', float('nan')):.3f} ms, flex "
+                 f"{r.get('flex_ms', float('nan')):.3f} ms, x{r.get('speedup_vs_flex', float('nan')):.2f}")
+    for r in REPORT["decode"]:
         if "ms" in r:
-            c = r.get("config") or {}
-            lines.append(f"{r['case'][:40]:40s} pack={r.get('pack')} splits={c.get('num_splits')} "
-                         f"bkv={c.get('block_kv')} {r.get('impl', '')} {r['ms']:.3f} ms "
-                         f"{r.get('tflops') or r.get('kv_gbps') or 0:.0f} {'TFLOP/s' if 'tflops' in r else 'GB/s'}")
-    ev = REPORT.get("evidence") or {}
-    for name, st in (ev.get("kernels") or {}).items():
-        lines.append(f"ptx {name[:40]}: wgmma={st['wgmma']} mma.sync={st['mma_sync']} ex2={st['ex2_approx']} "
-                     f"cp.async={st['cp_async']} regs={st.get('registers')} spills={st.get('spill_stores')}")
-    if ev:
-        lines.append(f"sass HGMMA={ev.get('sass_hgmma')} HMMA={ev.get('sass_hmma')} "
-                     f"MUFU.EX2={ev.get('sass_mufu_ex2')} LDGSTS={ev.get('sass_ldgsts')}")
-    lines.append("best configs (for attention_configs.TUNED_*):")
+            L.append(f"{r['case'][:38]:38s} {r['variant']:16s} {r['label'][:28]:28s} {r['ms']:.3f} ms "
+                     f"{r.get('kv_gbps') or r.get('tflops') or 0:.0f} {'GB/s' if 'kv_gbps' in r else 'TF'}")
+    for k in (REPORT.get("evidence") or {}).get("kernels", []):
+        loops = k.get("loops", [])
+        L.append(f"sass {k['kernel'][:52]:52s} regs={k.get('regs')} spill={k.get('spill_st')} smem={k.get('smem')} "
+                 f"ctas/SM={k.get('ctas_per_sm')} loop0={loops[0]['instructions'] if loops else None}")
+    L.append("winners (for attention_configs.TUNED_*):")
     for key, r in REPORT["best"].items():
         kind = "FwdConfig" if key.startswith("fwd") else "BwdConfig"
-        lines.append(f"  {key}: {kind}(**{r['config']})")
-    lines.append(f"errors: {len(REPORT['errors'])}  total {time.monotonic() - START:.0f}s  "
-                 f"json {os.path.join(OUT, 'tune_attention.json')}")
-    return "\n".join(lines)
+        L.append(f"  {key}: {kind}(**{r['config']})  # {r.get('ms', float('nan')):.3f} ms")
+    L.append(f"errors: {len(REPORT['errors'])}  json {os.path.join(OUT, 'tune_attention.json')}")
+    return "\n".join(L)
+
+
+def start_watchdog():
+    """Past the budget (+15 s) print what has been measured and exit, whatever is running
+    (a torch.compile that will not finish must not take the run past its slot)."""
+    def fire():
+        print(f"\n[watchdog] {time.monotonic() - START:.0f}s: budget exceeded; partial results", flush=True)
+        try:
+            save()
+            print("\n" + final_table(), flush=True)
+        finally:
+            os._exit(0)
+    timer = threading.Timer(ARGS.budget_s + 15 - (time.monotonic() - START), fire)
+    timer.daemon = True
+    timer.start()
 
 
 def main():
     global ARGS
     ap = argparse.ArgumentParser()
-    ap.add_argument("--budget-s", type=float, default=300.0)
+    ap.add_argument("--budget-s", type=float, default=270.0)
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny shapes, interpret mode")
-    ap.add_argument("--evidence-child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--phases", default="correctness,fwd,bwd,evidence,sparsity,head_dims,gqa,flex")
+    ap.add_argument("--dump-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--phases", default="correctness,fwd,bwd,sparsity,decode,head_dims,evidence,flex,xla_dump")
     ARGS = ap.parse_args()
-    if ARGS.evidence_child is not None:
+    if ARGS.dump_child is not None:
         ARGS.smoke = False
-        evidence_child(json.loads(ARGS.evidence_child))
+        dump_child(ARGS.dump_child)
         return
     if ARGS.smoke:
-        ARGS.budget_s = max(ARGS.budget_s, 900.0)
+        ARGS.budget_s = max(ARGS.budget_s, 1500.0)
     REPORT["meta"]["env"] = timing.environment()
     REPORT["meta"]["argv"] = sys.argv
     try:
@@ -793,8 +867,10 @@ def main():
     except Exception as e:  # noqa: BLE001
         REPORT["meta"]["ceilings"] = {"error": str(e)}
     log(f"env {REPORT['meta']['env'].get('device')} ceilings {REPORT['meta']['ceilings']}")
-    phases = {"correctness": phase_correctness, "fwd": phase_fwd, "bwd": phase_bwd, "evidence": phase_evidence,
-              "sparsity": phase_sparsity, "head_dims": phase_head_dims, "gqa": phase_gqa, "flex": phase_flex}
+    phases = {"correctness": phase_correctness, "fwd": phase_fwd, "bwd": phase_bwd, "sparsity": phase_sparsity,
+              "flex": phase_flex, "decode": phase_decode, "head_dims": phase_head_dims, "evidence": phase_evidence,
+              "xla_dump": phase_xla_dump}
+    start_watchdog()
     for name in ARGS.phases.split(","):
         phases[name]()
     save()

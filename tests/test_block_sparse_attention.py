@@ -19,7 +19,7 @@ import pytest
 import sparse_jax as sj
 from sparse_jax import masks, reference
 from sparse_jax.ops import attention as attention_op
-from tests.conftest import assert_close, randn, rel_err, tolerance
+from tests.conftest import assert_close, randn, tolerance
 
 
 @pytest.fixture
@@ -335,6 +335,15 @@ def test_triton_config_choices():
         assert len(key) == 4 and key[3] in ("decode", "masked", "dense") and isinstance(c, cfgs.FwdConfig)
     with pytest.raises(ValueError, match="grid_order"):
         cfgs.FwdConfig(grid_order="rows")
+    # masks.full needs no evaluation: even in blocks marked partial the kernel skips the mask
+    S = 64
+    bm = sj.BlockMask.from_block_bool(np.ones((2, 2), bool), S, S, block_size=32, mask_fn=masks.full,
+                                      classify=False)
+    q, k, v, _ = _inputs(166, 1, S, S, 2, 1, 16, jnp.float32)
+    assert K.problem(q, k, v, bm, None, None, None, None, scale=1.0, softcap=None, segments_everywhere=False,
+                     kv_permutation=None).mask is None
+    o = sj.block_sparse_attention(q, k, v, bm, backend="triton", interpret=True)
+    assert_close(o, sj.block_sparse_attention(q, k, v, bm, backend="xla"), 1e-5, "o")
 
 
 # -- the xla backend and bad inputs ----------------------------------------------------------------

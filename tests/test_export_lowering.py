@@ -86,5 +86,17 @@ def test_triton_fused_dq_and_configs_lower():
     assert _triton_calls(exp) >= 2  # forward and the fused dK/dV/dQ kernel
 
 
+def test_triton_round2_switches_lower():
+    """Lazy rescale (a branch in the loop), index prefetch (a carried index), tiles-first grids."""
+    from pallas_kernels.triton import attention_configs as cfgs
+    S = 512
+    bm = sj.create_block_mask(masks.causal, None, None, S, S, block_size=128)
+    fwd = cfgs.FwdConfig(128, 64, 4, 2, lazy_rescale=True, prefetch_index=True, grid_order="tiles_first")
+    bwd = cfgs.BwdConfig(128, 128, 8, 2, 64, 64, 4, 2, prefetch_index=True, grid_order="tiles_first")
+    with cfgs.override(fwd=fwd, bwd=bwd):
+        mod = _compat.export(_fwd_bwd(bm), "cuda", *_specs(1, S, S, 4, 2, 128, jnp.bfloat16)).mlir_module()
+    assert mod.count("__gpu$xla.gpu.triton") >= 3  # forward, dQ, dK/dV
+
+
 # == Mosaic (TPU) ==================================================================================
 # TPU lowering cases go below this line (owned by the TPU kernels).

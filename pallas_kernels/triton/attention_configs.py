@@ -101,7 +101,8 @@ def _check_choice(value, choices, name):
 # Measured configs. Forward key: (device family, padded head dim, input itemsize, shape class)
 # with shape class 'decode' (<= 16 query positions per table row; block_q is then derived
 # from the rows a packed tile needs, see decode_rows), 'masked' (a mask function evaluated
-# inside partial blocks) or 'dense' (no mask function: dense or block-granular masks).
+# inside partial blocks, segment ids or a kv permutation: loads that depend on the block
+# index besides K/V's) or 'dense' (none of these: dense or block-granular masks).
 # Backward key: (device family, padded head dim, input itemsize). Numbers and the runs they
 # come from: benchmarks/notes/block_sparse_attention_gpu.md ("Variants and outcomes").
 TUNED_FWD: dict[tuple[str, int, int, str], FwdConfig] = {
@@ -167,7 +168,7 @@ def decode_rows(q_span: int, group: int) -> int:
 def forward_config(head_dim_pad: int, dtype, q_span: int, *, group: int = 1, masked: bool = True) -> FwdConfig:
     """Config for a forward launch; ``q_span`` = query positions per logical block row,
     ``group`` = query heads a packed tile may hold (1 when packing is impossible),
-    ``masked`` = the block mask evaluates a mask function inside partial blocks."""
+    ``masked`` = the walk loads more than K/V per block (mask function, segments, permutation)."""
     if "fwd" in _OVERRIDE:
         return _OVERRIDE["fwd"]  # type: ignore[return-value]
     itemsize = jnp.dtype(dtype).itemsize

@@ -22,6 +22,7 @@ from pallas_kernels.common import kv_permutation as perm_lib
 from pallas_kernels.triton import attention_blocks as blk
 from pallas_kernels.triton import attention_bwd, attention_configs, attention_fwd
 from pallas_kernels.triton.attention_configs import BwdConfig, FwdConfig
+from sparse_jax import masks
 
 SUPPORTS_KV_PERMUTATION = True
 
@@ -41,6 +42,8 @@ def problem(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap
     Skv, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     bt, bh = block_mask.shape[:2]
     mask = block_mask.mask
+    if isinstance(mask, masks.Full):  # allows every pair: nothing to evaluate in any block
+        mask = None
     if mask is not None and mask.needs_segments and q_seg is None:
         raise ValueError("the mask contains a document mask but no segment ids reached the kernel")
     uses_segments = q_seg is not None and (segments_everywhere or (mask is not None and mask.needs_segments))
@@ -113,8 +116,11 @@ def forward(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap
     perm = _prepare_perm(kv_permutation, q, k)
     P = problem(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, scale=scale, softcap=softcap,
                 segments_everywhere=segments_everywhere, kv_permutation=perm)
+    # 'masked': something besides the K/V rows depends on the block index (mask function,
+    # segment ids, permutation) — which deepens Triton's K/V ring (see attention_configs).
+    masked = P.mask is not None or P.has_segments or P.has_perm
     cfg = config or attention_configs.forward_config(
-        P.head_dim_pad, q.dtype, min(P.block_q, P.q_len), masked=P.mask is not None,
+        P.head_dim_pad, q.dtype, min(P.block_q, P.q_len), masked=masked,
         group=P.group if P.table_heads in (1, P.num_kv_heads) else 1)
     inputs = _row_tables(block_mask, cfg.schedule == "sorted")
     inputs.update(q=_operand(P, q, P.head_dim), k=_operand(P, k, P.head_dim), v=_operand(P, v, P.head_dim_v))
