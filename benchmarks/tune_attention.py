@@ -23,11 +23,11 @@ mask-evaluating loop with a 3-deep K/V ring (num_stages=3) drops a config to 1 C
   4. sparsity at S=32768: densities 1 .. 0.05 (random blocks, all full) for both grid orders,
      and d=0.5 as one contiguous band (random access vs table-walk cost);
   5. decode Sq=1 / Sq=16 (B=8 Hq=32 Hkv=8 Skv=16K) with the new decode tiles; GQA prefill;
-  6. causal D=64 and D=256 (the heuristic against alternatives), cuDNN beside them;
-  7. evidence: the kernels' Triton IR captured from this process's lowering, compiled with the
+  6. evidence: the kernels' Triton IR captured from this process's lowering, compiled with the
      installed triton (ptxas -v, cuobjdump -sass): registers, spills, shared memory, CTAs/SM,
      per-loop SASS instruction mix (benchmarks/attention_ptx_local.py);
-  8. torch FlexAttention on the same random 11%-dense mask (fwd, fwd+bwd; last: it compiles);
+  7. torch FlexAttention on the same random 11%-dense mask (fwd, fwd+bwd; late: it compiles);
+  8. causal D=64 and D=256 (the heuristic against alternatives), cuDNN beside them;
   9. an XLA dump attempt (--xla_dump_emitter_re) in a child process, if time is left.
 A watchdog prints the table and exits at budget + 15 s whatever is still running.
 
@@ -274,7 +274,7 @@ def bwd_cfg(dq, dkdv, **kw):
     return BwdConfig(*dq, *dkdv, **kw)
 
 
-# -- phase 1: correctness ------------------------------------------------------------------------
+# -- phase: correctness ------------------------------------------------------------------------
 def _grads_fn(backend, bm, kw, fwd=None, bwd=None):
     interpret = ARGS.smoke and backend == "triton"
 
@@ -358,7 +358,7 @@ def phase_correctness():
             + " ".join(f"{k}={row[k]:.1e}" for k in ("o", "dq", "dk", "dv") if k in row))
 
 
-# -- phase 2: forward ----------------------------------------------------------------------------
+# -- phase: forward ----------------------------------------------------------------------------
 def time_fwd(tag, shape, bm, named_cfgs, *, flop_mask=None, sets=None):
     """Times K.forward over ``bm`` for each (name, config); rows sorted by time."""
     B, S, H, D = shape["B"], shape["S"], shape["H"], shape["D"]
@@ -437,7 +437,7 @@ def phase_fwd():
     baseline_rows(shape, True, False)
 
 
-# -- phase 3: backward ---------------------------------------------------------------------------
+# -- phase: backward ---------------------------------------------------------------------------
 def _bwd_prep(shape, causal):
     B, S, H, D = shape["B"], shape["S"], shape["H"], shape["D"]
     bm = dense_mask(S, causal)
@@ -537,7 +537,7 @@ def phase_bwd():
         baseline_rows(shape, causal, True)
 
 
-# -- phase 4: sparsity ---------------------------------------------------------------------------
+# -- phase: sparsity ---------------------------------------------------------------------------
 @guard("sparsity", need_s=30)
 def phase_sparsity():
     best = REPORT["best"].get("fwd_dense_d128")
@@ -570,7 +570,7 @@ def phase_sparsity():
                 f"ratio {row['ratio_to_dense'] or 1:.3f} (goal <= {row['goal'] or 1:.3f})")
 
 
-# -- phase 5: FlexAttention on the same mask -------------------------------------------------------
+# -- phase: FlexAttention on the same mask -------------------------------------------------------
 @guard("flex same mask", need_s=45)
 def phase_flex():
     if ARGS.smoke:
@@ -623,7 +623,7 @@ def phase_flex():
             f"{row.get('flex_error', '')[:120]}")
 
 
-# -- phase 6: decode and GQA prefill ---------------------------------------------------------------
+# -- phase: decode and GQA prefill ---------------------------------------------------------------
 @guard("decode / gqa", need_s=20)
 def phase_decode():
     s = ARGS.smoke
@@ -676,7 +676,7 @@ def phase_decode():
         log(f"{row['case']} pack={pack}: {row.get('ms', float('nan')):.3f} ms {row.get('tflops') or 0:.0f} TFLOP/s")
 
 
-# -- phase 7: other head dims ----------------------------------------------------------------------
+# -- phase: other head dims ----------------------------------------------------------------------
 HEAD_DIM_VARIANTS = {
     64: {"heuristic 128x128/w4/s2": FwdConfig(128, 128, 4, 2), "128x64/w4/s3": FwdConfig(128, 64, 4, 3),
          "r1 heuristic 128x128/w8/s3": FwdConfig(128, 128, 8, 3)},
@@ -699,7 +699,7 @@ def phase_head_dims():
         baseline_rows(shape, True, False)
 
 
-# -- phase 8: evidence -----------------------------------------------------------------------------
+# -- phase: evidence -----------------------------------------------------------------------------
 @guard("evidence", need_s=25)
 def phase_evidence():
     from benchmarks import attention_ptx_local as ptx
@@ -852,7 +852,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=270.0)
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny shapes, interpret mode")
     ap.add_argument("--dump-child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--phases", default="correctness,fwd,bwd,sparsity,decode,head_dims,evidence,flex,xla_dump")
+    ap.add_argument("--phases", default="correctness,fwd,bwd,sparsity,decode,evidence,flex,head_dims,xla_dump")
     ARGS = ap.parse_args()
     if ARGS.dump_child is not None:
         ARGS.smoke = False
