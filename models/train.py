@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

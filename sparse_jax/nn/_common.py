@@ -124,25 +124,3 @@ def default_positions(x, positions):
         raise ValueError(f"positions must be [{S}] or [{B}, {S}]; got {tuple(positions.shape)}")
     return positions
 
-
-class Static:
-    """An opaque holder for host-side data a module keeps as static (graphdef) state.
-
-    NNX forbids arrays in static attributes and hashes the graphdef; this holder is
-    hashed and compared by identity, so block tables, masks with array leaves or
-    caches stay host data that ``nnx.jit`` treats as constants of the trace.
-    """
-
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-    def __hash__(self):
-        return id(self)
-
-    def __eq__(self, other):
-        return self is other
-
-    def __repr__(self):
-        return f"Static({self.value!r})"
