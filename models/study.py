@@ -76,7 +76,7 @@ PRESETS = {
                   native_steps=300, eval_batches=2, speed_len=512, speed_batch=1, dtype="float32", budget_s=1500,
                   mqar_pairs=4, needles=2, vocab=tasks.Vocab(128, 32, 32), model=(("qk_norm", True),),
                   thresholds=(0.9, 0.7), fractions=(1 / 2, 1 / 4), native=("moe", "nsa")),
-    "gpu": Preset("gpu", "small", seq_len=2048, block_size=128, batch_size=16, steps=1200, lr=2e-3, warmup=100,
+    "gpu": Preset("gpu", "small", seq_len=1024, block_size=64, batch_size=32, steps=1200, lr=2e-3, warmup=100,
                   native_steps=500, eval_batches=4, speed_len=16384, speed_batch=1, dtype="bfloat16", budget_s=420,
                   mqar_pairs=16, needles=4, vocab=tasks.Vocab(512, 128, 128), thresholds=(0.9, 0.6),
                   fractions=(1 / 4, 1 / 16), train_share=0.35,
