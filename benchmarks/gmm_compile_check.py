@@ -114,8 +114,14 @@ def cases(all_candidates: bool):
         o, pull = jax.vjp(lambda x, a, b: sparse_jax.grouped_swiglu(x, a, b, gs, backend="triton"), x, a, b)
         return o, *pull(ct)
 
+    def vjp_deepseek(x, w, gs, ct):  # 256 experts, 16 rows each: the few-rows weight-gradient tiles
+        o, pull = jax.vjp(lambda x, w: sparse_jax.grouped_matmul(x, w, gs, backend="triton"), x, w)
+        return o, *pull(ct)
+
     out = [("gmm fwd+bwd bf16", *vjp_gmm(bf), True), ("gmm fwd+bwd f32", *vjp_gmm(jnp.float32), True),
-           ("swiglu fwd+bwd bf16", vjp_swiglu, (x, w, w, gs, ct), True)]
+           ("swiglu fwd+bwd bf16", vjp_swiglu, (x, w, w, gs, ct), True),
+           ("gmm fwd+bwd bf16 256 experts", vjp_deepseek,
+            (S((M, 7168), bf), S((256, 7168, 2048), bf), S((256,), i32), S((M, 2048), bf)), True)]
     if all_candidates:
         from benchmarks import tune_gmm
         for t in tune_gmm.BIG_CANDIDATES + tune_gmm.SMALL_CANDIDATES:

@@ -129,17 +129,20 @@ def tpu_block(dim: int, preferred: int, align: int) -> int:
 # --- adaptive tile height --------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class CostModel:
-    """Throughputs behind the GPU tile-height split (defaults: H100 SXM bf16 estimates;
-    ``benchmarks/tune_gmm.py`` prints measured values).
+    """Throughputs behind the GPU tile-height split; ``benchmarks/tune_gmm.py`` measures them.
 
     *_tflops: what the big / small tile configuration sustains on full tiles;
-    *_gbps: the weight bytes per second it streams when memory-bound.
+    *_gbps: the weight bytes per second it streams when memory-bound. Defaults: H100 SXM
+    round 1 (2026-11-22, benchmarks/notes/grouped_matmul.md), kernel time = forward minus
+    the schedule measured alone: big 128x256x64 600-616 TFLOP/s (Mixtral M=4096/32768) and
+    2.6-2.8 TB/s (Mixtral / DeepSeek M=512); small 32x128x128 225-238 TFLOP/s and
+    1.8 TB/s (Mixtral M=512: two row tiles per group) to 2.9 TB/s (DeepSeek M=512).
     """
 
     big_tflops: float = 600.0
-    small_tflops: float = 300.0
-    big_gbps: float = 2000.0
-    small_gbps: float = 2500.0
+    small_tflops: float = 235.0
+    big_gbps: float = 2700.0
+    small_gbps: float = 2300.0
 
 
 def split_rows(starts, ends, *, tm_big: int, tm_small: int, k: int, n: int, num_rhs: int, itemsize: int,

@@ -32,7 +32,7 @@ FORWARD_TILES = {
     "gmm": (gmm_kernel.BIG, gmm_kernel.SMALL),
     "swiglu": (Tiles(128, 128, 64, num_warps=8, num_stages=3), Tiles(32, 64, 128, num_warps=4, num_stages=4)),
 }
-TRANSPOSED_TILES = tgmm_kernel.DEFAULT
+TRANSPOSED_TILES = (tgmm_kernel.DEFAULT, tgmm_kernel.FEW_ROWS)  # by mean rows per group: >= 64, < 64
 
 
 def _for_itemsize(t: Tiles, itemsize: int) -> Tiles:
@@ -80,8 +80,11 @@ def transposed(lhs, rhs, group_sizes, group_offset, *, num_groups: int, out_dtyp
     """lhs [M, K], rhs: tuple of [M, N] -> tuple of [num_groups, K, N]."""
     M = lhs.shape[0]
     ov = gmm_plan.current_override()
-    tiles = ov.transposed if ov is not None and ov.transposed is not None else \
-        _for_itemsize(TRANSPOSED_TILES, jnp.dtype(lhs.dtype).itemsize)
+    if ov is not None and ov.transposed is not None:
+        tiles = ov.transposed
+    else:
+        many, few = TRANSPOSED_TILES
+        tiles = _for_itemsize(many if M >= 64 * num_groups else few, jnp.dtype(lhs.dtype).itemsize)
     table = gmm_table.schedule_table(group_sizes, group_offset, num_rows=M, num_groups=num_groups, tm0=1,
                                      interpret=interpret)
     return tgmm_kernel.transposed(lhs, rhs, table, num_groups=num_groups, tiles=tiles, out_dtype=out_dtype,
