@@ -198,17 +198,18 @@ def test_decode_gqa8_bf16(kb):
 
 def test_decode_single_query_window_split_kv_f32(kb):
     """Sq = 1 against 300 keys in a 200-key window (partial blocks at its edge); on Triton the
-    row's key blocks are split over 3 programs (flash-decoding) and merged."""
+    row's key blocks are split over 3 programs (flash-decoding) and merged. Split-KV is
+    forward-only machinery; the backward of decode shapes is checked in test_decode_gqa8_bf16."""
     Sq, Skv = 1, 300
     m = masks.and_masks(masks.bottom_right(masks.causal, Sq, Skv), masks.sliding_window(200))
     bm = sj.create_block_mask(m, None, None, Sq, Skv, block_size=(16, 64))
     q, k, v, do = _inputs(165, 1, Sq, Skv, 4, 2, 32, jnp.float32)
-    if kb[0] != "triton":
-        check(kb, q, k, v, do, bm)
+    if kb[0] != "triton":  # forward only (decode gradients: tests/test_attention_tpu.py)
+        check(kb, q, k, v, do, bm, grads=False)
         return
     from pallas_kernels.triton import attention_configs as cfgs
     with cfgs.override(fwd=cfgs.FwdConfig(block_q=16, block_kv=32, num_warps=4, num_stages=2, num_splits=3)):
-        check(kb, q, k, v, do, bm)
+        check(kb, q, k, v, do, bm, grads=False)
 
 
 def test_permuted_layout_positions(kb):
@@ -283,34 +284,23 @@ def test_kv_permutation_reference_matches_physical_permutation():
 
 
 # -- Triton launch variants ----------------------------------------------------------------------
-_TRITON_VARIANTS = {
-    # row tiles of one head; the reference max moved lazily (logits grow along the keys, so
-    # some steps rescale and others skip); the next block index carried through the walk
-    "lazy_rescale+prefetch": dict(pack=False, fused_dq=False, lazy_rescale=True, prefetch_index=True,
-                                  grid_order="heads_first"),
-    # the 8 query heads of a group packed into one tile; dQ by atomics in the dK/dV kernel;
-    # query tiles of one head launched side by side
-    "packed+fused_dq+tiles_first": dict(pack=True, fused_dq=True, lazy_rescale=False, prefetch_index=False,
-                                        grid_order="tiles_first"),
-}
-
-
-@pytest.mark.parametrize("variant", list(_TRITON_VARIANTS))
-def test_triton_launch_variants(kb, variant):
+def test_triton_launch_variants(kb):
+    """Triton switches in one launch: the 8 query heads of a group packed into one tile, the
+    softmax reference max moved lazily (logits grow along the keys, so some steps rescale
+    and others skip), the next block index carried through the walk, query tiles of a head
+    launched side by side, dQ by atomics in the dK/dV kernel."""
     backend, interpret = kb
     if backend != "triton":
         pytest.skip("Triton launch configs")
     from pallas_kernels.triton import attention_configs as cfgs
-    o = _TRITON_VARIANTS[variant]
     S = 48
     bm = sj.create_block_mask(masks.causal, None, None, S, S, block_size=32)
     q, k, v, do = _inputs(160, 1, S, S, 8, 1, 16, jnp.float32)
     k = k * (1.0 + jnp.arange(S, dtype=jnp.float32) / 4.0)[None, :, None, None]  # growing logits
-    fwd = cfgs.FwdConfig(block_q=64 if o["pack"] else 32, block_kv=16, pack_gqa=o["pack"], schedule="reverse",
-                         lazy_rescale=o["lazy_rescale"], prefetch_index=o["prefetch_index"],
-                         grid_order=o["grid_order"])
-    bwd = cfgs.BwdConfig(32, 16, 4, 2, 64 if o["pack"] else 16, 32, 4, 2, pack_gqa=o["pack"],
-                         fused_dq=o["fused_dq"], prefetch_index=o["prefetch_index"], grid_order=o["grid_order"])
+    fwd = cfgs.FwdConfig(block_q=64, block_kv=16, pack_gqa=True, schedule="reverse", lazy_rescale=True,
+                         prefetch_index=True, grid_order="tiles_first")
+    bwd = cfgs.BwdConfig(32, 16, 4, 2, 64, 32, 4, 2, pack_gqa=True, fused_dq=True, prefetch_index=True,
+                         grid_order="tiles_first")
     with cfgs.override(fwd=fwd, bwd=bwd):
         check(kb, q * 3.0, k, v, do, bm)
 
