@@ -129,6 +129,11 @@ def cases(all_candidates: bool):
                 with gmm_plan.override(Tiling(forward=t)):
                     return sparse_jax.grouped_matmul(x, w, gs, backend="triton")
             out.append((f"gmm {t}", f, (x, w, gs), False))
+        for t in tune_gmm.DLHS_CANDIDATES:
+            def h(d, w, gs, t=t):
+                with gmm_plan.override(Tiling(forward=t)):
+                    return sparse_jax.grouped_matmul(d, w, gs, transpose_rhs=True, backend="triton")
+            out.append((f"gmm transpose_rhs {t}", h, (ct, w, gs), False))
         for t in tune_gmm.TGMM_CANDIDATES:
             def g(x, d, gs, t=t):
                 with gmm_plan.override(Tiling(transposed=t)):

@@ -21,7 +21,8 @@ rewritten after each; a watchdog prints what there is and exits at budget + 20 s
    gmm (transpose_rhs) and weight-gradient tgmm alone;
 5. ``swiglu``: fused gate+up vs two gmm calls + silu*mul (time and bytes saved);
 6. ``sweep``: big tiles on Mixtral M=4096, small tiles on the memory-bound M=512 cases,
-   tgmm tiles; the four cost-model throughputs of the split come out of it.
+   big tiles of the transpose_rhs gmm (the input gradient) on Mixtral M=4096, tgmm tiles;
+   the four cost-model throughputs of the split come out of it.
 
 Timing: every number is *pipelined* (n calls issued back to back, one sync, time / n) --
 GPU throughput, comparable with torch's CUDA-event numbers (also taken around n calls).
@@ -75,10 +76,13 @@ BIG_CANDIDATES = [Tiles(128, 256, 64, 8, 3), Tiles(128, 256, 64, 8, 4), Tiles(12
                   Tiles(128, 256, 64, 8, 3, occupancy=0), Tiles(128, 128, 64, 4, 4, occupancy=2)]
 SMALL_CANDIDATES = [Tiles(32, 128, 128, 4, 4), Tiles(64, 128, 128, 4, 4), Tiles(16, 128, 128, 4, 4),
                     Tiles(64, 256, 64, 8, 3)]
+DLHS_CANDIDATES = [Tiles(128, 256, 64, 8, 3), Tiles(128, 256, 128, 8, 2), Tiles(128, 128, 128, 8, 3),
+                   Tiles(128, 128, 128, 4, 3)]  # transpose_rhs: longer K steps = longer contiguous weight reads
 TGMM_CANDIDATES = [Tiles(64, 128, 128, 8, 3), Tiles(32, 128, 128, 4, 4), Tiles(64, 256, 128, 8, 3),
                    Tiles(32, 256, 128, 8, 4)]
 SWEEP_CASES = {"big": [("mixtral-8x7b", 4096, "uniform")],
                "small": [("mixtral-8x7b", 512, "uniform"), ("deepseek-v3", 512, "uniform")],
+               "dlhs": [("mixtral-8x7b", 4096, "uniform")],
                "tgmm": [("mixtral-8x7b", 4096, "uniform"), ("deepseek-v3", 4096, "uniform")]}
 GRAD_CASES = [("mixtral-8x7b", 4096), ("deepseek-v3", 4096), ("qwen2-57b-a14b", 4096), ("mixtral-8x7b", 32768),
               ("qwen2-57b-a14b", 32768)]
@@ -529,6 +533,12 @@ def sweep_jobs():
             for label, tiling in variants:
                 jobs.append((("sweep", role, model, M, label), role, C.case_name(model, M, dist), label,
                              gmm_fn(tiling), ab))
+    for model, M, dist in SWEEP_CASES["dlhs"]:
+        E, K, N = C.MODELS[model]
+        for t in DLHS_CANDIDATES:
+            jobs.append((("sweep", "dlhs", model, M, str(t)), "dlhs", C.case_name(model, M, dist), str(t),
+                         gmm_fn(Tiling(forward=(t, small), policy="big"), transpose_rhs=True),
+                         [S((M, N), BF16), S((E, K, N), BF16), S((E,), I32)]))
     for model, M, dist in SWEEP_CASES["tgmm"]:
         E, K, N = C.MODELS[model]
         for t in TGMM_CANDIDATES:
@@ -560,6 +570,8 @@ def sweep(comp: Compiler, budget: Budget, jobs) -> dict:
             exe = comp.get(key)
             if role == "tgmm":
                 args = (rand(1000 + M, (M, K)), rand(2000 + M, (M, N)), gs)
+            elif role == "dlhs":
+                args = (rand(2000 + M, (M, N)), WEIGHTS.get(model), gs)
             else:
                 args = (rand(1000 + M, (M, K)), WEIGHTS.get(model), gs)
             r = row(case, label, time_jax(exe, args, reps=2), C.gmm_flops(M, K, N), C.weight_bytes(sizes, K, N, 2),
@@ -687,8 +699,9 @@ def _smoke():
     SMALL_CANDIDATES[:] = [Tiles(16, 16, 16, 4, 3, programs=3), Tiles(16, 32, 16, 4, 3)]
     TGMM_CANDIDATES[:] = [Tiles(16, 16, 16), Tiles(16, 32, 16)]
     gpu_entry.FORWARD_TILES["gmm"] = (Tiles(32, 32, 16, 4, 3, programs=2), Tiles(16, 16, 16, 4, 3, programs=3))
+    DLHS_CANDIDATES[:] = [Tiles(32, 16, 16, 4, 3, programs=2), Tiles(32, 16, 32, 4, 3)]
     SWEEP_CASES.update(big=[("mixtral-8x7b", 70, "uniform")], small=[("deepseek-v3", 24, "uniform")],
-                       tgmm=[("deepseek-v3", 70, "zipf1.2")])
+                       dlhs=[("mixtral-8x7b", 70, "uniform")], tgmm=[("deepseek-v3", 70, "zipf1.2")])
     GRAD_CASES[:] = [("mixtral-8x7b", 70), ("deepseek-v3", 70)]
     PART_CASES[:] = [("mixtral-8x7b", 70)]
     SWIGLU_CASES[:] = [("mixtral-8x7b", 24)]

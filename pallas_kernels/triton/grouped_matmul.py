@@ -27,9 +27,12 @@ from pallas_kernels.triton import gmm as gmm_kernel
 from pallas_kernels.triton import gmm_table
 from pallas_kernels.triton import tgmm as tgmm_kernel
 
-# (big, small) per fusion kind for 2-byte inputs; benchmarks/tune_gmm.py sweeps them.
+# (big, small) per fusion kind for 2-byte inputs; benchmarks/tune_gmm.py sweeps them. "transposed":
+# gmm / dual gmm with transpose_rhs (the input gradients): its weight tiles are read in
+# tk-element rows N elements apart, so it may want longer K steps than the forward.
 FORWARD_TILES = {
     "gmm": (gmm_kernel.BIG, gmm_kernel.SMALL),
+    "transposed": (gmm_kernel.BIG, gmm_kernel.SMALL),
     "swiglu": (Tiles(128, 128, 64, num_warps=8, num_stages=3), Tiles(32, 64, 128, num_warps=4, num_stages=4)),
 }
 TRANSPOSED_TILES = (tgmm_kernel.DEFAULT, tgmm_kernel.FEW_ROWS)  # by mean rows per group: >= 64, < 64
@@ -42,7 +45,8 @@ def _for_itemsize(t: Tiles, itemsize: int) -> Tiles:
     return t.replace(tk=max(16, t.tk * 2 // itemsize))
 
 
-def forward_tiles(fusion: Fusion, itemsize: int) -> tuple[tuple[Tiles, ...], str, gmm_plan.CostModel]:
+def forward_tiles(fusion: Fusion, itemsize: int, transpose_rhs: bool = False
+                  ) -> tuple[tuple[Tiles, ...], str, gmm_plan.CostModel]:
     ov = gmm_plan.current_override()
     policy, cost = "split", gmm_plan.CostModel()
     if ov is not None:
@@ -50,7 +54,7 @@ def forward_tiles(fusion: Fusion, itemsize: int) -> tuple[tuple[Tiles, ...], str
         if ov.forward is not None:
             tiles = ov.forward if isinstance(ov.forward, tuple) else (ov.forward,)
             return tiles, policy, cost
-    kind = "swiglu" if fusion.num_acc == 2 else "gmm"
+    kind = "swiglu" if fusion.num_acc == 2 else "transposed" if transpose_rhs else "gmm"
     return tuple(_for_itemsize(t, itemsize) for t in FORWARD_TILES[kind]), policy, cost
 
 
@@ -61,7 +65,7 @@ def forward(xs, ws, group_sizes, group_offset, *, fusion: Fusion, transpose_rhs:
     G = ws[0].shape[0]
     N = ws[0].shape[1] if transpose_rhs else ws[0].shape[2]
     itemsize = jnp.dtype(xs[0].dtype).itemsize
-    tiles, policy, cost = forward_tiles(fusion, itemsize)
+    tiles, policy, cost = forward_tiles(fusion, itemsize, transpose_rhs)
     run = dict(fusion=fusion, transpose_rhs=transpose_rhs, out_dtypes=out_dtypes, interpret=interpret)
     sched = dict(num_rows=M, num_groups=G, interpret=interpret)
     if len(tiles) == 1 or policy in ("big", "small"):
