@@ -148,8 +148,9 @@ class DecoderLM(nnx.Module):
         # (other intermediates, e.g. recorded densities, stay for the caller).
         sown = jax.tree.leaves(nnx.pop(self, nnx.All(nnx.Intermediate, nnx.PathContains("indexer_loss"))))
         totals["indexer_loss"] = sum(sown, jnp.zeros((), jnp.float32))
-        totals["aux_loss"] = (self.cfg.aux_loss_coef * totals["load_balance_loss"] + self.cfg.z_loss_coef * totals["z_loss"]
-                              + self.cfg.indexer_loss_coef * totals["indexer_loss"])
+        cfg = self.cfg
+        totals["aux_loss"] = (cfg.aux_loss_coef * totals["load_balance_loss"] + cfg.z_loss_coef * totals["z_loss"]
+                              + cfg.indexer_loss_coef * totals["indexer_loss"])
         return logits.astype(jnp.float32), totals
 
 

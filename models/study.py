@@ -262,7 +262,8 @@ def run(p: Preset, *, out_dirs: list[str], reuse: bool = False, progress: bool =
         if res.history[-1]["step"] < p.steps:
             result["notes"].append(f"dense training hit its time share after {res.history[-1]['step']} of "
                                    f"{p.steps} steps")
-        hist = dict(steps=res.history[-1]["step"], seconds=res.seconds, final_loss=float(np.mean([h["task_loss"] for h in res.history[-20:]])),
+        hist = dict(steps=res.history[-1]["step"], seconds=res.seconds,
+                    final_loss=float(np.mean([h["task_loss"] for h in res.history[-20:]])),
                     curve=[(h["step"], h["task_loss"]) for h in res.history[:: max(1, p.steps // 100)]])
     result["dense_training"] = dict(params=lm.count_params(dense), **hist)
     print(f"[study] dense model trained in {budget.elapsed:.0f}s", flush=True)

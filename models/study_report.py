@@ -32,7 +32,8 @@ SWAP_COLUMNS = [("variant", "name", ""), ("density vs causal", "density_vs_causa
                 ("MQAR acc", "acc_mqar", ".3f"), ("needle acc", "acc_needle", ".3f"),
                 ("mean acc", "accuracy", ".3f"), ("attn ms", "time_ms", ".3f"), ("speedup vs dense", "speedup", ".2f"),
                 ("note", "note", "")]
-NATIVE_COLUMNS = [("model", "name", ""), ("params", "params", ",d"), ("steps", "steps", ""), ("train s", "train_s", ".0f"),
+NATIVE_COLUMNS = [("model", "name", ""), ("params", "params", ",d"), ("steps", "steps", ""),
+                  ("train s", "train_s", ".0f"),
                   ("final loss", "final_loss", ".3f"), ("MQAR acc", "acc_mqar", ".3f"),
                   ("needle acc", "acc_needle", ".3f"), ("density vs causal", "density_vs_causal", ".3f"),
                   ("note", "note", "")]

@@ -70,7 +70,8 @@ def swap_variants(seq_len: int, block_size: int, *, thresholds=(0.95, 0.9, 0.8, 
             "dynamic", options=dict(selection="xattention", threshold=t, stride=min(8, block_size)))))
     for f in fractions:
         k = max(2, int(nb * f))
-        out.append(Variant("topk", f"blocks={k}", AttentionSpec("dynamic", options=dict(selection="topk", num_blocks=k))))
+        out.append(Variant("topk", f"blocks={k}",
+                           AttentionSpec("dynamic", options=dict(selection="topk", num_blocks=k))))
     for f in fractions:
         n = max(block_size, int(seq_len * f) // 2)
         out.append(Variant("vertical_slash", f"vertical={n},slash={n}", AttentionSpec(

@@ -17,8 +17,12 @@ from models import train as T
 VOCAB = tasks.Vocab(64, 16, 16)
 
 
+ON_CPU = jax.default_backend() == "cpu"
+
+
 def tiny(**kw):
-    return C.llama("tiny", vocab_size=64, block_size=16, **kw)
+    """A ~100K-param Llama on the xla backend (the kernels have their own tests)."""
+    return C.llama("tiny", vocab_size=64, block_size=16, **{"backend": "xla", **kw})
 
 
 # -- config --------------------------------------------------------------------------------------
@@ -112,7 +116,7 @@ def test_swap_attention_keeps_weights_and_outputs():
 
 
 def test_moe_lm_reports_router_losses_and_trains_with_remat():
-    cfg = C.deepseek("tiny", vocab_size=64, block_size=16, remat=True, aux_loss_coef=0.1)
+    cfg = C.deepseek("tiny", vocab_size=64, block_size=16, remat=True, aux_loss_coef=0.1, backend="xla")
     model = lm.DecoderLM(cfg, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(2), (2, 32), 0, 64)
     _, aux = model(tokens)
@@ -142,7 +146,8 @@ def test_resume_reproduces_the_loss_curve_exactly(tmp_path):
     resumed = T.train(cfg, task, tc, ckpt_dir=str(tmp_path / "run"), resume=True)
     assert resumed.start_step == 5 and [h["step"] for h in resumed.history] == list(range(6, 13))
     losses = [h["loss"] for h in first.history + resumed.history]
-    np.testing.assert_array_equal(losses, [h["loss"] for h in straight.history])
+    # bitwise on the CPU; GPU reductions (e.g. scatter-add in the embedding gradient) may reorder
+    np.testing.assert_allclose(losses, [h["loss"] for h in straight.history], rtol=0 if ON_CPU else 1e-5)
     tokens = task.sample(jax.random.key(7), 2).tokens
     restored, meta = T.load_model(str(tmp_path / "run"))
     assert meta["step"] == 12 and restored.cfg == cfg

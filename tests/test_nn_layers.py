@@ -61,8 +61,17 @@ def dense_mask(mask, S):
     return np.asarray(mask(0, 0, i[:, None], i[None, :]))
 
 
+@pytest.fixture(autouse=True)
+def _exact_matmuls():
+    """f32 XLA dots at full precision on every platform (GPUs default to TF32), so the layers
+    on the xla backend can be held to the naive references' 1e-5."""
+    with jax.default_matmul_precision("float32"):
+        yield
+
+
 def layer_kwargs(**kw):
-    return dict(d_model=32, num_heads=4, num_kv_heads=2, rngs=nnx.Rngs(0), **kw)
+    """A small GQA layer on the xla backend (the kernels are exercised in test_layer_through_the_kernels)."""
+    return dict(d_model=32, num_heads=4, num_kv_heads=2, rngs=nnx.Rngs(0), **{"backend": "xla", **kw})
 
 
 # -- RoPE ----------------------------------------------------------------------------------------
@@ -272,7 +281,8 @@ def _moe_reference(layer, x):
 
 @pytest.mark.parametrize("scoring, shared", [("softmax", 0), ("sigmoid", 1)])
 def test_moe_feed_forward_matches_reference_and_trains(scoring, shared):
-    layer = sjnn.MoEFeedForward(16, 32, 6, 2, scoring=scoring, shared_experts=shared, rngs=nnx.Rngs(0))
+    layer = sjnn.MoEFeedForward(16, 32, 6, 2, scoring=scoring, shared_experts=shared, backend="xla",
+                                rngs=nnx.Rngs(0))
     x = randn(2, (2, 12, 16))
     y, aux = nnx.jit(lambda m, x: m(x, return_aux=True))(layer, x)
     assert_close(y, _moe_reference(layer, x), 1e-5, "moe")
@@ -290,7 +300,7 @@ def test_moe_feed_forward_matches_reference_and_trains(scoring, shared):
 
 
 def test_moe_capacity_drops_assignments():
-    layer = sjnn.MoEFeedForward(16, 32, 4, 2, capacity_factor=0.5, rngs=nnx.Rngs(0))
+    layer = sjnn.MoEFeedForward(16, 32, 4, 2, capacity_factor=0.5, backend="xla", rngs=nnx.Rngs(0))
     _, aux = layer(randn(3, (64, 16)), return_aux=True)
     assert int(aux["dropped"]) > 0
 
@@ -306,7 +316,7 @@ def test_moe_errors():
 def test_logical_axes_and_one_device_mesh():
     mesh = jax.make_mesh((1, 1, 1), ("data", "model", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     attn = sjnn.BlockSparseAttention(**layer_kwargs(block_size=8))
-    moe = sjnn.MoEFeedForward(32, 16, 4, 2, shared_experts=1, rngs=nnx.Rngs(0))
+    moe = sjnn.MoEFeedForward(32, 16, 4, 2, shared_experts=1, backend="xla", rngs=nnx.Rngs(0))
     logical = nnx.get_partition_spec(nnx.state(attn))
     assert tuple(logical["q_proj"]["kernel"].get_value()) == ("embed", "heads", "head_dim")
     assert tuple(logical["k_proj"]["kernel"].get_value()) == ("embed", "kv_heads", "head_dim")
@@ -374,7 +384,7 @@ def test_linen_bridge():
     import flax.linen as nn
 
     x = randn(3, (2, 16, 32))
-    lin = nnx.bridge.to_linen(sjnn.BlockSparseAttention, 32, 4, 2, block_size=8)
+    lin = nnx.bridge.to_linen(sjnn.BlockSparseAttention, 32, 4, 2, block_size=8, backend="xla")
     with nnx.use_eager_sharding(False):
         variables = lin.init(jax.random.key(0), x)
     y = jax.jit(lin.apply)(variables, x)

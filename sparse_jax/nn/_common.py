@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, EXPERT, VOCAB = "embed", "heads", "kv_heads", "head_dim", "mlp", "expert", "vocab"
+EMBED, HEADS, KV_HEADS, HEAD_DIM = "embed", "heads", "kv_heads", "head_dim"
+MLP, EXPERT, VOCAB = "mlp", "expert", "vocab"
 
 
 def annotate(init, axes: Sequence[str | None]):

@@ -54,9 +54,10 @@ class MoEFeedForward(nnx.Module):
         router_init = _common.annotate(_common.fan_in_init(0, 1), (_common.EMBED, None))
         self.router = nnx.Param(router_init(rngs.params(), (d_model, num_experts), param_dtype))
         ex = dict(param_dtype=param_dtype, rngs=rngs)
-        self.w_gate = _common.expert_weights(num_experts, d_model, d_ff, (_common.EXPERT, _common.EMBED, _common.MLP), **ex)
-        self.w_up = _common.expert_weights(num_experts, d_model, d_ff, (_common.EXPERT, _common.EMBED, _common.MLP), **ex)
-        self.w_down = _common.expert_weights(num_experts, d_ff, d_model, (_common.EXPERT, _common.MLP, _common.EMBED), **ex)
+        up_axes, down_axes = (_common.EXPERT, _common.EMBED, _common.MLP), (_common.EXPERT, _common.MLP, _common.EMBED)
+        self.w_gate = _common.expert_weights(num_experts, d_model, d_ff, up_axes, **ex)
+        self.w_up = _common.expert_weights(num_experts, d_model, d_ff, up_axes, **ex)
+        self.w_down = _common.expert_weights(num_experts, d_ff, d_model, down_axes, **ex)
         self.shared = (SwiGLU(d_model, shared_experts * d_ff, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                        if shared_experts else None)
 
