@@ -15,6 +15,7 @@ prints a short report.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -40,8 +41,9 @@ def demo_config(backend: str) -> C.ModelConfig:
                      qk_norm=True, backend=backend)
 
 
-def replay_matches(ckpt_dir: str, step: int, task, tc: T.TrainConfig, live_losses: list[float]) -> bool:
-    """Restore the checkpoint at ``step`` into fresh objects, train a few steps, compare losses."""
+def replay_gap(ckpt_dir: str, step: int, task, tc: T.TrainConfig, live_losses: list[float]) -> float:
+    """Restore the checkpoint at ``step`` into fresh objects, train a few steps; the largest
+    relative gap to the live run's losses (0.0: bitwise identical)."""
     model = lm.DecoderLM(T.load_model(ckpt_dir, step)[0].cfg, rngs=nnx.Rngs(99))
     optimizer = nnx.Optimizer(model, T.make_optimizer(tc), wrt=nnx.Param)
     mngr = T.checkpoint_manager(ckpt_dir)
@@ -50,7 +52,7 @@ def replay_matches(ckpt_dir: str, step: int, task, tc: T.TrainConfig, live_losse
     step_fn = T.make_train_step(task, tc.batch_size)
     replayed = [float(step_fn(model, optimizer, jax.random.fold_in(data_key, s))["loss"])
                 for s in range(start + 1, start + 1 + len(live_losses))]
-    return replayed == live_losses
+    return float(np.max(np.abs(np.subtract(replayed, live_losses)) / np.abs(live_losses)))
 
 
 def main(argv=None) -> dict:
@@ -83,7 +85,9 @@ def main(argv=None) -> dict:
     restored_logits, _ = restored(batch.tokens)
     identical = bool(np.array_equal(np.asarray(live_logits), np.asarray(restored_logits)))
     mid = args.steps // 2
-    resume_exact = replay_matches(CKPT_DIR, mid, task, tc, [h["loss"] for h in res.history[mid:mid + 5]])
+    gap = replay_gap(CKPT_DIR, mid, task, tc, [h["loss"] for h in res.history[mid:mid + 5]])
+    # Bitwise on the CPU; GPU reductions with atomics (the embedding gradient) may reorder.
+    resume_exact = gap == 0.0 if dev.platform == "cpu" else gap < 1e-5
     ev = T.evaluate(restored, task, batches=4, batch_size=BATCH, seed=7)
     bm = sj.create_block_mask(lm.build_mask(cfg.attention_for(0).mask), None, None, SEQ_LEN, SEQ_LEN, BLOCK)
     causal = sj.create_block_mask(sj.masks.causal, None, None, SEQ_LEN, SEQ_LEN, BLOCK)
@@ -99,10 +103,14 @@ def main(argv=None) -> dict:
     print(f"eval         exact-match accuracy {report['accuracy']:.1%} on {ev['answers']} answers "
           f"(chance {report['chance']:.1%})")
     print(f"checkpoint   restored (from {CKPT_DIR}, step {meta['step']}) vs live outputs identical: {identical}")
-    print(f"resume       replay from step {mid} reproduces the live losses exactly: {resume_exact}")
+    print(f"resume       replay from step {mid} reproduces the live losses: {resume_exact} "
+          f"(largest relative gap {gap:.1e})")
     print(f"backend      {backend}; total {report['seconds']:.0f}s")
     ok = identical and resume_exact and report["loss_end"] < report["loss_start"]
     print("OK" if ok else "FAILED")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "demo_report.json"), "w") as f:
+            json.dump(dict(report, ok=ok), f, indent=1)
     if not ok:
         raise SystemExit(1)
     return report
