@@ -77,3 +77,69 @@ def triton_compiler_params(num_warps: int | None = None, num_stages: int | None 
 
 def tpu_compiler_params(dimension_semantics: Sequence[str] | None = None, vmem_limit_bytes: int | None = None):
     return pltpu.CompilerParams(dimension_semantics=dimension_semantics, vmem_limit_bytes=vmem_limit_bytes)
+
+
+_RELAXED_ADD_P = None
+
+
+def _relaxed_atomic_add_primitive():
+    """A Pallas-Triton ``atomic_add`` with relaxed memory order (``plgpu.atomic_add`` is acquire-release).
+
+    Acquire-release puts a ``MEMBAR.GPU`` before every atomic instruction, which serialises a
+    thread's scatter-adds on their L2 round trips. Reductions into a buffer that nothing reads
+    before the kernel ends need only atomicity. Same abstract evaluation and interpret-mode
+    discharge as ``atomic_rmw``; only the Triton lowering's memory semantic differs.
+    """
+    global _RELAXED_ADD_P
+    if _RELAXED_ADD_P is not None:
+        return _RELAXED_ADD_P
+    from jax._src import core as jax_core
+    from jax._src.lib.triton import dialect as tt_dialect
+    from jax._src.pallas.triton import lowering as tl
+    from jax._src.pallas.triton import primitives as tp
+    from jax._src.state import discharge as state_discharge
+    from jax._src.state import indexing
+
+    add = tp.AtomicOpType.ADD
+    prim = jax_core.Primitive("atomic_add_relaxed")
+    prim.def_effectful_abstract_eval(lambda *avals, args_tree: tp._atomic_abstract_eval(
+        *avals, args_tree=args_tree, atomic_type=add))
+    state_discharge.register_discharge_rule(prim)(lambda ctx, *args, args_tree: tp._atomic_rmw_discharge_rule(
+        ctx, *args, args_tree=args_tree, atomic_type=add))
+
+    @tl.register_lowering(prim)
+    def _lower(ctx, *args_flat, args_tree):
+        ptr, indexers, val, mask = args_tree.unflatten(args_flat)
+        *_, val_aval, mask_aval = args_tree.unflatten(ctx.avals_in)
+        indexers = list(indexers)
+        if not indexers or not isinstance(indexers[-1], indexing.NDIndexer):
+            ref_aval = ctx.avals_in[0]
+            indexers.append(indexing.NDIndexer.make_trivial_indexer(ref_aval.shape))
+        if len(indexers) != 1:
+            raise NotImplementedError("atomic_add_relaxed: one indexer only")
+        ptr = tl._compute_pointers_from_indices(ptr, ctx.block_infos[0], indexers[0])
+        # jax >= 0.12 also returns a bounds mask for blocks that overhang their array.
+        ptr, bounds = ptr if isinstance(ptr, tuple) else (ptr, None)
+        shape = indexers[0].get_indexer_shape_static()
+        val = tl._bcast_to(tl._ensure_ir_value(val, val_aval), shape)
+        mask = None if mask is None else tl._bcast_to(tl._ensure_ir_value(mask, mask_aval), shape)
+        if bounds is not None:
+            from jax._src.lib.mlir.dialects import arith
+            mask = bounds if mask is None else arith.andi(mask, bounds)
+        op = tt_dialect.RMWOp.FADD if jax.numpy.issubdtype(val_aval.dtype, jax.numpy.floating) else tt_dialect.RMWOp.ADD
+        return tl._atomic_rmw(op, ptr, val, mask=mask, semantic=tt_dialect.MemSemantic.RELAXED)
+
+    _RELAXED_ADD_P = prim
+    return prim
+
+
+def triton_atomic_add(ref, idx, val, *, relaxed: bool = True):
+    """``ref[idx] += val`` atomically inside a Pallas-Triton kernel (no mask: give masked lanes
+    their own spare addresses). ``relaxed=False`` is ``plgpu.atomic_add`` (acquire-release)."""
+    from jax.experimental.pallas import triton as plgpu
+    if not relaxed:
+        return plgpu.atomic_add(ref, idx, val)
+    from jax._src.state import primitives as state_primitives
+    ref, transforms = state_primitives.get_ref_and_transforms(ref, idx, "atomic_add_relaxed")
+    args, tree = jax.tree_util.tree_flatten((ref, transforms, val, None))
+    return _relaxed_atomic_add_primitive().bind(*args, args_tree=tree)
