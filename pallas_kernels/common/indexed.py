@@ -76,7 +76,8 @@ def unit_allowed(units, t_abs, *, span: int, n_units: int, causal: bool):
 
 
 def key_allowed(pos, t_abs, *, kv_len: int, causal: bool):
-    """Which key positions (already known to come from a valid unit) are allowed."""
+    """Which key positions (already known to come from a valid unit) are allowed (``t_abs`` may be
+    None when ``causal`` is False)."""
     ok = (pos >= 0) & (pos < kv_len)
     if causal:
         ok &= pos <= t_abs
@@ -116,13 +117,14 @@ def canonicalize(indices, q_offset, *, span: int, n_units: int, causal: bool, un
     return Lists(jnp.where(srt != big, srt, -1), jnp.sum(keep, axis=-1, dtype=jnp.int32))
 
 
-def chunk_positions(load_units, c, count, t_abs, *, BN: int, span: int, n_units: int, kv_len: int,
-                    causal: bool):
-    """Key positions of chunk ``c`` (``BN`` of them) of a row and which are allowed.
+def chunk_positions(load_units, c, count, *, BN: int, span: int, n_units: int, kv_len: int):
+    """Key positions of chunk ``c`` (``BN`` of them) of a row and which are real keys.
 
     ``load_units(slots, in_range)`` returns the units at integer slots (int32 [BN]),
     -1 where ``in_range`` is False (each backend reads its own memory). Returns
-    (pos int32 [BN] clamped to 0 where not allowed, allowed bool [BN]).
+    (pos int32 [BN] clamped to 0 where not ok, ok bool [BN], slots int32 [BN] clamped to
+    0 where out of range, in_range bool [BN]). Causality is per query row: see
+    :func:`key_allowed`.
     """
     flat = c * BN + jnp.arange(BN, dtype=jnp.int32)
     if span == 1:
@@ -130,11 +132,74 @@ def chunk_positions(load_units, c, count, t_abs, *, BN: int, span: int, n_units:
     else:
         slot, off = flat // span, flat % span
     in_range = slot < count
-    units = load_units(jnp.where(in_range, slot, 0), in_range)
+    slot = jnp.where(in_range, slot, 0)
+    units = load_units(slot, in_range)
     ok = in_range & (units >= 0) & (units < n_units)
     pos = units if off is None else units * span + off
-    ok &= key_allowed(pos, t_abs, kv_len=kv_len, causal=causal)
-    return jnp.where(ok, pos, 0), ok
+    ok &= key_allowed(pos, None, kv_len=kv_len, causal=False)
+    return jnp.where(ok, pos, 0), ok, slot, in_range
+
+
+MAX_QUERY_TILE = 16  # tokens per query tile: one bit each in an int32 membership word
+
+
+@dataclasses.dataclass(frozen=True)
+class TileLists:
+    """Lists of tiles of ``T`` consecutive query tokens (the query-tile loop of the kernels).
+
+    ``idx int32 [B, nT, Hkv, U]``: the union of the tile's canonical lists, ascending, -1 after
+    ``count int32 [B, nT, Hkv]`` valid units; ``bits int32 [B, nT, Hkv, U]``: bit ``j`` set when
+    token ``tile * T + j`` listed the unit. ``T == 1``: the canonical lists themselves, ``bits``
+    None (every valid unit belongs to the one token).
+    """
+
+    idx: jax.Array
+    count: jax.Array
+    bits: jax.Array | None
+    T: int
+
+
+jax.tree_util.register_dataclass(TileLists, data_fields=["idx", "count", "bits"], meta_fields=["T"])
+
+
+def _segmented_or(first, bits):
+    """Inclusive OR of ``bits`` over runs that start where ``first`` is True (last axis)."""
+    def op(a, b):
+        fa, va = a
+        fb, vb = b
+        return fa | fb, jnp.where(fb, vb, va | vb)
+    return jax.lax.associative_scan(op, (first, bits), axis=-1)[1]
+
+
+def tile_lists(lists: Lists, T: int) -> TileLists:
+    """Union lists of tiles of ``T`` consecutive tokens (see :class:`TileLists`).
+
+    Tokens past ``Sq`` (the last tile may be ragged) list nothing. The union is a set: a unit
+    listed twice by one token still counts once for it (also under ``unique=True``).
+    """
+    if not 1 <= T <= MAX_QUERY_TILE or T & (T - 1):
+        raise ValueError(f"query tile must be a power of two in [1, {MAX_QUERY_TILE}]; got {T}")
+    if T == 1:
+        return TileLists(lists.idx, lists.count, None, 1)
+    B, Sq, Hkv, n = lists.idx.shape
+    nT = cdiv(Sq, T)
+    slot_ok = jnp.arange(n, dtype=jnp.int32) < lists.count[..., None]
+    idx = jnp.where(slot_ok, lists.idx, -1)
+    idx = jnp.pad(idx, ((0, 0), (0, nT * T - Sq), (0, 0), (0, 0)), constant_values=-1)
+    idx = idx.reshape(B, nT, T, Hkv, n).transpose(0, 1, 3, 2, 4).reshape(B, nT, Hkv, T * n)
+    bit = jnp.repeat(jnp.left_shift(1, jnp.arange(T, dtype=jnp.int32)), n)  # [T * n]
+    big = jnp.iinfo(jnp.int32).max
+    key, bit = jax.lax.sort((jnp.where(idx >= 0, idx, big), jnp.broadcast_to(bit, idx.shape)), dimension=3,
+                            num_keys=1)
+    change = key[..., 1:] != key[..., :-1]
+    first = jnp.concatenate([jnp.ones_like(key[..., :1], bool), change], axis=-1)
+    last = jnp.concatenate([change, jnp.ones_like(key[..., :1], bool)], axis=-1)
+    union_bits = _segmented_or(first, bit)
+    keep = last & (key != big)
+    key, union_bits = jax.lax.sort((jnp.where(keep, key, big), union_bits), dimension=3, num_keys=1)
+    valid = key != big
+    return TileLists(jnp.where(valid, key, -1), jnp.sum(valid, axis=-1, dtype=jnp.int32),
+                     jnp.where(valid, union_bits, 0), T)
 
 
 def num_chunks(count, *, BN: int, span: int):

@@ -251,8 +251,9 @@ def _row_spec(*tail):
 
 
 def forward(q, k, v, lists: common.Lists, q_off, *, span: int, scale: float, causal: bool,
-            loop_order: str = common.QUERY_MAJOR, interpret=False):
-    """o [B, Sq, Hq, Dv] (q.dtype), lse f32 [B, Sq, Hq]."""
+            loop_order: str = common.QUERY_MAJOR, query_tile: int | None = None, interpret=False):
+    """o [B, Sq, Hq, Dv] (q.dtype), lse f32 [B, Sq, Hq]. ``query_tile`` is ignored: one token per grid step."""
+    del query_tile
     if loop_order != common.QUERY_MAJOR:
         raise ValueError("mosaic_tpu indexed attention runs the query-major loop only")
     B, Sq, Hq, D, Skv, Hkv, Dv, G, BN, n_pad, idx = _geometry(q, k, v, lists, span)
@@ -275,8 +276,9 @@ def forward(q, k, v, lists: common.Lists, q_off, *, span: int, scale: float, cau
 
 
 def backward(q, k, v, o, lse, do, lists: common.Lists, q_off, *, span: int, scale: float, causal: bool,
-             loop_order: str = common.QUERY_MAJOR, interpret=False):
-    """(dq, dk, dv); dK/dV accumulate in float32 HBM buffers, deterministically."""
+             loop_order: str = common.QUERY_MAJOR, query_tile: int | None = None, interpret=False):
+    """(dq, dk, dv); dK/dV accumulate in float32 HBM buffers, deterministically (``query_tile`` ignored)."""
+    del query_tile
     if loop_order != common.QUERY_MAJOR:
         raise ValueError("mosaic_tpu indexed attention runs the query-major loop only")
     B, Sq, Hq, D, Skv, Hkv, Dv, G, BN, n_pad, idx = _geometry(q, k, v, lists, span)

@@ -37,11 +37,16 @@ from sparse_jax import _compat
 _M = 64  # MMA rows per step: BT pairs x Gp heads
 
 
-def _config(G: int, D: int, Dv: int, block_size: int):
+def _config(G: int, D: int, Dv: int, block_size: int, backward: bool = False):
     """(Gp, BT pairs per step, num_warps, num_stages)."""
     Gp = common.next_pow2(G)
     M = max(overridden("rows", _M), Gp, 16)
-    warps = 4 if max(D, Dv) * common.next_pow2(block_size) <= 128 * 64 else 8
+    work = max(D, Dv) * common.next_pow2(block_size)
+    # The backward holds dK, dV [block, D] f32 and a step's dQ [M, D] f32 at once: 4 warps spill
+    # (ptxas, sm_90a: 255 registers + ~200 B spilled at D=128, block 64, M=64).
+    warps = 4 if work <= 128 * 64 and not backward else 8
+    if backward:
+        return Gp, M // Gp, overridden("kv_bwd_warps", warps), overridden("kv_bwd_stages", 2)
     return Gp, M // Gp, overridden("kv_warps", warps), overridden("kv_stages", 2)
 
 
@@ -223,7 +228,7 @@ def backward(q, k, v, o, lse, do, lists: common.Lists, q_off, *, block_size: int
              interpret: bool = False):
     """(dq, dk, dv), deterministic."""
     B, Sq, Hq, D, Skv, Hkv, Dv, G, n, nkb, table = _prep(q, k, v, lists, block_size)
-    Gp, BT, warps, stages = _config(G, D, Dv, block_size)
+    Gp, BT, warps, stages = _config(G, D, Dv, block_size, backward=True)
     Dp, Dvp = max(16, common.next_pow2(D)), max(16, common.next_pow2(Dv))
     P, R = Sq * n, Sq * n + BT
     sp = _common_specs(B, Sq, Hkv, Skv, P, nkb, Gp, Dp, Dvp)

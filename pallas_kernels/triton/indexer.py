@@ -47,7 +47,9 @@ def _tile_kernel(t_abs_ref, q_ref, k_ref, w_ref, vals_ref, idx_ref, *, Hi, Di, S
     live = j * BK < Skv
     if causal:
         live &= jnp.max(jnp.where(row_ok, t_abs, -1)) >= j * BK
-    n_heads = jnp.where(live, Hi, 0)
+    # Not jnp.where(live, Hi, 0): Pallas-Triton (jax 0.11/0.12) types a scalar select of two
+    # Python literals like its predicate (i1), and scf.for then rejects the mixed bounds.
+    n_heads = Hi * live.astype(jnp.int32)
     safe_rows = jnp.where(row_ok, rows, 0)
 
     def head(h, acc):
@@ -58,9 +60,11 @@ def _tile_kernel(t_abs_ref, q_ref, k_ref, w_ref, vals_ref, idx_ref, *, Hi, Di, S
 
     s = jax.lax.fori_loop(0, n_heads, head, jnp.zeros((BQ, BK), jnp.float32))
     s = jnp.where(allowed, s, -jnp.inf)
+    # The last query block may overhang Sq: its rows would land in the next batch's rows.
+    store = lambda ref, x: plgpu.store(ref, x, mask=jnp.broadcast_to(row_ok[:, None], x.shape))
     if c == BK:
-        vals_ref[...] = s
-        idx_ref[...] = jnp.broadcast_to(keys[None, :], (BQ, BK))
+        store(vals_ref, s)
+        store(idx_ref, jnp.broadcast_to(keys[None, :], (BQ, BK)))
         return
     col = jnp.arange(BK, dtype=jnp.int32)
     out_col = jnp.arange(c, dtype=jnp.int32)
@@ -76,8 +80,8 @@ def _tile_kernel(t_abs_ref, q_ref, k_ref, w_ref, vals_ref, idx_ref, *, Hi, Di, S
 
     _, vals, idx = jax.lax.fori_loop(0, c, pick, (s, jnp.full((BQ, c), -jnp.inf, jnp.float32),
                                                  jnp.zeros((BQ, c), jnp.int32)))
-    vals_ref[...] = vals
-    idx_ref[...] = idx
+    store(vals_ref, vals)
+    store(idx_ref, idx)
 
 
 def tile_candidates(q, k, w, t_abs, *, tile: int, cands: int, causal: bool, interpret: bool = False):

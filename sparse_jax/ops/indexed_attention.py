@@ -3,9 +3,9 @@
 Validation, canonical lists, backend dispatch and the custom VJP around the kernels.
 Kernel backends implement, in ``pallas_kernels.<lowering>.indexed_attention``::
 
-    forward(q, k, v, lists, q_off, *, span, scale, causal, loop_order, interpret)
+    forward(q, k, v, lists, q_off, *, span, scale, causal, loop_order, query_tile, interpret)
         -> (o [B, Sq, Hq, Dv] q.dtype, lse f32 [B, Sq, Hq])
-    backward(q, k, v, o, lse, do, lists, q_off, *, span, scale, causal, loop_order, interpret)
+    backward(q, k, v, o, lse, do, lists, q_off, *, span, scale, causal, loop_order, query_tile, interpret)
         -> (dq, dk, dv)
 
 with ``lists`` canonical (:func:`pallas_kernels.common.indexed.canonicalize`), ``span``
@@ -40,11 +40,12 @@ class _Static:
     scale: float
     causal: bool
     loop_order: str
+    query_tile: int | None
     interpret: object
 
     def kwargs(self):
         return dict(span=self.span, scale=self.scale, causal=self.causal, loop_order=self.loop_order,
-                    interpret=self.interpret)
+                    query_tile=self.query_tile, interpret=self.interpret)
 
     @property
     def kernel(self):
@@ -93,8 +94,17 @@ def _validate(q, k, v, indices, name):
         raise ValueError(f"{name} must be [B, Sq, Hkv, n] = [{B}, {Sq}, {Hkv}, n >= 1]; got {tuple(indices.shape)}")
 
 
+def _check_query_tile(query_tile):
+    if query_tile is None:
+        return None
+    T = int(query_tile)
+    if not 1 <= T <= common.MAX_QUERY_TILE or T & (T - 1):
+        raise ValueError(f"query_tile must be a power of two in [1, {common.MAX_QUERY_TILE}] or None; got {query_tile}")
+    return T
+
+
 def _run(q, k, v, indices, *, span, scale, causal, q_offset, unique, return_lse, backend, interpret, loop_order,
-         op, reference_fn):
+         query_tile, op, reference_fn):
     B, Sq, Hq, D = q.shape
     Skv = k.shape[1]
     q_off = ref.query_offsets(q_offset, B, Sq, Skv)
@@ -108,14 +118,14 @@ def _run(q, k, v, indices, *, span, scale, causal, q_offset, unique, return_lse,
                          "or 'query'")
     n_units = Skv if span == 1 else common.cdiv(Skv, span)
     lists = common.canonicalize(indices, q_off, span=span, n_units=n_units, causal=bool(causal), unique=unique)
-    static = _Static(_KERNEL_MODULES[backend], span, scale, bool(causal), loop_order, interpret)
+    static = _Static(_KERNEL_MODULES[backend], span, scale, bool(causal), loop_order, query_tile, interpret)
     o, lse = _attend(static, q, k, v, lists, q_off)
     return (o, jnp.transpose(lse, (0, 2, 1))) if return_lse else o
 
 
 def indexed_attention(q, k, v, indices, *, scale: float | None = None, causal: bool = True, q_offset=None,
-                      unique_indices: bool = False, return_lse: bool = False, backend: str | None = None,
-                      interpret=False):
+                      unique_indices: bool = False, return_lse: bool = False, query_tile: int | None = None,
+                      backend: str | None = None, interpret=False):
     """Attention of each query over its own list of key tokens (DeepSeek sparse attention).
 
     Args:
@@ -133,6 +143,12 @@ def indexed_attention(q, k, v, indices, *, scale: float | None = None, causal: b
         output). Skips the sort that implements set semantics (and the early stop it
         gives rows with many unused slots); a repeated key is then counted once per slot.
       return_lse: also return the log-sum-exp float32 [B, Hq, Sq] (-inf for empty rows).
+      query_tile: triton only (a performance choice; other backends ignore it): consecutive
+        tokens per kernel program, a power of two <= 16. The program walks the union of their
+        lists once (each listed key row is read once for all of them, and dK/dV get one atomic
+        add per union key), masking per token. Pays off when neighbouring tokens' lists
+        overlap; None picks 1 for token lists. With a tile > 1, repeats count once even under
+        ``unique_indices=True``.
       backend: "triton", "mosaic_tpu", "xla" or None (see :mod:`sparse_jax.backends`).
       interpret: run the Pallas kernels in interpret mode (CPU); for mosaic_tpu a
         ``pltpu.InterpretParams`` is also accepted.
@@ -146,12 +162,14 @@ def indexed_attention(q, k, v, indices, *, scale: float | None = None, causal: b
     _validate(q, k, v, indices, "indices")
     return _run(q, k, v, indices, span=1, scale=scale, causal=causal, q_offset=q_offset,
                 unique=bool(unique_indices), return_lse=return_lse, backend=backend, interpret=interpret,
-                loop_order=common.QUERY_MAJOR, op="indexed_attention", reference_fn=ref.indexed_attention)
+                loop_order=common.QUERY_MAJOR, query_tile=_check_query_tile(query_tile), op="indexed_attention",
+                reference_fn=ref.indexed_attention)
 
 
 def indexed_block_attention(q, k, v, block_indices, *, block_size: int = 64, scale: float | None = None,
                             causal: bool = True, q_offset=None, loop_order: str | None = None,
-                            return_lse: bool = False, backend: str | None = None, interpret=False):
+                            query_tile: int | None = None, return_lse: bool = False, backend: str | None = None,
+                            interpret=False):
     """Attention of each query over its own list of key blocks (NSA's selected branch).
 
     Args:
@@ -166,6 +184,9 @@ def indexed_block_attention(q, k, v, block_indices, *, block_size: int = 64, sca
         inner loop), "kv" (FSA: one program per key block over the tokens that selected
         it; partial softmaxes merged afterwards; deterministic backward) or None:
         "query" when Hq/Hkv >= 16, else "kv". mosaic_tpu runs "query" only.
+      query_tile: tokens per program of the query-major loop (triton; see
+        :func:`indexed_attention`). None: enough tokens for 64 MMA rows (at most 8) -- NSA's
+        neighbouring tokens select mostly the same blocks.
       Other arguments as in :func:`indexed_attention`.
 
     Returns:
@@ -182,4 +203,4 @@ def indexed_block_attention(q, k, v, block_indices, *, block_size: int = 64, sca
     ref_fn = functools.partial(ref.indexed_block_attention, block_size=block_size)
     return _run(q, k, v, block_indices, span=block_size, scale=scale, causal=causal, q_offset=q_offset,
                 unique=False, return_lse=return_lse, backend=backend, interpret=interpret, loop_order=order,
-                op="indexed_block_attention", reference_fn=ref_fn)
+                query_tile=_check_query_tile(query_tile), op="indexed_block_attention", reference_fn=ref_fn)
