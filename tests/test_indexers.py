@@ -59,13 +59,18 @@ def _kw(kernel_backend):
 
 @pytest.mark.parametrize("causal,q_offset", [(True, None), (False, None), (True, np.array([0, 9]))])
 def test_flat_indexer_exact(kernel_backend, causal, q_offset):
-    """Exact top-k sets and scores; early causal rows have fewer keys than topk (-1 padding)."""
-    B, Sq, Skv, Hi, Di, topk = 2, 6, 96, 3, 16, 12
+    """Exact top-k sets and scores; early causal rows have fewer keys than topk (-1 padding).
+    Sq=70 > the kernel's 64-query block: a ragged last block (round 1's unmasked stores)."""
+    if kernel_backend[0] == "mosaic_tpu" and (not causal or q_offset is not None):
+        pytest.skip("mosaic_tpu: one case in interpret mode (the variants exercise shared XLA code)")
+    B, Sq, Skv, Hi, Di, topk = 2, 70, 96, 3, 16, 12
     q, k, w = _inputs(0, B, Sq, Skv, Hi, Di)
     expect, s = brute_force(q, k, w, topk, causal=causal, q_offset=q_offset)
     off = None if q_offset is None else jnp.asarray(q_offset, jnp.int32)
-    idx, vals = sj.lightning_indexer(q, k, w, topk, causal=causal, q_offset=off, tile_size=32, tile_candidates=4,
-                                     return_scores=True, **_kw(kernel_backend))
+    run = jax.jit(lambda q, k, w, off: sj.lightning_indexer(q, k, w, topk, causal=causal, q_offset=off, tile_size=32,
+                                                            tile_candidates=4, return_scores=True,
+                                                            **_kw(kernel_backend)))
+    idx, vals = run(q, k, w, off)
     assert idx.shape == (B, Sq, topk) and idx.dtype == jnp.int32
     np.testing.assert_array_equal(_sorted_sets(idx), expect)
     got = np.asarray(vals)
@@ -95,7 +100,8 @@ def test_flat_indexer_saturated_tiles_are_rescored(kernel_backend):
     _, naive = jax.lax.top_k(vals.reshape(B, Sq, -1), topk)
     naive = np.take_along_axis(np.asarray(cidx).reshape(B, Sq, -1), np.asarray(naive), axis=-1)
     assert not np.array_equal(_sorted_sets(naive), expect), "candidates alone must miss winners here"
-    idx = sj.lightning_indexer(q, k, w, topk, causal=False, tile_size=16, tile_candidates=4, **_kw(kernel_backend))
+    idx = jax.jit(lambda q, k, w: sj.lightning_indexer(q, k, w, topk, causal=False, tile_size=16, tile_candidates=4,
+                                                       **_kw(kernel_backend)))(q, k, w)
     np.testing.assert_array_equal(_sorted_sets(idx), expect)
 
 
@@ -104,7 +110,8 @@ def test_flat_indexer_all_scores_tile_bf16():
     B, Sq, Skv, Hi, Di, topk = 1, 5, 70, 4, 32, 16
     q, k, w = _inputs(2, B, Sq, Skv, Hi, Di, jnp.bfloat16)
     expect, _ = brute_force(q, k, w, topk)
-    idx = sj.lightning_indexer(q, k, w, topk, tile_size=32, tile_candidates=32, backend="triton", interpret=True)
+    idx = jax.jit(lambda q, k, w: sj.lightning_indexer(q, k, w, topk, tile_size=32, tile_candidates=32,
+                                                       backend="triton", interpret=True))(q, k, w)
     np.testing.assert_array_equal(_sorted_sets(idx), expect)
     np.testing.assert_array_equal(_sorted_sets(ref.lightning_indexer(q, k, w, topk)), expect)
 
@@ -124,7 +131,8 @@ def _structured(seed, B, Sq, Skv, Hi, Di, bs):
 def test_hierarchical_matches_reference_and_overlaps_flat(kernel_backend):
     B, Sq, Skv, Hi, Di, topk, bs, nblk = 1, 6, 256, 2, 16, 16, 16, 4
     q, k, w = _structured(3, B, Sq, Skv, Hi, Di, bs)
-    h = sj.hierarchical_indexer(q, k, w, topk, block_size=bs, num_blocks=nblk, causal=False, **_kw(kernel_backend))
+    h = jax.jit(lambda q, k, w: sj.hierarchical_indexer(q, k, w, topk, block_size=bs, num_blocks=nblk, causal=False,
+                                                        **_kw(kernel_backend)))(q, k, w)
     rh = ref.hierarchical_indexer(q, k, w, topk, block_size=bs, num_blocks=nblk, causal=False)
     np.testing.assert_array_equal(_sorted_sets(h), _sorted_sets(rh))
     flat, _ = brute_force(q, k, w, topk, causal=False)
@@ -138,7 +146,8 @@ def test_hierarchical_causal_reference_against_brute_force():
     B, Sq, Skv, Hi, Di, topk, bs = 1, 5, 60, 2, 8, 6, 16
     q, k, w = _inputs(4, B, Sq, Skv, Hi, Di)
     expect, _ = brute_force(q, k, w, topk)
-    h = sj.hierarchical_indexer(q, k, w, topk, block_size=bs, num_blocks=4, backend="triton", interpret=True)
+    h = jax.jit(lambda q, k, w: sj.hierarchical_indexer(q, k, w, topk, block_size=bs, num_blocks=4, backend="triton",
+                                                        interpret=True))(q, k, w)
     np.testing.assert_array_equal(_sorted_sets(h), expect)
     np.testing.assert_array_equal(_sorted_sets(ref.hierarchical_indexer(q, k, w, topk, block_size=bs,
                                                                        num_blocks=4)), expect)
