@@ -73,11 +73,11 @@ class Preset:
 
 PRESETS = {
     "cpu": Preset("cpu", "tiny", seq_len=128, block_size=16, batch_size=32, steps=600, lr=3e-3, warmup=40,
-                  native_steps=300, eval_batches=2, speed_len=512, speed_batch=1, dtype="float32", budget_s=1500,
+                  native_steps=300, eval_batches=4, speed_len=512, speed_batch=1, dtype="float32", budget_s=2400,
                   mqar_pairs=4, needles=2, vocab=tasks.Vocab(128, 32, 32), model=(("qk_norm", True),),
                   thresholds=(0.9, 0.7), fractions=(1 / 2, 1 / 4), native=("moe", "nsa")),
     "gpu": Preset("gpu", "small", seq_len=1024, block_size=64, batch_size=32, steps=1200, lr=2e-3, warmup=100,
-                  native_steps=500, eval_batches=4, speed_len=16384, speed_batch=1, dtype="bfloat16", budget_s=420,
+                  native_steps=500, eval_batches=8, speed_len=16384, speed_batch=1, dtype="bfloat16", budget_s=420,
                   mqar_pairs=16, needles=4, vocab=tasks.Vocab(512, 128, 128), thresholds=(0.9, 0.6),
                   fractions=(1 / 4, 1 / 16), train_share=0.35,
                   model=(("d_model", 384), ("num_heads", 6), ("num_kv_heads", 2), ("qk_norm", True),
@@ -140,6 +140,7 @@ def evaluate_model(model, p: Preset, causal_density: float) -> dict:
         hits, answers = hits + np.asarray(h), answers + np.asarray(a)
         densities.append(float(d))
     row = {f"acc_{name}": float(h / a) for name, h, a in zip(eval_tasks(p), hits, answers)}
+    row["answers"] = {name: int(a) for name, a in zip(eval_tasks(p), answers)}
     row["accuracy"] = float(np.mean(list(row.values())))
     ok = [d for d in densities if not np.isnan(d)]
     row["density_vs_causal"] = float(np.mean(ok)) / causal_density if ok else None
@@ -350,7 +351,8 @@ def run(p: Preset, *, out_dirs: list[str], reuse: bool = False, progress: bool =
         result["native"].append(row)
         print(f"[study] native {name}: {row.get('accuracy')}", flush=True)
     if natives:
-        result["notes"].append(f"natively trained models ran {p.native_steps} steps (the dense model {p.steps})")
+        result["notes"].append(f"natively trained models: schedules of {p.native_steps} steps, cut by their time "
+                               f"share (the steps column); the dense model {result['dense_training']['steps']} steps")
     written = save()
     print(f"[study] done in {budget.elapsed:.0f}s; wrote {', '.join(written)}", flush=True)
     return result

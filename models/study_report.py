@@ -45,6 +45,14 @@ def _grouped(rows):
     return sorted(rows, key=lambda r: families.index(r["family"]))
 
 
+def _answers(result) -> str:
+    counts = next((r["answers"] for r in result["swaps"] if r.get("answers")), None)
+    if not counts:
+        return ""
+    return (" Accuracy per variant is over " + ", ".join(f"{n} {k} answers" for k, n in counts.items())
+            + " (binomial noise: about 0.5/sqrt(n)).")
+
+
 def markdown(result: dict) -> str:
     p, env = result["preset"], result["env"]
     dense = result["dense_training"]
@@ -59,7 +67,7 @@ def markdown(result: dict) -> str:
         f"Density counts computed (query block, key block) pairs of {p['block_size']} tokens relative to causal "
         f"attention, averaged over layers and eval batches (indexed/DSA: attended (query, key) pairs, token level). "
         f"Attention time: one layer forward, batch "
-        f"{p['speed_batch']} x {p['speed_len']} tokens, {p['dtype']}.",
+        f"{p['speed_batch']} x {p['speed_len']} tokens, {p['dtype']}.{_answers(result)}",
         "",
         "## Swapped into the trained dense model",
         "",
