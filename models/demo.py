@@ -1,7 +1,8 @@
 """The main job: train, checkpoint, restore and evaluate a small block-sparse MoE LM.
 
     python -m models.demo                  # any machine, a few minutes on a 2-core CPU
-    python -m models.demo --preset gpu     # the accuracy study's GPU preset (models.study)
+    python -m models.demo --preset gpu     # the accuracy study's GPU preset (models.study; its
+                                           # options, e.g. --budget-s, pass through)
 
 On the default backend (Triton kernels on a GPU, Mosaic on a TPU, the XLA reference
 on a CPU) it trains a tiny decoder LM whose attention is block-sparse (a causal
@@ -60,10 +61,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--preset", choices=("demo", "cpu", "gpu"), default="demo",
                     help="demo: the tiny train/checkpoint/restore run; cpu/gpu: the accuracy study")
     ap.add_argument("--steps", type=int, default=STEPS)
-    args = ap.parse_args(argv)
-    if args.preset != "demo":
+    args, rest = ap.parse_known_args(argv)
+    if args.preset != "demo":  # other options (--budget-s, --steps, ...) go to the study
         from models import study
-        return study.main(["--preset", args.preset])
+        return study.main(["--preset", args.preset, *rest])
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
 
     t0 = time.perf_counter()
     backend = sj.backends.default_backend()
