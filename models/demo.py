@@ -60,13 +60,15 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description="sparse-jax main job")
     ap.add_argument("--preset", choices=("demo", "cpu", "gpu"), default="demo",
                     help="demo: the tiny train/checkpoint/restore run; cpu/gpu: the accuracy study")
-    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--steps", type=int, default=None, help=f"training steps (demo default {STEPS})")
     args, rest = ap.parse_known_args(argv)
     if args.preset != "demo":  # other options (--budget-s, --steps, ...) go to the study
         from models import study
-        return study.main(["--preset", args.preset, *rest])
+        steps = [] if args.steps is None else ["--steps", str(args.steps)]
+        return study.main(["--preset", args.preset, *rest, *steps])
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.steps = STEPS if args.steps is None else args.steps
 
     t0 = time.perf_counter()
     backend = sj.backends.default_backend()
