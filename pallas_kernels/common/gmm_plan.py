@@ -133,16 +133,19 @@ class CostModel:
 
     *_tflops: what the big / small tile configuration sustains on full tiles;
     *_gbps: the weight bytes per second it streams when memory-bound. Defaults: H100 SXM
-    round 1 (2026-11-22, benchmarks/notes/grouped_matmul.md), kernel time = forward minus
-    the schedule measured alone: big 128x256x64 600-616 TFLOP/s (Mixtral M=4096/32768) and
-    2.6-2.8 TB/s (Mixtral / DeepSeek M=512); small 32x128x128 225-238 TFLOP/s and
-    1.8 TB/s (Mixtral M=512: two row tiles per group) to 2.9 TB/s (DeepSeek M=512).
+    round 2 (``tune_gmm`` v2, jax 0.11.2, 2026-11-22; benchmarks/notes/grouped_matmul.md),
+    calibrated from pipelined timings of one launch policy at a time: big 128x256x64 w8s3
+    575 TFLOP/s (Mixtral M=4096, big only) and 2996 GB/s (DeepSeek M=512, big only); small
+    32x128x128 w4s4 228 TFLOP/s (Mixtral M=4096, small only) and 3033 GB/s (DeepSeek M=512).
+    The wide small tile (64x256x64, picked at >= 64 rows per group) was only measured
+    memory-bound (2766 GB/s, Mixtral M=512); its compute rate is modelled with the 32-row
+    tile's 228, which under-rates it, so the split leans to big tiles there.
     """
 
-    big_tflops: float = 600.0
-    small_tflops: float = 235.0
-    big_gbps: float = 2700.0
-    small_gbps: float = 2300.0
+    big_tflops: float = 575.0
+    small_tflops: float = 228.0
+    big_gbps: float = 2996.0
+    small_gbps: float = 3033.0
 
 
 def split_rows(starts, ends, *, tm_big: int, tm_small: int, k: int, n: int, num_rhs: int, itemsize: int,

@@ -31,10 +31,14 @@ from pallas_kernels.common import gmm_plan, gmm_segments
 from pallas_kernels.common.gmm_plan import Fusion, Tiles
 from sparse_jax import _compat
 
-# Defaults for an H100 (benchmarks/notes/grouped_matmul.md): big tiles for full, compute-bound
-# row tiles; small tiles for the short tail tiles of small groups (weight streaming).
+# Defaults for an H100 (benchmarks/notes/grouped_matmul.md, round 2): big tiles for full,
+# compute-bound row tiles (575 TFLOP/s Mixtral M=4096; also the best transpose_rhs tile, 621);
+# small tiles for the tails of groups and whole small groups (weight streaming): SMALL for
+# few rows per group (DeepSeek M=512, 2 rows: 3033 GB/s, every candidate within 2%), SMALL_WIDE
+# from 64 rows per group (Mixtral M=512: 0.340 ms vs 0.369 for SMALL, one tile per group).
 BIG = Tiles(tm=128, tn=256, tk=64, num_warps=8, num_stages=3, band=8)
 SMALL = Tiles(tm=32, tn=128, tk=128, num_warps=4, num_stages=4, band=8)
+SMALL_WIDE = Tiles(tm=64, tn=256, tk=64, num_warps=8, num_stages=3, band=8)
 
 
 def swizzle(pid, rows: int, cols: int, band: int):

@@ -25,9 +25,13 @@ from pallas_kernels.common.gmm_plan import Tiles
 from pallas_kernels.triton.gmm import swizzle
 from sparse_jax import _compat
 
-# Round 1 (H100): 64-row steps 361 TFLOP/s on Mixtral M=4096 (512 rows per group), 32-row steps
-# +29% on DeepSeek M=4096 (16 rows per group, bound by writing the 7.5 GB gradient).
-DEFAULT = Tiles(tm=64, tn=128, tk=128, num_warps=8, num_stages=3, band=8)
+# H100 round 2 (tune_gmm v2, one right operand): Mixtral M=4096 (512 rows per group) 64-row steps
+# into 128x256 output blocks 438 TFLOP/s (64x128x128: 409); DeepSeek M=4096 (16 rows per group,
+# bound by writing the 7.5 GB gradient) 32-row steps 49 TFLOP/s = 3.0 TB/s (others 36-41).
+# MANY_ROWS_MULTI: the SwiGLU backward's two accumulators keep 128x128 blocks each (two 128x256
+# float32 accumulators would not fit the register file; round-1 tile, compile-checked spill-free).
+MANY_ROWS = Tiles(tm=64, tn=256, tk=128, num_warps=8, num_stages=3, band=8)
+MANY_ROWS_MULTI = Tiles(tm=64, tn=128, tk=128, num_warps=8, num_stages=3, band=8)
 FEW_ROWS = Tiles(tm=32, tn=128, tk=128, num_warps=4, num_stages=4, band=8)
 
 
