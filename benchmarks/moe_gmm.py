@@ -111,7 +111,7 @@ def _case(ctx, model, E, K, N, M, dist, *, swiglu: bool, backward: bool, peers: 
         def two_gmm(x, a, b, g):
             h = sparse_jax.grouped_matmul(x, a, g, **kw).astype(jnp.float32)
             return (jax.nn.silu(h) * sparse_jax.grouped_matmul(x, b, g, **kw)).astype(x.dtype)
-        fused = jax.jit(lambda x, a, b, g: sparse_jax.grouped_swiglu(x, a, b, g, **kw))
+        fused = jax.jit(lambda x, a, b, g: sparse_jax.grouped_swiglu(x, a, b, g, fused=True, **kw))
         fl = 2 * W.gmm_flops(M, K, N)
         by = float((M * K + 2 * E * K * N + M * N) * 2)
         rf = _row(ctx, sname, f"sparse_jax/{ctx.backend} fused", shape, sextra, fused, make_s, fl, by, 2 * wbytes)

@@ -168,12 +168,13 @@ def test_gmm_t(kernel_backend, sizes, offset, seed):
 
 # --- grouped_swiglu --------------------------------------------------------------------------------
 @functools.cache
-def _swiglu_vjp(backend, interpret, op="kernel"):
+def _swiglu_vjp(backend, interpret, op="kernel", fused=None):
     def f(x, wg, wu, gs, off, ct):
         def fn(x, wg, wu):
             if op == "reference":
                 return reference.grouped_swiglu(x, wg, wu, gs, group_offset=off)
-            return sparse_jax.grouped_swiglu(x, wg, wu, gs, group_offset=off, backend=backend, interpret=interpret)
+            return sparse_jax.grouped_swiglu(x, wg, wu, gs, group_offset=off, fused=fused, backend=backend,
+                                             interpret=interpret)
         with gmm_plan.override(_tiling(backend)):
             out, vjp = jax.vjp(fn, x, wg, wu)
             return (out, *vjp(ct.astype(out.dtype)))
@@ -194,7 +195,9 @@ def test_swiglu(kernel_backend, sizes, offset, seed):
     _check(got, want, jnp.float32, interpret, ["out", "d x", "d w_gate", "d w_up"])
 
 
-def test_swiglu_bf16(kernel_backend):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_gmm"])
+def test_swiglu_bf16(kernel_backend, fused):
+    """Both forwards (forced; the default picks one by shape) and their shared backward."""
     backend, interpret = kernel_backend
     s = SHAPES[backend]
     M, K, F = s["M"], s["K"], s["N"]
@@ -202,9 +205,31 @@ def test_swiglu_bf16(kernel_backend):
                  ((5, (M, K), 1.0), (6, (4, K, F), 0.3), (7, (4, K, F), 0.3)))
     gs = jnp.array([11, 0, 25, 6, 0], jnp.int32)
     ct = randn(8, (M, F))
-    got = _swiglu_vjp(backend, interpret)(x, wg, wu, gs, jnp.int32(1), ct)
+    got = _swiglu_vjp(backend, interpret, fused=fused)(x, wg, wu, gs, jnp.int32(1), ct)
     want = _swiglu_vjp(backend, interpret, "reference")(*_f32(x, wg, wu), gs, jnp.int32(1), ct)
     _check(got, want, jnp.bfloat16, interpret, ["out", "d x", "d w_gate", "d w_up"])
+
+
+def test_swiglu_fusion_rule():
+    """GPU default path at the measured H100 points (notes, round 2): fused only where it won."""
+    from pallas_kernels.triton.grouped_matmul import fuse_swiglu
+    assert fuse_swiglu(512, 8, 4096, 14336)          # Mixtral M=512: fused 0.683 vs 0.710 ms
+    assert not fuse_swiglu(4096, 8, 4096, 14336)     # Mixtral M=4096: 1.905 vs 1.798
+    assert not fuse_swiglu(512, 256, 7168, 2048)     # DeepSeek M=512: 5.115 vs 4.991
+    assert not fuse_swiglu(4096, 64, 3584, 2560)     # Qwen2 M=4096: 0.863 vs 0.866 (tie)
+
+
+def test_swiglu_default_path_lowers_to_its_kernels():
+    """The rule reaches the lowering: fused = one forward launch after the schedule, two gmm = two pairs."""
+    S = jax.ShapeDtypeStruct
+
+    def launches(M, F):
+        fn = lambda x, a, b, g: sparse_jax.grouped_swiglu(x, a, b, g, backend="triton")  # noqa: E731
+        text = _compat.export(fn, "cuda", S((M, 64), jnp.bfloat16), S((8, 64, F), jnp.bfloat16),
+                              S((8, 64, F), jnp.bfloat16), S((8,), jnp.int32)).mlir_module()
+        return text.count("__gpu$xla.gpu.triton")
+    assert launches(256, 8192) == 3   # 32 rows per group, F >= 8192: schedule + big + small
+    assert launches(256, 1024) == 6   # narrow F: (schedule + big + small) per gmm
 
 
 # --- adaptive tile height --------------------------------------------------------------------------

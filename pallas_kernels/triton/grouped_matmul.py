@@ -28,14 +28,37 @@ from pallas_kernels.triton import gmm_table
 from pallas_kernels.triton import tgmm as tgmm_kernel
 
 # (big, small) per fusion kind for 2-byte inputs; benchmarks/tune_gmm.py sweeps them. "transposed":
-# gmm / dual gmm with transpose_rhs (the input gradients): its weight tiles are read in
-# tk-element rows N elements apart, so it may want longer K steps than the forward.
+# gmm / dual gmm with transpose_rhs (the input gradients; round 2: its best tile is the forward's
+# big tile, 621 TFLOP/s on Mixtral M=4096 -- longer K steps lost).
 FORWARD_TILES = {
     "gmm": (gmm_kernel.BIG, gmm_kernel.SMALL),
     "transposed": (gmm_kernel.BIG, gmm_kernel.SMALL),
     "swiglu": (Tiles(128, 128, 64, num_warps=8, num_stages=3), Tiles(32, 64, 128, num_warps=4, num_stages=4)),
 }
-TRANSPOSED_TILES = (tgmm_kernel.DEFAULT, tgmm_kernel.FEW_ROWS)  # by mean rows per group: >= 64, < 64
+# Small tile of a plain gmm from this many mean rows per group (M / G) up: a 64-row tile holds a
+# whole group, so each group's weights are streamed by one tile row (measured only at 64 and 2
+# rows per group; the threshold between them is the tile height, not a measured crossover).
+WIDE_SMALL = {"gmm": gmm_kernel.SMALL_WIDE}
+WIDE_SMALL_MIN_ROWS = 64
+# Weight-gradient tiles by mean rows per group (M / G): >= 64 -> MANY_ROWS (MANY_ROWS_MULTI with
+# several right operands or 4-byte inputs), fewer -> FEW_ROWS (see transposed_tiles).
+TRANSPOSED_TILES = (tgmm_kernel.MANY_ROWS, tgmm_kernel.MANY_ROWS_MULTI, tgmm_kernel.FEW_ROWS)
+TRANSPOSED_MIN_ROWS = 64
+# grouped_swiglu's forward: one fused kernel (gate and up from one read of x, SiLU in registers)
+# only at <= 64 mean rows per group with F >= 8192; two gmm + silu*mul otherwise. H100 round 2
+# (fused vs two gmm): Mixtral M=512 (64 rows, F=14336) fused 0.683 vs 0.710 ms -- the 63 MB of g/u/x
+# traffic it saves, ~0.021 ms at 3 TB/s; Qwen2 M=4096 (64 rows, F=2560) 0.863 vs 0.866 (tie);
+# Mixtral M=4096 (512 rows) 1.905 vs 1.798 and DeepSeek M=512 (2 rows, F=2048) 5.115 vs 4.991:
+# the fused kernel's tiles (not swept yet) run at 505 vs 575 TFLOP/s compute-bound and stream
+# weights ~2% slower. The rule keeps the one measured win and nothing else.
+SWIGLU_FUSED_MAX_ROWS = 64
+SWIGLU_FUSED_MIN_F = 8192
+
+
+def fuse_swiglu(num_rows: int, num_groups: int, k: int, f: int) -> bool:
+    """Whether grouped_swiglu's forward uses the fused kernel (static shapes; see SWIGLU_FUSED_*)."""
+    del k
+    return num_rows <= SWIGLU_FUSED_MAX_ROWS * max(num_groups, 1) and f >= SWIGLU_FUSED_MIN_F
 
 
 def _for_itemsize(t: Tiles, itemsize: int) -> Tiles:
@@ -45,8 +68,9 @@ def _for_itemsize(t: Tiles, itemsize: int) -> Tiles:
     return t.replace(tk=max(16, t.tk * 2 // itemsize))
 
 
-def forward_tiles(fusion: Fusion, itemsize: int, transpose_rhs: bool = False
+def forward_tiles(fusion: Fusion, itemsize: int, transpose_rhs: bool = False, rows_per_group: float = 0.0
                   ) -> tuple[tuple[Tiles, ...], str, gmm_plan.CostModel]:
+    """(big, small) tiles, split policy and cost model; rows_per_group = M / G (static)."""
     ov = gmm_plan.current_override()
     policy, cost = "split", gmm_plan.CostModel()
     if ov is not None:
@@ -55,7 +79,22 @@ def forward_tiles(fusion: Fusion, itemsize: int, transpose_rhs: bool = False
             tiles = ov.forward if isinstance(ov.forward, tuple) else (ov.forward,)
             return tiles, policy, cost
     kind = "swiglu" if fusion.num_acc == 2 else "transposed" if transpose_rhs else "gmm"
-    return tuple(_for_itemsize(t, itemsize) for t in FORWARD_TILES[kind]), policy, cost
+    big, small = FORWARD_TILES[kind]
+    if kind in WIDE_SMALL and rows_per_group >= WIDE_SMALL_MIN_ROWS:
+        small = WIDE_SMALL[kind]
+    return (_for_itemsize(big, itemsize), _for_itemsize(small, itemsize)), policy, cost
+
+
+def transposed_tiles(num_rows: int, num_groups: int, num_rhs: int, itemsize: int) -> Tiles:
+    """The weight-gradient kernel's tiles by mean rows per group and number of right operands."""
+    many, many_multi, few = TRANSPOSED_TILES
+    if num_rows < TRANSPOSED_MIN_ROWS * num_groups:
+        t = few
+    elif itemsize <= 2:
+        t = many if num_rhs == 1 else many_multi
+    else:  # 4-byte: K step halved, but the [tm, tn] rhs buffers are not: keep 3 stages under 227 KB
+        t = many_multi if num_rhs == 1 else few
+    return _for_itemsize(t, itemsize)
 
 
 def forward(xs, ws, group_sizes, group_offset, *, fusion: Fusion, transpose_rhs: bool, out_dtypes,
@@ -65,7 +104,7 @@ def forward(xs, ws, group_sizes, group_offset, *, fusion: Fusion, transpose_rhs:
     G = ws[0].shape[0]
     N = ws[0].shape[1] if transpose_rhs else ws[0].shape[2]
     itemsize = jnp.dtype(xs[0].dtype).itemsize
-    tiles, policy, cost = forward_tiles(fusion, itemsize, transpose_rhs)
+    tiles, policy, cost = forward_tiles(fusion, itemsize, transpose_rhs, M / max(G, 1))
     run = dict(fusion=fusion, transpose_rhs=transpose_rhs, out_dtypes=out_dtypes, interpret=interpret)
     sched = dict(num_rows=M, num_groups=G, interpret=interpret)
     if len(tiles) == 1 or policy in ("big", "small"):
@@ -87,8 +126,7 @@ def transposed(lhs, rhs, group_sizes, group_offset, *, num_groups: int, out_dtyp
     if ov is not None and ov.transposed is not None:
         tiles = ov.transposed
     else:
-        many, few = TRANSPOSED_TILES
-        tiles = _for_itemsize(many if M >= 64 * num_groups else few, jnp.dtype(lhs.dtype).itemsize)
+        tiles = transposed_tiles(M, num_groups, len(rhs), jnp.dtype(lhs.dtype).itemsize)
     table = gmm_table.schedule_table(group_sizes, group_offset, num_rows=M, num_groups=num_groups, tm0=1,
                                      interpret=interpret)
     return tgmm_kernel.transposed(lhs, rhs, table, num_groups=num_groups, tiles=tiles, out_dtype=out_dtype,

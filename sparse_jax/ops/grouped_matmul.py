@@ -12,7 +12,8 @@ Gradients (each a kernel call, no [G, M, ...] intermediate):
 * ``grouped_matmul``: d lhs = gmm(d out, rhs, transpose_rhs=not transpose_rhs);
   d rhs = gmm_t(lhs, d out) (or gmm_t(d out, lhs) = [G, N, K] with transpose_rhs).
 * ``grouped_matmul_t``: d lhs = gmm(grad, d out, transpose_rhs=True); d grad = gmm(lhs, d out).
-* ``grouped_swiglu``: the forward also writes the pre-activations g = x w_gate and
+* ``grouped_swiglu``: the forward (one fused kernel, or two gmm + silu*mul: a static
+  per-backend rule, see the function) also writes the pre-activations g = x w_gate and
   u = x w_up (2 M F elements in x.dtype -- what the unfused gmm + gmm + silu*mul would
   save too; ``jax.checkpoint`` trades them for a recompute); the backward forms
   dg, du elementwise, then d x = dg w_gate^T + du w_up^T in ONE dual-gmm kernel and
@@ -95,6 +96,7 @@ class _Static:
     interpret: bool
     transpose_rhs: bool = False
     out_dtype: Any = None
+    fused: bool = True  # grouped_swiglu's forward: one fused kernel, or two gmm + silu*mul
 
     @property
     def kernel(self):
@@ -167,15 +169,25 @@ def _tgmm_bwd(static, num_groups, res, dout):
 _tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)
 
 
+def _swiglu_forward(static, x, wg, wu, gs, off, save: bool):
+    """(h,) or (h, g, u) in x.dtype: the fused kernel, or two gmm launches and silu(g) * u in XLA."""
+    if static.fused:
+        fusion = gmm_plan.SWIGLU_SAVE if save else gmm_plan.SWIGLU
+        return static.forward([x], [wg, wu], gs, off, fusion=fusion, transpose_rhs=False,
+                              out_dtypes=[x.dtype] * fusion.num_out)
+    g, u = (static.forward([x], [w], gs, off, fusion=gmm_plan.GMM, transpose_rhs=False, out_dtypes=[x.dtype])[0]
+            for w in (wg, wu))
+    h = (gmm_plan.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(x.dtype)
+    return (h, g, u) if save else (h,)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _swiglu(static, x, wg, wu, gs, off):
-    return static.forward([x], [wg, wu], gs, off, fusion=gmm_plan.SWIGLU, transpose_rhs=False,
-                          out_dtypes=[x.dtype])[0]
+    return _swiglu_forward(static, x, wg, wu, gs, off, save=False)[0]
 
 
 def _swiglu_fwd(static, x, wg, wu, gs, off):
-    h, g, u = static.forward([x], [wg, wu], gs, off, fusion=gmm_plan.SWIGLU_SAVE, transpose_rhs=False,
-                             out_dtypes=[x.dtype] * 3)
+    h, g, u = _swiglu_forward(static, x, wg, wu, gs, off, save=True)
     return h, (x, wg, wu, g, u, gs, off)
 
 
@@ -272,17 +284,23 @@ def grouped_matmul_t(lhs, grad, group_sizes, *, num_groups: int | None = None, g
     return _tgmm(static, lhs.astype(dt), grad.astype(dt), group_sizes, off, G)
 
 
-def grouped_swiglu(x, w_gate, w_up, group_sizes, *, group_offset=None, backend: str | None = None,
-                   interpret: bool = False):
-    """Fused gate + up projection of a SwiGLU expert FFN: silu(x @ w_gate[g]) * (x @ w_up[g]).
+def grouped_swiglu(x, w_gate, w_up, group_sizes, *, group_offset=None, fused: bool | None = None,
+                   backend: str | None = None, interpret: bool = False):
+    """Gate + up projection of a SwiGLU expert FFN: silu(x @ w_gate[g]) * (x @ w_up[g]).
 
     Args:
       x: [M, K]; w_gate, w_up: [G, K, F] (float32/bfloat16/float16; promoted to one dtype).
       group_sizes: int32 [G] (or [G_total] with ``group_offset``), as in :func:`grouped_matmul`.
+      fused: forward as ONE kernel (both products from one read of each x tile, SiLU in
+        registers; True) or two gmm kernels + silu * mul (False). None: the backend's static
+        rule from the shapes -- GPU: fused only at <= 64 mean rows per group (M / G) with
+        F >= 8192, where the H100 measurements saw it win (memory-bound, wide F); elsewhere two
+        gmm were as fast or faster (``pallas_kernels.triton.grouped_matmul.fuse_swiglu``,
+        benchmarks/notes/grouped_matmul.md). TPU: fused (not measured yet). Both forwards save
+        the same g, u, and the backward is the same (one dual gmm, one two-output gmm_t).
 
     Returns:
-      [M, F] in x.dtype; both products come from one read of each x tile, SiLU is applied in
-      registers. Differentiable in x, w_gate and w_up (saves g, u; see the module docstring).
+      [M, F] in x.dtype. Differentiable in x, w_gate and w_up (see the module docstring).
     """
     _check_float("x", x, 2)
     _check_float("w_gate", w_gate, 3)
@@ -300,5 +318,8 @@ def grouped_swiglu(x, w_gate, w_up, group_sizes, *, group_offset=None, backend: 
     if backend == backends.XLA or _degenerate(x.shape[0], x.shape[1], w_gate.shape[2], w_gate.shape[0]):
         return reference.grouped_swiglu(x, w_gate, w_up, group_sizes, group_offset=off)
     dt = jnp.promote_types(jnp.promote_types(x.dtype, w_gate.dtype), w_up.dtype)
-    static = _Static(backend, bool(interpret))
+    if fused is None:
+        rule = getattr(importlib.import_module(_KERNEL_MODULES[backend]), "fuse_swiglu", None)
+        fused = True if rule is None else rule(x.shape[0], w_gate.shape[0], x.shape[1], w_gate.shape[2])
+    static = _Static(backend, bool(interpret), fused=bool(fused))
     return _swiglu(static, x.astype(dt), w_gate.astype(dt), w_up.astype(dt), group_sizes, off).astype(x.dtype)
