@@ -12,7 +12,7 @@ decides the forward: 2 CTAs of 4 warps (M=128 each, <= 113 KB) beat 1 CTA of 8 w
 mask-evaluating loop with a 3-deep K/V ring (num_stages=3) drops a config to 1 CTA/SM. Phases
 (each skipped once the budget is spent; JSON rewritten after each):
 
-  1. correctness, compiled (4 cases, compiled in parallel): lazy rescale, tiles-first grid,
+  1. correctness, compiled (4 cases, compiled in parallel threads): lazy rescale, tiles-first grid,
      index prefetch, permuted K/V, decode tiles of every packed row; o, lse, dq, dk, dv vs
      the float32 reference;
   2. forward S=8192 H=16 D=128 bf16, dense and causal: 128x64 / 4 warps at 2 and 3 stages,
@@ -31,6 +31,20 @@ mask-evaluating loop with a 3-deep K/V ring (num_stages=3) drops a config to 1 C
   9. an XLA dump attempt (--xla_dump_emitter_re) in a child process, if time is left.
 A watchdog prints the table and exits at budget + 15 s whatever is still running.
 
+Crash isolation (the first round-2 GPU run died with SIGSEGV inside a Triton compile):
+  0. precheck: before the phases, every distinct compile they will ask for (kernel family,
+     shape class, config, part: 54 on the GPU) is lowered and compiled in ``--compile-child``
+     processes, 8 at a time (``--precheck-parallel``) within ``--precheck-s`` 55 s, while this
+     process measures the ceilings. Progress lines pin a crash on one compile; the phases skip
+     what crashed (``!! SKIP`` lines; listed first in the table). Child logs (with their
+     faulthandler stacks): ``$OUT/tune_attention_precheck/child_<n>.log``.
+  The measurements run in a worker process under a supervisor (this command): a worker death
+  prints its faulthandler stacks (``$OUT/tune_attention_faulthandler.txt``) and the phase it
+  was in; a death inside a threaded compile is retried with ``--compile-threads 1``, any other
+  skips that phase; the rest resumes from the saved JSON in a new worker. ``--no-supervisor``
+  measures in-process. Tests: ``TUNE_ATTENTION_SIMULATE_CRASH='child:<label part>'``,
+  ``'phase:<name>'`` or ``'compile:<phase>'`` (with --compile-threads 2) raise a real SIGSEGV.
+
 Writes ``$OUT/tune_attention.json`` (OUT defaults to /tmp) and prints a compact table last,
 with the winners as Python literals for pallas_kernels/triton/attention_configs.py.
 """
@@ -46,10 +60,12 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 import argparse  # noqa: E402
 import concurrent.futures  # noqa: E402
 import dataclasses  # noqa: E402
+import faulthandler  # noqa: E402
 import glob  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -73,7 +89,8 @@ OUT = os.environ.get("OUT", "/tmp")
 START = time.monotonic()
 ARGS = None
 REPORT: dict = {"meta": {}, "correctness": [], "fwd": [], "bwd_kernels": [], "fwd_bwd": [], "baselines": [],
-                "sparsity": [], "flex": [], "decode": [], "evidence": {}, "best": {}, "errors": []}
+                "sparsity": [], "flex": [], "decode": [], "evidence": {}, "best": {}, "errors": [],
+                "precheck": {}, "skipped": [], "crashes": []}
 
 
 # -- plumbing ------------------------------------------------------------------------------------
@@ -132,7 +149,8 @@ def bench(fn, arg_sets, *, reps=None, inner=None):
 
 def compile_all(jobs):
     """jobs: list of (key, fn, example_args) -> {key: compiled or Exception}; tracing is
-    sequential, XLA/Triton compilation runs in threads."""
+    sequential, XLA/Triton compilation runs in ``--compile-threads`` threads (8, as in round 1).
+    The JSON marks the threaded section so the supervisor can tell a crash there from others."""
     lowered = {}
     for key, fn, args in jobs:
         try:
@@ -140,13 +158,20 @@ def compile_all(jobs):
         except Exception as e:  # noqa: BLE001
             lowered[key] = e
     out = {k: l for k, l in lowered.items() if isinstance(l, Exception)}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1 if ARGS.smoke else 12) as ex:
+    threads = ARGS.compile_threads or (1 if ARGS.smoke else 8)
+    REPORT["meta"]["in_compile"] = dict(phase=REPORT["meta"].get("current_phase"), threads=threads,
+                                        jobs=[str(k)[:120] for k in lowered])
+    save()
+    if os.environ.get(SIM_ENV) == f"compile:{REPORT['meta'].get('current_phase')}" and threads > 1:
+        os.kill(os.getpid(), signal.SIGSEGV)  # tests: a crash inside a threaded compile
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as ex:
         futs = {k: ex.submit(l.compile) for k, l in lowered.items() if not isinstance(l, Exception)}
         for k, f in futs.items():
             try:
                 out[k] = f.result()
             except Exception as e:  # noqa: BLE001
                 out[k] = e
+    REPORT["meta"]["in_compile"] = None
     return out
 
 
@@ -260,6 +285,14 @@ def fwd_variants():
     }
 
 
+def causal_fwd_variants():
+    variants = fwd_variants()
+    out = {k: v for k, v in variants.items() if "prefetch" not in k or ARGS.smoke}
+    out["r1 causal best reverse"] = dataclasses.replace(
+        list(variants.values())[1], schedule="reverse") if not ARGS.smoke else list(variants.values())[0]
+    return out
+
+
 # dQ kernel: (block_q_dq, block_kv_dq, warps_dq, stages_dq); dK/dV: (block_q_dkv, block_kv_dkv, warps, stages)
 DQ_VARIANTS = [((128, 128, 8, 2), {}), ((64, 64, 4, 2), {}), ((128, 64, 8, 2), {}), ((64, 64, 4, 3), {}),
                ((128, 128, 8, 2), {"grid_order": "tiles_first"}), ((64, 64, 4, 2), {"grid_order": "tiles_first"})]
@@ -272,6 +305,333 @@ SMOKE_DKDV = [((32, 64, 4, 2), {}), ((32, 64, 4, 2), {"prefetch_index": True})]
 
 def bwd_cfg(dq, dkdv, **kw):
     return BwdConfig(*dq, *dkdv, **kw)
+
+
+# -- crash isolation: every compile checked in child processes first ----------------------------
+# A compiler crash inside XLA's Triton pipeline (MLIR/LLVM) kills the process with a signal: no
+# Python exception, no table. Before the phases, every distinct (kernel family, shape class,
+# config, part) they will compile is compiled in ``--compile-child`` processes, a few at a time;
+# a child killed by a signal pins the crash on the part its progress lines say it had started
+# (the rest of its batch is queued again), and the phases skip what crashed.
+PRECHECK_PARTS = {"fwd": ("dense", "causal"), "bwd": ("dq", "dkdv", "dq_causal", "dkdv_causal"),
+                  "decode": ("fwd",), "corr": ("grads",), "op": ("grads",)}
+SIM_ENV = "TUNE_ATTENTION_SIMULATE_CRASH"  # tests only: 'child:<label substring>' or 'phase:<name>'
+
+
+def check_key(kind, D, cfg, extra=""):
+    """Identity of one pre-checked compile target (kernel family, shape class, config)."""
+    return f"{kind}|D{D}{extra}|{json.dumps(dataclasses.asdict(cfg), sort_keys=True)}"
+
+
+def op_cases():
+    """Public-op calls with the default configs (no override): evidence that the shipped
+    defaults compile. (name, B, S, Hq, Hkv, D, dtype, mask)."""
+    S = 256 if ARGS.smoke else 2048
+    return [("defaults causal GQA2 bf16 D128", 1, S, 4, 2, 64 if ARGS.smoke else 128, jnp.bfloat16, masks.causal),
+            ("defaults sliding-window fp16 D64", 1, S, 2, 2, 64, jnp.float16,
+             masks.sliding_window(S // 4, causal=True))]
+
+
+def precheck_items():
+    """Everything the selected phases compile, suspects first: the correctness cases and configs
+    with a round-2 switch, then the shipped defaults, then the rest."""
+    s = ARGS.smoke
+    items: dict[str, dict] = {}
+    phases = set(ARGS.phases.split(","))
+
+    def add(kind, D, cfg, parts, extra="", **spec):
+        key = check_key(kind, D, cfg, extra)
+        it = items.setdefault(key, dict(key=key, kind=kind, D=D, cfg=dataclasses.asdict(cfg), parts=[],
+                                        label=f"{kind} D{D}{extra} {cfg_str(cfg)}", **spec))
+        it["parts"] += [p for p in parts if p not in it["parts"]]
+
+    if "correctness" in phases:
+        for i, case in enumerate(correctness_cases()):
+            items[f"corr|{i}"] = dict(key=f"corr|{i}", kind="corr", case=i, parts=["grads"], label=f"corr {case[0]}")
+    for i, case in enumerate(op_cases()):
+        items[f"op|{i}"] = dict(key=f"op|{i}", kind="op", case=i, parts=["grads"], label=f"op {case[0]}")
+    D = main_shape()["D"]
+    if "fwd" in phases:
+        for c in fwd_variants().values():
+            add("fwd", D, c, ["dense"])
+        for c in causal_fwd_variants().values():
+            add("fwd", D, c, ["causal"])
+    dqs, dkdvs = (SMOKE_DQ, SMOKE_DKDV) if s else (DQ_VARIANTS, DKDV_VARIANTS)
+    if "bwd" in phases:
+        for dq, kw in dqs:
+            add("bwd", D, bwd_cfg(dq, dkdvs[0][0], **kw), ["dq"])
+        for dkdv, kw in dkdvs:
+            add("bwd", D, bwd_cfg(dqs[0][0], dkdv, **kw), ["dkdv"])
+        if not s:
+            add("bwd", D, BwdConfig(128, 128, 8, 2, 64, 64, 4, 2), ["dq", "dkdv", "dq_causal", "dkdv_causal"])
+    if "head_dims" in phases and not s:
+        for hd, variants in HEAD_DIM_VARIANTS.items():
+            for c in variants.values():
+                add("fwd", hd, c, ["causal"])
+    if "decode" in phases:
+        for Sq in (1, 16):
+            for c in decode_variants(Sq).values():
+                add("decode", decode_shape()[0], c, ["fwd"], extra=f":Sq{Sq}", Sq=Sq)
+    default_fwd, default_bwd = FwdConfig(), BwdConfig()
+
+    def rank(it):
+        if it["kind"] == "corr":
+            return 0
+        cfg = it.get("cfg", {})
+        base = dataclasses.asdict(default_bwd if it["kind"] == "bwd" else default_fwd)
+        new = any(cfg.get(k) != base.get(k) for k in ("lazy_rescale", "grid_order", "prefetch_index"))
+        return 1 if new else 2 if it["kind"] in ("op", "decode") else 3
+    return sorted(items.values(), key=rank)
+
+
+def compile_part(it, part):
+    """Lower and compile one precheck target (runs in a child; raises on failure)."""
+    kind, smoke = it["kind"], ARGS.smoke
+    if kind == "corr":
+        name, B, Sq, Skv, Hq, Hkv, D, dtype, mk, kw, fwd, bwd = correctness_cases()[it["case"]]
+        args = qkv_sets(B, Sq, Skv, Hq, Hkv, D, dtype, n=1, with_do=True)[0]
+        jax.jit(_grads_fn("triton", mk(Sq, Skv), kw, fwd, bwd)).lower(*args).compile()
+        return
+    if kind == "op":
+        name, B, S, Hq, Hkv, D, dtype, mask_fn = op_cases()[it["case"]]
+        bm = sj.create_block_mask(mask_fn, None, None, S, S, 128)
+        args = qkv_sets(B, S, S, Hq, Hkv, D, dtype, n=1, with_do=True)[0]
+        jax.jit(_grads_fn("triton", bm, {})).lower(*args).compile()
+        return
+    sds = jax.ShapeDtypeStruct
+    bf = jnp.bfloat16
+    if kind == "decode":
+        D, B, Skv, Hq, Hkv = decode_shape()
+        Sq, S, bm, cfg = it["Sq"], Skv, decode_mask(it["Sq"], Skv), FwdConfig(**it["cfg"])
+    else:
+        shape = main_shape()
+        B, S, Hq, D = shape["B"], shape["S"], shape["H"], (shape["D"] if smoke else it["D"])
+        Sq, Hkv = S, Hq
+        bm = dense_mask(S, part in ("causal", "dq_causal", "dkdv_causal"))
+    q, k, do = sds((B, Sq, Hq, D), bf), sds((B, S, Hkv, D), bf), sds((B, Sq, Hq, D), bf)
+    if kind in ("fwd", "decode"):
+        cfg = FwdConfig(**it["cfg"])
+        fn = lambda q, k, v: K.forward(q, k, v, bm, None, None, None, None, config=cfg, **kernel_kw(D))[0]  # noqa
+        jax.jit(fn).lower(q, k, k).compile()
+        return
+    cfg = BwdConfig(**it["cfg"])
+
+    def fn(q, k, v, o, lse, do):
+        P, _, dqi, dki = K.backward_inputs(q, k, v, o, lse, do, bm, None, None, None, None, scale=1.0 / math.sqrt(D),
+                                           softcap=None, segments_everywhere=False)
+        if part.startswith("dq"):
+            return attention_bwd.dq_call(P, cfg, dqi, dtype=bf, interpret=smoke)
+        return attention_bwd.dkdv_call(P, cfg, dki, k_dtype=bf, v_dtype=bf, interpret=smoke)
+    jax.jit(fn).lower(q, k, k, do, sds((B, Hq, Sq), jnp.float32), do).compile()
+
+
+def compile_child(path):
+    """``--compile-child FILE``: compile each (item, part) of the JSON batch in order, printing
+    '@@start i part' / '@@done i part seconds' / '@@fail i part "message"' lines."""
+    faulthandler.enable(all_threads=True)  # C-level crash: Python stacks of every thread on stderr
+    with open(path) as f:
+        batch = json.load(f)
+    sim = os.environ.get(SIM_ENV, "")
+    for i, (it, part) in enumerate(batch):
+        print(f"@@start {i} {part}", flush=True)
+        t0 = time.monotonic()
+        if sim.startswith("child:") and sim[6:] in f"{it['label']} [{part}]":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        try:
+            compile_part(it, part)
+            print(f"@@done {i} {part} {time.monotonic() - t0:.1f}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"@@fail {i} {part} {json.dumps(f'{type(e).__name__}: {e}'[:400])}", flush=True)
+
+
+def signal_name(rc):
+    try:
+        return signal.Signals(-rc).name
+    except (ValueError, TypeError):
+        return f"rc {rc}"
+
+
+class Precheck:
+    """Runs the child compiles on background threads (``parallel`` children at a time, each
+    given ``batch`` targets) until everything is checked or ``budget_s`` is spent."""
+
+    def __init__(self, items, parallel, budget_s, batch):
+        self.items, self.parallel, self.batch = items, parallel, batch
+        self.deadline = time.monotonic() + budget_s
+        self.t0 = time.monotonic()
+        self.queue = [(i, p) for i, it in enumerate(items) for p in it["parts"]]
+        self.tries = {u: 0 for u in self.queue}
+        self.status: dict = {u: "unchecked" for u in self.queue}
+        self.children: list[dict] = []
+        self.lock = threading.Lock()
+        self.running = 0
+        self.dir = os.path.join(OUT, "tune_attention_precheck")
+        os.makedirs(self.dir, exist_ok=True)
+        self.threads = [threading.Thread(target=self._slot, daemon=True) for _ in range(parallel)]
+
+    def start(self):
+        log(f"precheck: {len(self.queue)} compiles of {len(self.items)} targets in child processes, "
+            f"{self.parallel} at a time, {self.batch} per child, budget {self.deadline - self.t0:.0f}s")
+        for t in self.threads:
+            t.start()
+        return self
+
+    def _slot(self):
+        while True:
+            with self.lock:
+                if time.monotonic() > self.deadline - (20 if ARGS.smoke else 8):
+                    return  # too little time left for a child to start JAX and compile
+                units = None
+                if self.queue:
+                    units, self.queue = self.queue[:self.batch], self.queue[self.batch:]
+                    n = len(self.children)
+                    self.children.append(None)
+                    self.running += 1
+                elif not self.running:
+                    return
+            if units is None:  # a running child may still requeue what it did not reach
+                time.sleep(0.2)
+                continue
+            for u in units:
+                self.tries[u] += 1
+            try:
+                self._run_child(units, n)
+            finally:
+                with self.lock:
+                    self.running -= 1
+
+    def _run_child(self, units, n):
+        spec = os.path.join(self.dir, f"child_{n}.json")
+        with open(spec, "w") as f:
+            json.dump([(self.items[i], p) for i, p in units], f)
+        logf = os.path.join(self.dir, f"child_{n}.log")
+        cmd = [sys.executable, os.path.abspath(__file__), "--compile-child", spec] + (["--smoke"] if ARGS.smoke else [])
+        t0 = time.monotonic()
+        timeout = max(5.0, self.deadline - t0)
+        out, rc = "", None
+        with open(logf, "w") as err:
+            try:
+                p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout)
+                out, rc = p.stdout, p.returncode
+            except subprocess.TimeoutExpired as e:
+                out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+                rc = "timeout"
+        started, finished = None, set()
+        for line in out.splitlines():
+            f = line.split(" ", 3)
+            if len(f) < 3 or not f[0].startswith("@@"):
+                continue
+            u = units[int(f[1])]
+            if f[0] == "@@start":
+                started = u
+            elif f[0] == "@@done":
+                self.status[u] = f"ok {f[3]}s"
+                finished.add(u)
+            elif f[0] == "@@fail":
+                self.status[u] = "fail " + json.loads(f[3])
+                finished.add(u)
+        rec = dict(n=n, units=[f"{self.items[i]['label']} [{p}]" for i, p in units], rc=rc,
+                   wall_s=round(time.monotonic() - t0, 1), log=logf)
+        blamed = started if started not in finished else None
+        if rc != 0:
+            if isinstance(rc, int) and rc < 0:
+                rec["signal"] = signal_name(rc)
+            with open(logf, errors="replace") as f:
+                rec["stderr_tail"] = f.read()[-2500:]
+            if blamed is not None:
+                crashed = isinstance(rc, int) and rc < 0
+                self.status[blamed] = ("timeout" if rc == "timeout" else
+                                       f"CRASH {signal_name(rc)}" if crashed else f"CRASH rc={rc}")
+                rec["blamed"] = f"{self.items[blamed[0]]['label']} [{blamed[1]}]"
+            rest = [u for u in units if u not in finished and u != blamed and self.tries[u] < 2]
+            with self.lock:  # not reached by this child: queue again, first
+                self.queue = rest + self.queue
+            msg = (f"precheck child {n}: {rec.get('signal', rc)} after {rec['wall_s']}s; blamed "
+                   f"{rec.get('blamed', 'nothing (died before a compile started)')}; {len(rest)} requeued; log {logf}")
+            log(("!! " if rec.get("signal") else "") + msg)
+        self.children[n] = rec
+
+    def finish(self):
+        for t in self.threads:
+            t.join(max(0.0, self.deadline - time.monotonic()) + 30)
+        res = {}
+        for (i, p), st in self.status.items():
+            res.setdefault(self.items[i]["key"], dict(label=self.items[i]["label"], parts={}))["parts"][p] = st
+        counts = {}
+        for st in self.status.values():
+            k = st.split()[0].lower()
+            counts[k] = counts.get(k, 0) + 1
+        summary = dict(wall_s=round(time.monotonic() - self.t0, 1), compiles=len(self.status), counts=counts,
+                       parallel=self.parallel, batch=self.batch, children=[c for c in self.children if c],
+                       crashes=[f"{self.items[i]['label']} [{p}]: {st}" for (i, p), st in self.status.items()
+                                if st.startswith(("CRASH", "timeout"))],
+                       failures=[f"{self.items[i]['label']} [{p}]: {st}"[:300] for (i, p), st in self.status.items()
+                                 if st.startswith("fail")],
+                       results=res)
+        log(f"precheck done in {summary['wall_s']}s: {counts}")
+        for line in summary["crashes"]:
+            log(f"!! precheck {line}")
+        for line in summary["failures"]:
+            log(f"precheck {line[:200]}")
+        return summary
+
+
+def run_precheck():
+    items = precheck_items()
+    n = sum(len(it["parts"]) for it in items)
+    parallel = 2 if ARGS.smoke else ARGS.precheck_parallel
+    batch = max(1, -(-n // (2 * parallel)))  # about two waves of children
+    return Precheck(items, parallel, ARGS.precheck_s, batch).start()
+
+
+def precheck_status(key, part):
+    return ((REPORT.get("precheck") or {}).get("results", {}).get(key, {}).get("parts", {}).get(part)) or "unchecked"
+
+
+def crashed_switches():
+    """(field, value) of the non-default switches of every config that crashed in the precheck."""
+    bad = set()
+    for key, r in (REPORT.get("precheck") or {}).get("results", {}).items():
+        if not any(st.startswith("CRASH") for st in r["parts"].values()):
+            continue
+        kind = key.split("|")[0]
+        cfgs_ = []
+        if kind == "corr":
+            case = correctness_cases()[int(key.split("|")[1])]
+            cfgs_ = [c for c in case[10:12] if c is not None]
+        elif kind in ("fwd", "decode"):
+            cfgs_ = [FwdConfig(**json.loads(key.split("|", 2)[2]))]
+        elif kind == "bwd":
+            cfgs_ = [BwdConfig(**json.loads(key.split("|", 2)[2]))]
+        for c in cfgs_:
+            base = type(c)()
+            bad |= {(type(c).__name__, f.name, getattr(c, f.name)) for f in dataclasses.fields(c)
+                    if f.name in ("lazy_rescale", "grid_order", "prefetch_index", "schedule", "pack_gqa", "fused_dq")
+                    and getattr(c, f.name) != getattr(base, f.name)}
+    return bad
+
+
+def gate(kind, D, cfg, part, where, extra=""):
+    """None if ``cfg`` may be compiled in this process, else the reason (logged, recorded in
+    REPORT['skipped']): it crashed the compiler in the precheck, or it was not checked and
+    carries a switch value that crashed another config."""
+    st = precheck_status(check_key(kind, D, cfg, extra), part)
+    why = None
+    if st.startswith("CRASH"):
+        why = f"precheck {st}"
+    elif st == "unchecked":
+        mine = {(type(cfg).__name__, f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        shared = sorted(f"{n}={v}" for _, n, v in mine & crashed_switches())
+        if shared:
+            why = f"not prechecked and shares {', '.join(shared)} with a crashing config"
+    if why:
+        REPORT["skipped"].append(dict(where=where, kind=kind, D=D, part=part, label=cfg_str(cfg), reason=why))
+        log(f"!! SKIP {where}: {cfg_str(cfg)} [{part}]: {why}")
+    return why
+
+
+def gated(named_cfgs, kind, D, where, part="fwd", extra=""):
+    return {n: c for n, c in named_cfgs.items() if gate(kind, D, c, part, f"{where} {n}", extra) is None}
 
 
 # -- phase: correctness ------------------------------------------------------------------------
@@ -325,18 +685,28 @@ def correctness_cases():
 def phase_correctness():
     cases = correctness_cases()
     jobs, data = [], {}
-    for name, B, Sq, Skv, Hq, Hkv, D, dtype, mk, kw, fwd, bwd in cases:
+    skipped = {}
+    for i, (name, B, Sq, Skv, Hq, Hkv, D, dtype, mk, kw, fwd, bwd) in enumerate(cases):
         bm = mk(Sq, Skv)
         args = qkv_sets(B, Sq, Skv, Hq, Hkv, D, dtype, n=1, with_do=True)[0]
         data[name] = (args, dtype, (B, Sq, Skv, Hq, Hkv, D))
+        st = precheck_status(f"corr|{i}", "grads")
+        if st.startswith("CRASH"):
+            skipped[name] = RuntimeError(f"not compiled here: precheck {st} (compiler crash)")
+            REPORT["skipped"].append(dict(where="correctness", label=name, reason=f"precheck {st}"))
+            log(f"!! SKIP correctness {name}: precheck {st}")
+            continue
         jobs.append(((name, "triton"), _grads_fn("triton", bm, kw, fwd, bwd), args))
         jobs.append(((name, "xla"), _grads_fn("xla", bm, kw), args))
     compiled = compile_all(jobs)
+    compiled.update({(n, "triton"): e for n, e in skipped.items()})
     for name, *_ in cases:
         args, dtype, shape = data[name]
         row = dict(case=name, shape=shape, dtype=jnp.dtype(dtype).name)
+        if name in skipped:
+            row["skipped"] = "compiler crash in precheck"
         try:
-            ours, ref = compiled[(name, "triton")], compiled[(name, "xla")]
+            ours, ref = compiled[(name, "triton")], compiled.get((name, "xla"))
             for c in (ours, ref):
                 if isinstance(c, Exception):
                     raise c
@@ -362,6 +732,10 @@ def phase_correctness():
 def time_fwd(tag, shape, bm, named_cfgs, *, flop_mask=None, sets=None):
     """Times K.forward over ``bm`` for each (name, config); rows sorted by time."""
     B, S, H, D = shape["B"], shape["S"], shape["H"], shape["D"]
+    named_cfgs = gated(named_cfgs, "fwd", D, f"fwd {tag}", part="causal" if tag.startswith("causal") and
+                       tag != "causal-nomask" else "dense")
+    if not named_cfgs:
+        return []
     flop = W.attention_flops(flop_mask or bm, B, H, D)
     sets = sets or qkv_sets(B, S, S, H, H, D, jnp.bfloat16)
     jobs = [(name, (lambda c: lambda q, k, v: K.forward(q, k, v, bm, None, None, None, None, config=c,
@@ -419,12 +793,8 @@ def baseline_rows(shape, causal, backward):
 def phase_fwd():
     shape = main_shape()
     S = shape["S"]
-    variants = fwd_variants()
-    dense = time_fwd("dense", shape, dense_mask(S, False), variants)
-    causal_variants = {k: v for k, v in variants.items() if "prefetch" not in k or ARGS.smoke}
-    causal_variants["r1 causal best reverse"] = dataclasses.replace(
-        list(variants.values())[1], schedule="reverse") if not ARGS.smoke else list(variants.values())[0]
-    causal = time_fwd("causal", shape, dense_mask(S, True), causal_variants)
+    dense = time_fwd("dense", shape, dense_mask(S, False), fwd_variants())
+    causal = time_fwd("causal", shape, dense_mask(S, True), causal_fwd_variants())
     if dense:
         REPORT["best"]["fwd_dense_d128"] = dense[0]
     if causal:
@@ -465,11 +835,15 @@ def phase_bwd():
     jobs = []
     for dq, kw in dqs:
         c = bwd_cfg(dq, dkdvs[0][0], **kw)
+        if gate("bwd", D, c, "dq", "bwd dq kernel"):
+            continue
         jobs.append((("dq", cfg_str(c).split(" dkv")[0] + "".join(f" {k}={v}" for k, v in kw.items()), c),
                      lambda dqi, dki, c=c: attention_bwd.dq_call(P, c, dqi, dtype=jnp.bfloat16,
                                                                  interpret=ARGS.smoke), inputs[0]))
     for dkdv, kw in dkdvs:
         c = bwd_cfg(dqs[0][0], dkdv, **kw)
+        if gate("bwd", D, c, "dkdv", "bwd dkdv kernel"):
+            continue
         jobs.append((("dkdv", "dkv" + cfg_str(c).split(" dkv")[1], c),
                      lambda dqi, dki, c=c: attention_bwd.dkdv_call(P, c, dki, k_dtype=jnp.bfloat16,
                                                                    v_dtype=jnp.bfloat16, interpret=ARGS.smoke),
@@ -509,6 +883,12 @@ def phase_bwd():
         fc = fcfg
         if causal and REPORT["best"].get("fwd_causal_d128"):
             fc = FwdConfig(**REPORT["best"]["fwd_causal_d128"]["config"])
+        sfx = "_causal" if causal else ""
+        if fc is not None and gate("fwd", D, fc, "causal" if causal else "dense", "fwd+bwd forward"):
+            fc = None  # the shipped default (round-1 configs)
+        cands = {n: bc for n, bc in candidates.items()
+                 if not (gate("bwd", D, bc, "dq" + sfx, f"fwd+bwd {n}") or gate("bwd", D, bc, "dkdv" + sfx,
+                                                                                f"fwd+bwd {n}"))}
 
         def mk(bc, fc=fc, bmc=bmc):
             def g(q, k, v, do):
@@ -517,7 +897,7 @@ def phase_bwd():
                                                                               interpret=ARGS.smoke), q, k, v)
                     return pb(do)
             return g
-        comp = compile_all([(name, mk(bc), sets[0]) for name, bc in candidates.items()])
+        comp = compile_all([(name, mk(bc), sets[0]) for name, bc in cands.items()])
         for name, c in comp.items():
             row = dict(causal=causal, variant=name, bwd=dataclasses.asdict(candidates[name]),
                        fwd=dataclasses.asdict(fc) if fc else None, label=cfg_str(candidates[name]))
@@ -548,7 +928,8 @@ def phase_sparsity():
         cfg = FwdConfig(64, 32, 4, 2)
     nb = S // 128
     sets = qkv_sets(B, S, S, H, H, D, jnp.bfloat16, n=2)
-    orders = ("heads_first", "tiles_first")
+    orders = tuple(o for o in ("heads_first", "tiles_first")
+                   if not gate("fwd", main_shape()["D"], dataclasses.replace(cfg, grid_order=o), "dense", "sparsity"))
     fns = {o: jax.jit(lambda q, k, v, bm, c=dataclasses.replace(cfg, grid_order=o):
                       K.forward(q, k, v, bm, None, None, None, None, config=c, **kernel_kw(D))[0]) for o in orders}
     masks_ = [("random", d, random_mask(S, d, seed=int(d * 1000), width=nb)) for d in (1.0, 0.5, 0.2, 0.1, 0.05)]
@@ -586,6 +967,10 @@ def phase_flex():
     fcfg = FwdConfig(**fb["config"]) if fb else None
     bb = REPORT["best"].get("bwd_dense_d128")
     bcfg = BwdConfig(**bb["config"]) if bb else None
+    if fcfg is not None and gate("fwd", D, fcfg, "dense", "flex ours"):
+        fcfg = None
+    if bcfg is not None and (gate("bwd", D, bcfg, "dq", "flex ours") or gate("bwd", D, bcfg, "dkdv", "flex ours")):
+        bcfg = None
     for backward in (False, True):
         if backward and left() < 40:
             break
@@ -624,21 +1009,34 @@ def phase_flex():
 
 
 # -- phase: decode and GQA prefill ---------------------------------------------------------------
+def decode_shape():
+    """(D, B, Skv, Hq, Hkv) of the decode timings."""
+    return (64, 2, 2048, 8, 2) if ARGS.smoke else (128, 8, 16384, 32, 8)
+
+
+def decode_mask(Sq, Skv):
+    return sj.create_block_mask(masks.bottom_right(masks.causal, Sq, Skv), None, None, Sq, Skv, (16, 128))
+
+
+def decode_variants(Sq):
+    D, _, _, Hq, Hkv = decode_shape()
+    variants = {"default": cfgs.forward_config(D, jnp.bfloat16, Sq, group=Hq // Hkv),
+                "r1 (16 rows)": FwdConfig(block_q=16, block_kv=64, num_warps=4, num_stages=3)}
+    if Sq == 16:
+        variants["64 rows bkv128"] = FwdConfig(block_q=64, block_kv=128, num_warps=4, num_stages=3)
+        variants["64 rows lazy"] = dataclasses.replace(variants["default"], lazy_rescale=True)
+    return variants
+
+
 @guard("decode / gqa", need_s=20)
 def phase_decode():
     s = ARGS.smoke
-    D = 64 if s else 128
-    B, Skv, Hq, Hkv = (2, 2048, 8, 2) if s else (8, 16384, 32, 8)
-    G = Hq // Hkv
+    D, B, Skv, Hq, Hkv = decode_shape()
     for Sq in (1, 16):
-        bm = sj.create_block_mask(masks.bottom_right(masks.causal, Sq, Skv), None, None, Sq, Skv, (16, 128))
+        bm = decode_mask(Sq, Skv)
         sets = qkv_sets(B, Sq, Skv, Hq, Hkv, D, jnp.bfloat16, n=2)
         kv_bytes = 2 * B * Skv * Hkv * D * 2
-        variants = {"default": cfgs.forward_config(D, jnp.bfloat16, Sq, group=G),
-                    "r1 (16 rows)": FwdConfig(block_q=16, block_kv=64, num_warps=4, num_stages=3)}
-        if Sq == 16:
-            variants["64 rows bkv128"] = FwdConfig(block_q=64, block_kv=128, num_warps=4, num_stages=3)
-            variants["64 rows lazy"] = dataclasses.replace(variants["default"], lazy_rescale=True)
+        variants = gated(decode_variants(Sq), "decode", D, f"decode Sq={Sq}", extra=f":Sq{Sq}")
         jobs = [(n, (lambda c: lambda q, k, v: K.forward(q, k, v, bm, None, None, None, None, config=c,
                                                          **kernel_kw(D))[0])(c), sets[0]) for n, c in variants.items()]
         for name, c in compile_all(jobs).items():
@@ -663,6 +1061,8 @@ def phase_decode():
     for pack in (False, True):
         c = dataclasses.replace(FwdConfig(**best["config"]) if best and not s else FwdConfig(64, 32, 4, 2),
                                 pack_gqa=pack)
+        if gate("fwd", D, c, "causal", f"gqa prefill pack={pack}"):
+            continue
         fn = jax.jit(lambda q, k, v, c=c: K.forward(q, k, v, bm, None, None, None, None, config=c,
                                                      **kernel_kw(D))[0])
         row = dict(case=f"prefill causal S={S} Hq={Hq} Hkv={Hkv}", variant=f"pack={pack}",
@@ -790,7 +1190,9 @@ def final_table():
     ceil = REPORT["meta"].get("ceilings", {}).get("matmul_tflops_bf16")
     L.append(f"device {REPORT['meta'].get('env', {}).get('device')}  jax {jax.__version__}  matmul ceiling "
              f"{ceil and round(ceil)} TFLOP/s  total {time.monotonic() - START:.0f}s")
-    L.append("correctness: " + ", ".join(f"{r['case'].split(':')[0]}={'ok' if r.get('ok') else 'FAIL'}"
+    L += crash_lines()
+    L.append("correctness: " + ", ".join(f"{r['case'].split(':')[0]}="
+                                         f"{'ok' if r.get('ok') else 'SKIPPED' if r.get('skipped') else 'FAIL'}"
                                          for r in REPORT["correctness"]))
     base = {(r["causal"], r["backward"], r["S"], r["D"]): r.get("ms") for r in REPORT["baselines"]}
     for tag in dict.fromkeys(r["tag"] for r in REPORT["fwd"]):
@@ -831,11 +1233,34 @@ def final_table():
     return "\n".join(L)
 
 
+def crash_lines():
+    """The compiler-crash evidence, first in the table: precheck outcome, crashes with their
+    child logs, worker deaths (supervisor), and what the phases skipped because of them."""
+    L = []
+    pc = REPORT.get("precheck") or {}
+    if pc:
+        L.append(f"precheck (child-process compiles): {pc.get('compiles')} compiles in {pc.get('wall_s')}s, "
+                 f"{pc.get('parallel')} children at a time: {pc.get('counts')}")
+        logs = {c.get("blamed"): c.get("log") for c in pc.get("children", []) if c.get("blamed")}
+        for line in pc.get("crashes", []):
+            L.append(f"  !! COMPILER {line}  (log {logs.get(line.rsplit(':', 1)[0])})")
+        for line in pc.get("failures", [])[:8]:
+            L.append(f"  fail {line[:160]}")
+    for c in REPORT.get("crashes", []):
+        L.append(f"!! WORKER DIED {c.get('signal')} in phase {c.get('phase')!r}"
+                 + (f" during a {c['in_compile']['threads']}-thread compile" if c.get("in_compile") else "")
+                 + f" at {c.get('at_s')}s -> {c.get('action')}  (stacks: {c.get('faulthandler')})")
+    for r in REPORT.get("skipped", []):
+        L.append(f"  !! skipped {r['where']}: {r['label']} ({r['reason'][:90]})")
+    return L
+
+
 def start_watchdog():
     """Past the budget (+15 s) print what has been measured and exit, whatever is running
     (a torch.compile that will not finish must not take the run past its slot)."""
     def fire():
         print(f"\n[watchdog] {time.monotonic() - START:.0f}s: budget exceeded; partial results", flush=True)
+        faulthandler.dump_traceback(all_threads=True)  # what was still running
         try:
             save()
             print("\n" + final_table(), flush=True)
@@ -846,35 +1271,156 @@ def start_watchdog():
     timer.start()
 
 
+def load_report():
+    try:
+        with open(os.path.join(OUT, "tune_attention.json")) as f:
+            REPORT.update(json.load(f))
+    except (OSError, ValueError):
+        pass
+
+
+def supervise(argv):
+    """Run the measurements in a worker process; when it dies (a signal: a compiler crash
+    the precheck did not predict, or a crash at run time) record where, print its stacks
+    (faulthandler file), resume the remaining phases in a new worker while the budget lasts,
+    and print the table from the saved JSON if no worker could."""
+    faulthandler.enable(all_threads=True)
+    t0 = time.time()
+    fh_path = os.path.join(OUT, "tune_attention_faulthandler.txt")
+    os.makedirs(OUT, exist_ok=True)
+    for stale in (os.path.join(OUT, "tune_attention.json"), fh_path):
+        if os.path.exists(stale):
+            os.remove(stale)
+    extra, attempt = [], 0
+    while True:
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", "--t0", repr(t0), *extra]
+        p = subprocess.Popen(cmd)
+        try:
+            rc = p.wait(timeout=max(5.0, ARGS.budget_s + 18 - (time.time() - t0)))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            rc = "timeout"
+        if rc == 0:
+            return
+        load_report()
+        meta = REPORT["meta"]
+        crash = dict(attempt=attempt, rc=rc, signal=signal_name(rc) if isinstance(rc, int) else rc,
+                     phase=meta.get("current_phase"), in_compile=meta.get("in_compile"),
+                     at_s=round(time.time() - t0, 1), faulthandler=fh_path)
+        print(f"\n[supervisor] !! worker {attempt} died: {crash['signal']} in phase {crash['phase']!r}"
+              + (f" inside a {crash['in_compile']['threads']}-thread compile of {crash['in_compile']['jobs']}"
+                 if crash["in_compile"] else "") + f" at {crash['at_s']}s; stacks:", flush=True)
+        try:
+            with open(fh_path, errors="replace") as f:
+                print(f.read()[-6000:], file=sys.stderr, flush=True)
+        except OSError:
+            pass
+        left_s = ARGS.budget_s - (time.time() - t0)
+        threaded = bool(crash["in_compile"]) and crash["in_compile"]["threads"] > 1
+        if rc == "timeout" or attempt >= 2 or left_s < 40 or (crash["phase"] is None and attempt):
+            crash["action"] = "stop"
+        elif crash["phase"] is None:
+            crash["action"] = "start again"  # died before the phases (precheck / ceilings)
+        elif threaded and "--compile-threads" not in extra:
+            # The precheck compiled each of these alone without a crash (else they were skipped):
+            # suspect concurrent compiles; retry the phase with one compile thread.
+            crash["action"] = "retry phase with 1 compile thread"
+            extra = ["--compile-threads", "1"]
+        else:
+            crash["action"] = "skip phase, resume"
+            meta.setdefault("crashed_phases", []).append(crash["phase"])
+        REPORT["crashes"].append(crash)
+        meta["in_compile"] = None
+        save()
+        print(f"[supervisor] action: {crash['action']} ({left_s:.0f}s of budget left)", flush=True)
+        if crash["action"] == "stop":
+            break
+        attempt += 1
+        extra = [a for a in extra if a != "--resume"] + ["--resume"]
+    print("\n" + final_table(), flush=True)
+
+
+def worker():
+    global START
+    START = time.monotonic() - (time.time() - ARGS.t0)
+    fh = open(os.path.join(OUT, "tune_attention_faulthandler.txt"), "a")
+    fh.write(f"--- worker pid {os.getpid()} at {time.time() - ARGS.t0:.1f}s ---\n")
+    fh.flush()
+    faulthandler.enable(file=fh, all_threads=True)  # the supervisor prints it to stderr
+    sim = os.environ.get(SIM_ENV, "")
+    if ARGS.resume:
+        load_report()
+        log(f"resumed: done {REPORT['meta'].get('done')}, crashed {REPORT['meta'].get('crashed_phases')}, "
+            f"compile threads {ARGS.compile_threads}")
+    pre = None
+    if not REPORT.get("precheck") and ARGS.precheck_s > 0:
+        pre = run_precheck()  # children compile while this process measures the ceilings
+    if not REPORT["meta"].get("env"):
+        REPORT["meta"]["env"] = timing.environment()
+        REPORT["meta"]["argv"] = sys.argv
+        try:
+            REPORT["meta"]["ceilings"] = timing.ceilings(quick=ARGS.smoke)
+        except Exception as e:  # noqa: BLE001
+            REPORT["meta"]["ceilings"] = {"error": str(e)}
+        log(f"env {REPORT['meta']['env'].get('device')} ceilings {REPORT['meta']['ceilings']}")
+    if pre is not None:
+        REPORT["precheck"] = pre.finish()
+        save()
+    phases = {"correctness": phase_correctness, "fwd": phase_fwd, "bwd": phase_bwd, "sparsity": phase_sparsity,
+              "flex": phase_flex, "decode": phase_decode, "head_dims": phase_head_dims, "evidence": phase_evidence,
+              "xla_dump": phase_xla_dump}
+    start_watchdog()
+    meta = REPORT["meta"]
+    for name in ARGS.phases.split(","):
+        if name in meta.setdefault("done", []) or name in meta.get("crashed_phases", []):
+            continue
+        meta["current_phase"] = name
+        save()
+        if sim == f"phase:{name}" and not ARGS.resume:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        phases[name]()
+        meta["done"].append(name)
+    meta["current_phase"] = None
+    save()
+    print("\n" + final_table(), flush=True)
+
+
 def main():
     global ARGS
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=270.0)
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny shapes, interpret mode")
-    ap.add_argument("--dump-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--phases", default="correctness,fwd,bwd,sparsity,decode,evidence,flex,head_dims,xla_dump")
+    ap.add_argument("--compile-threads", type=int, default=None,
+                    help="threads compiling a phase's variants (default 8 as in round 1; smoke 1)")
+    ap.add_argument("--precheck-s", type=float, default=55.0, help="budget of the child-process compile check "
+                                                                   "(0: none)")
+    ap.add_argument("--precheck-parallel", type=int, default=8)
+    ap.add_argument("--no-supervisor", action="store_true", help="measure in this process (no crash recovery)")
+    ap.add_argument("--dump-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--compile-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
     ARGS = ap.parse_args()
     if ARGS.dump_child is not None:
         ARGS.smoke = False
         dump_child(ARGS.dump_child)
         return
+    if ARGS.compile_child is not None:
+        compile_child(ARGS.compile_child)
+        return
     if ARGS.smoke:
         ARGS.budget_s = max(ARGS.budget_s, 1500.0)
-    REPORT["meta"]["env"] = timing.environment()
-    REPORT["meta"]["argv"] = sys.argv
-    try:
-        REPORT["meta"]["ceilings"] = timing.ceilings(quick=ARGS.smoke)
-    except Exception as e:  # noqa: BLE001
-        REPORT["meta"]["ceilings"] = {"error": str(e)}
-    log(f"env {REPORT['meta']['env'].get('device')} ceilings {REPORT['meta']['ceilings']}")
-    phases = {"correctness": phase_correctness, "fwd": phase_fwd, "bwd": phase_bwd, "sparsity": phase_sparsity,
-              "flex": phase_flex, "decode": phase_decode, "head_dims": phase_head_dims, "evidence": phase_evidence,
-              "xla_dump": phase_xla_dump}
-    start_watchdog()
-    for name in ARGS.phases.split(","):
-        phases[name]()
-    save()
-    print("\n" + final_table(), flush=True)
+        ARGS.precheck_s = max(ARGS.precheck_s, 600.0) if ARGS.precheck_s else 0.0
+    if ARGS.worker:
+        worker()
+    elif ARGS.no_supervisor:
+        ARGS.t0 = time.time()
+        worker()
+    else:
+        supervise(sys.argv[1:])
 
 
 if __name__ == "__main__":

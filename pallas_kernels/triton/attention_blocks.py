@@ -340,7 +340,9 @@ def walk(w: Walk, refs_full, refs_part, row, carry, body: Callable, *, active=No
             slot, _ = slot_sub(i, slot0)
             return idx_ref[row * width + jnp.minimum(slot, width - 1)]
 
-        if not prefetch_index:
+        # The tail's index is loop-invariant (slot0): nothing to prefetch, and carrying it
+        # crashed Triton's loop scheduler (TritonGPUScheduleLoops, triton 3.6; notes).
+        if not prefetch_index or slot0 is not None:
             def fn(i, c):
                 slot, sub = slot_sub(i, slot0)
                 return body(idx_ref[row * width + slot], sub, c, kind)
