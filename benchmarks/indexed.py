@@ -62,6 +62,58 @@ def random_blocks(key, B, Sq, Hkv, n, Skv, block, *, q_offset):
     return idx.astype(jnp.int32)
 
 
+def _ar1_latent(key, B, Sq, r, rho):
+    """float32 [B, Sq, r]: a unit-variance AR(1) walk per batch (neighbouring tokens' queries are close)."""
+    eps = jax.random.normal(key, (Sq, B, r))
+
+    def step(z, e):
+        z = rho * z + jnp.sqrt(1.0 - rho * rho) * e
+        return z, z
+
+    _, zs = jax.lax.scan(step, eps[0], eps)
+    return jnp.transpose(zs, (1, 0, 2))
+
+
+def correlated_blocks(key, B, Sq, Hkv, n, Skv, block, *, q_offset, rho=0.97, rank=16):
+    """n distinct causal blocks per (token, kv head), chosen like NSA does (top-n of a score of the
+    token's query against block summaries) with queries drifting slowly along the sequence: with
+    rho=0.97 neighbouring tokens share ~3/4 of their blocks (NSA's selections are strongly
+    correlated; the uniform :func:`random_blocks` are the worst case). Own block always included."""
+    nb = -(-Skv // block)
+    kz, kc = jax.random.split(key)
+    z = _ar1_latent(kz, B * Hkv, Sq, rank, rho).reshape(B, Hkv, Sq, rank).transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bthr,jr->bthj", z, jax.random.normal(kc, (nb, rank)))
+    t_abs = jnp.arange(Sq, dtype=jnp.int32) + q_offset
+    own = (t_abs // block)[None, :, None, None]
+    j = jnp.arange(nb)[None, None, None, :]
+    scores = jnp.where(j <= own, scores, -jnp.inf)
+    scores = jnp.where(j == own, jnp.inf, scores)
+    _, idx = jax.lax.top_k(scores, n)
+    return idx.astype(jnp.int32)
+
+
+def correlated_tokens(key, B, Sq, Hkv, topk, Skv, *, q_offset, rho=0.97, rank=16):
+    """Distinct causal token lists [B, Sq, Hkv, topk] from the same drifting-query model (DSA-like:
+    an indexer's top-k of neighbouring queries overlap)."""
+    kz, kc = jax.random.split(key)
+    z = _ar1_latent(kz, B * Hkv, Sq, rank, rho).reshape(B, Hkv, Sq, rank).transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bthr,sr->bths", z, jax.random.normal(kc, (Skv, rank)))
+    t_abs = jnp.arange(Sq, dtype=jnp.int32) + q_offset
+    scores = jnp.where(jnp.arange(Skv)[None, None, None, :] <= t_abs[None, :, None, None], scores, -jnp.inf)
+    vals, idx = jax.lax.top_k(scores, topk)
+    return jnp.where(vals > -jnp.inf, idx, -1).astype(jnp.int32)
+
+
+def tile_reuse(idx, T: int) -> float:
+    """Mean over tiles of T consecutive tokens of (listed units) / (units in the union): how many
+    tokens read each loaded unit with ``query_tile=T`` (1 = no sharing)."""
+    from pallas_kernels.common import indexed as common
+    lists = common.Lists(idx, jnp.sum(idx >= 0, axis=-1, dtype=jnp.int32))
+    tiles = common.tile_lists(lists, T)
+    listed = jnp.sum(idx >= 0)
+    return float(listed / jnp.maximum(jnp.sum(tiles.count), 1))
+
+
 def clustered_indexer_inputs(key, B, Sq, Skv, Hi, Di, block, dtype):
     """Keys clustered by block (one direction per block), queries near a few blocks' directions."""
     k1, k2, k3, k4, k5 = jax.random.split(key, 5)

@@ -53,7 +53,10 @@ def _cases():
         ("tok_g64", *attn(tok, 1, 64, 4096, 64, 1, 128, 128, 256, unique_indices=True), {}),
         ("tok_g64_acqrel", *attn(tok, 1, 64, 4096, 64, 1, 128, 128, 256, unique_indices=True),
          dict(relaxed_atomics=False)),
-        ("tok_g64_bn64", *attn(tok, 1, 64, 4096, 64, 1, 128, 128, 256, unique_indices=True), dict(bwd_BN=64)),
+        ("tok_g64_bn64_w8", *attn(tok, 1, 64, 4096, 64, 1, 128, 128, 256, unique_indices=True),
+         dict(bwd_BN=64, bwd_warps=8)),
+        ("tok_g64_bn32_w4", *attn(tok, 1, 64, 4096, 64, 1, 128, 128, 256, unique_indices=True),
+         dict(bwd_BN=32, bwd_warps=4)),
         ("tok_g64_t2", *attn(tok, 1, 64, 4096, 64, 1, 128, 128, 256, unique_indices=True, query_tile=2), {}),
         ("tok_mla_d192", *attn(tok, 1, 64, 4096, 64, 1, 192, 128, 256, unique_indices=True), {}),
         ("tok_g4", *attn(tok, 1, 64, 4096, 32, 8, 128, 128, 256, unique_indices=True), {}),
@@ -66,9 +69,11 @@ def _cases():
                              query_tile=16), {}),
         ("blk_g4_kv", *attn(blk, 1, 64, 4096, 32, 8, 128, 128, 16, block_size=64, loop_order="kv"), {}),
         ("blk_g16_kv", *attn(blk, 1, 64, 4096, 64, 4, 128, 128, 16, block_size=64, loop_order="kv"), {}),
-        ("tok_g64_w8", *attn(tok, 1, 64, 4096, 64, 1, 128, 128, 256, unique_indices=True), dict(bwd_warps=8)),
-        ("blk_g16_t4_w8", *attn(blk, 1, 64, 4096, 64, 4, 128, 128, 16, block_size=64, loop_order="query"),
-         dict(bwd_warps=8, num_warps=8)),
+        ("blk_g4_kv_rows64_32", *attn(blk, 1, 64, 4096, 32, 8, 128, 128, 16, block_size=64, loop_order="kv"),
+         dict(rows=64, bwd_rows=32)),
+        ("blk_g16_t8", *attn(blk, 1, 64, 4096, 64, 4, 128, 128, 16, block_size=64, loop_order="query",
+                             query_tile=8), {}),
+        ("tok_g3_d96_t2", *attn(tok, 2, 100, 1000, 6, 2, 96, 64, 300, query_tile=2), {}),
     ]
     q, k, w = sd((1, 256, 64, 128), bf), sd((1, 4096, 128), bf), sd((1, 256, 64), jnp.float32)
     out.append(("idx_flat", lambda q, k, w: sj.lightning_indexer(q, k, w, 2048, backend="triton"), (q, k, w), {}))

@@ -105,14 +105,25 @@ def _backend_kwargs(kernel_backend):
 
 # ---------------------------------------------------------------------------------- token lists
 def test_token_lists_match_dense_mask(kernel_backend):
-    """Duplicates, -1 / out-of-range slots, an empty row, causal bottom-right, GQA 4."""
+    """GQA 4, one token per program. Mosaic: duplicates, -1 / out-of-range slots, an empty row, causal
+    bottom-right, f32. Triton (whose padded-row and duplicate paths the query-tile test covers):
+    ``unique_indices=True`` on duplicate-free lists (no sort), bf16, explicit scale, not causal."""
+    backend, interpret = kernel_backend
     B, Sq, Skv, Hkv, G, D, Dv, n = 2, 3, 20, 1, 4, 16, 8, 6
-    q, k, v, do = _qkvdo(0, B, Sq, Skv, G * Hkv, Hkv, D, Dv)
-    idx = _token_lists(1, B, Sq, Skv, Hkv, n)
-    mask = dense_mask(idx, Hq=G * Hkv, Skv=Skv)
-    fn = lambda q, k, v: sj.indexed_attention(q, k, v, jnp.asarray(idx), return_lse=True, **_backend_kwargs(
-        kernel_backend))
-    check(fn, q, k, v, do, mask, tol=tolerance(jnp.float32, interpret=kernel_backend[1]))
+    if backend == "mosaic_tpu":
+        q, k, v, do = _qkvdo(0, B, Sq, Skv, G * Hkv, Hkv, D, Dv)
+        idx = _token_lists(1, B, Sq, Skv, Hkv, n)
+        kw, dtype, causal, scale = {}, jnp.float32, True, None
+    else:
+        q, k, v, do = _qkvdo(4, B, Sq, Skv, G * Hkv, Hkv, 32, 16, jnp.bfloat16)
+        rng = np.random.default_rng(5)
+        idx = np.stack([rng.permutation(Skv + 4)[:n] - 2 for _ in range(B * Sq)]).reshape(B, Sq, 1, n)
+        idx = idx.astype(np.int32)
+        kw, dtype, causal, scale = dict(unique_indices=True, scale=0.2), jnp.bfloat16, False, 0.2
+    mask = dense_mask(idx, Hq=G * Hkv, Skv=Skv, causal=causal)
+    fn = lambda q, k, v: sj.indexed_attention(q, k, v, jnp.asarray(idx), causal=causal, return_lse=True, **kw,
+                                              backend=backend, interpret=interpret)
+    check(fn, q, k, v, do, mask, tol=tolerance(dtype, interpret=interpret), scale=scale)
 
 
 def test_token_query_tiles_padded_heads_and_dims():
@@ -127,18 +138,6 @@ def test_token_query_tiles_padded_heads_and_dims():
     fn = lambda q, k, v: sj.indexed_attention(q, k, v, jnp.asarray(idx), query_tile=2, return_lse=True,
                                               q_offset=jnp.asarray(off), backend="triton", interpret=True)
     check(fn, q, k, v, do, mask, tol=tolerance(jnp.float32))
-
-
-def test_token_lists_unique_promise_bf16_scale_not_causal():
-    """``unique_indices=True`` on duplicate-free lists (no sort); bf16; explicit scale; G=1, not causal."""
-    B, Sq, Skv, Hkv, G, D, Dv, n = 1, 3, 24, 1, 1, 32, 16, 8
-    q, k, v, do = _qkvdo(4, B, Sq, Skv, G, Hkv, D, Dv, jnp.bfloat16)
-    rng = np.random.default_rng(5)
-    idx = np.stack([rng.permutation(Skv + 4)[:n] - 2 for _ in range(Sq)])[None, :, None].astype(np.int32)
-    mask = dense_mask(idx, Hq=G, Skv=Skv, causal=False)
-    fn = lambda q, k, v: sj.indexed_attention(q, k, v, jnp.asarray(idx), scale=0.2, unique_indices=True,
-                                              causal=False, return_lse=True, backend="triton", interpret=True)
-    check(fn, q, k, v, do, mask, tol=tolerance(jnp.bfloat16), scale=0.2)
 
 
 def test_token_reference_matches_dense_mask():
@@ -166,11 +165,11 @@ def _block_lists(seed, B, Sq, Hkv, n, n_blocks):
     return idx.astype(np.int32)
 
 
-@pytest.mark.parametrize("G,loop_order,query_tile", [(3, "kv", None), (4, "query", None), (16, None, 2)])
+@pytest.mark.parametrize("G,loop_order,query_tile", [(3, "kv", None), (4, "query", None), (16, None, 1)])
 def test_block_lists_match_dense_mask(kernel_backend, G, loop_order, query_tile):
     """Ragged last block, causal partial blocks, repeats, out-of-range blocks; kv-major with G=3 (rows
     padded to 4 per token), two batches and kv heads, per-batch q_offset; query-major with the default
-    query tile (8 tokens over Sq=3) and with T=2 (Mosaic: query-major, one case)."""
+    query tile (8 tokens over Sq=3) and with one token per program (Mosaic: query-major, one case)."""
     backend, interpret = kernel_backend
     if backend == "mosaic_tpu":
         if G != 4:

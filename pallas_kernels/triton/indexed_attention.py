@@ -49,8 +49,8 @@ _OVERRIDE: contextvars.ContextVar[dict] = contextvars.ContextVar("indexed_triton
 def config_override(**kw):
     """Force launch parameters of the indexed kernels traced inside (tuning): query-major
     ``BN``, ``num_warps``, ``num_stages`` (forward) and ``bwd_BN``, ``bwd_warps``, ``bwd_stages``,
-    ``relaxed_atomics`` (bool); kv-major ``rows`` (MMA rows per step), ``kv_warps``, ``kv_stages``,
-    ``kv_bwd_warps``, ``kv_bwd_stages``;
+    ``relaxed_atomics`` (bool); kv-major ``rows`` / ``bwd_rows`` (MMA rows per step), ``kv_warps``,
+    ``kv_stages``, ``kv_bwd_warps``, ``kv_bwd_stages``;
     indexer ``BQ``, ``indexer_warps``, ``indexer_stages``. Wrap a fresh function: jit caches by
     function, not by these settings."""
     token = _OVERRIDE.set({**_OVERRIDE.get(), **kw})
