@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import time
@@ -139,9 +140,9 @@ def evaluate_model(model, p: Preset, causal_density: float) -> dict:
         h, a, d = run(model, jax.random.fold_in(jax.random.key(1234), i))
         hits, answers = hits + np.asarray(h), answers + np.asarray(a)
         densities.append(float(d))
-    row = {f"acc_{name}": float(h / a) for name, h, a in zip(eval_tasks(p), hits, answers)}
-    row["answers"] = {name: int(a) for name, a in zip(eval_tasks(p), answers)}
-    row["accuracy"] = float(np.mean(list(row.values())))
+    accs = {f"acc_{name}": float(h / a) for name, h, a in zip(eval_tasks(p), hits, answers)}
+    row = dict(accs, accuracy=float(np.mean(list(accs.values()))),
+               answers={name: int(a) for name, a in zip(eval_tasks(p), answers)})
     ok = [d for d in densities if not np.isnan(d)]
     row["density_vs_causal"] = float(np.mean(ok)) / causal_density if ok else None
     return row
@@ -250,13 +251,17 @@ def run(p: Preset, *, out_dirs: list[str], reuse: bool = False, progress: bool =
     train_task = tasks.Mixture(tuple(eval_tasks(p).values()))
     tc = T.TrainConfig(steps=p.steps, batch_size=p.batch_size, lr=p.lr, warmup_steps=p.warmup, progress=progress)
     ckpt = os.path.join("runs", "study", p.name, "dense")
+    summary_path = os.path.join("runs", "study", p.name, "dense_training.json")
 
     # 1. the dense model
     cfg = model_config(p, backend)
     if reuse and os.path.isdir(ckpt):
         dense, meta = T.load_model(ckpt)
         hist = dict(steps=meta["step"], seconds=0.0, final_loss=float("nan"))
-        result["notes"].append(f"dense model restored from {ckpt} (not retrained)")
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                hist = json.load(f)
+        result["notes"].append(f"dense model restored from {ckpt} (trained by an earlier run of this preset)")
     else:
         res = T.train(cfg, train_task, tc, ckpt_dir=ckpt, desc="dense", time_limit_s=p.train_share * p.budget_s)
         dense = res.model
@@ -266,6 +271,8 @@ def run(p: Preset, *, out_dirs: list[str], reuse: bool = False, progress: bool =
         hist = dict(steps=res.history[-1]["step"], seconds=res.seconds,
                     final_loss=float(np.mean([h["task_loss"] for h in res.history[-20:]])),
                     curve=[(h["step"], h["task_loss"]) for h in res.history[:: max(1, p.steps // 100)]])
+        with open(summary_path, "w") as f:
+            json.dump(hist, f)
     result["dense_training"] = dict(params=lm.count_params(dense), **hist)
     print(f"[study] dense model trained in {budget.elapsed:.0f}s", flush=True)
     save()

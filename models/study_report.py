@@ -116,7 +116,7 @@ def write(result: dict, out_dirs: list[str]) -> list[str]:
     """Write results.json, summary.md and the plots into every directory of ``out_dirs``."""
     written = []
     swaps = result["swaps"]
-    dense_acc = next((r["accuracy"] for r in swaps if r["family"] == "dense"), None)
+    dense_acc = next((r.get("accuracy") for r in swaps if r["family"] == "dense"), None)
     for d in out_dirs:
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "results.json"), "w") as f:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
+import sparse_jax as sj
 from models import config as C
 from models import lm, tasks
 from models import train as T
@@ -212,3 +213,21 @@ def test_indexer_warm_up_trains_only_the_new_params():
         new = traverse_util.flatten_dict(after)[path]
         changed = not np.array_equal(old, np.asarray(new))
         assert changed == ("/".join(map(str, path)) in missing), path
+
+
+def test_study_evaluation_reports_accuracy_and_density():
+    import dataclasses
+
+    from models import study
+
+    p = dataclasses.replace(study.PRESETS["cpu"], seq_len=32, block_size=8, batch_size=4, eval_batches=1,
+                            mqar_pairs=2, needles=1, vocab=VOCAB)
+    dense = lm.DecoderLM(study.model_config(p, "xla"), rngs=nnx.Rngs(0))
+    spec = C.AttentionSpec("block_sparse", mask=("sliding_window", 8))
+    model, _ = lm.swap_attention(dense, study._records(spec))
+    row = study.evaluate_model(model, p, causal_density=0.625)
+    assert 0 <= row["acc_mqar"] <= 1 and 0 <= row["acc_needle"] <= 1
+    assert row["accuracy"] == pytest.approx((row["acc_mqar"] + row["acc_needle"]) / 2)
+    assert row["answers"] == {"mqar": 4, "needle": 2}
+    want = sj.create_block_mask(lm.build_mask(spec.mask), None, None, 32, 32, 8).density / 0.625
+    assert row["density_vs_causal"] == pytest.approx(want)
