@@ -51,7 +51,7 @@ def segment_permutation(importance, segment_size: int):
     x = jnp.where(jnp.isnan(x), -jnp.inf, x)
     key = jnp.concatenate([-x, jnp.full(x.shape[:-1] + (pad,), jnp.inf, jnp.float32)], axis=-1) if pad else -x
     key = key.reshape(*x.shape[:-1], n_seg, segment_size)
-    real = jnp.arange(n_seg * segment_size).reshape(n_seg, segment_size) < s
+    real = np.arange(n_seg * segment_size).reshape(n_seg, segment_size) < s  # static
     # Among equal keys (and -inf real entries vs padding) stability keeps real entries first.
     key = jnp.where(real, key, jnp.inf)
     order = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)

@@ -3,6 +3,7 @@ causality, budgets, GQA, jit / vmap, and the Triton score kernel vs its jnp refe
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -14,9 +15,15 @@ import sparse_jax as sj
 from sparse_jax import reference as ref
 from sparse_jax import selection as sel
 from sparse_jax.selection import scores, synthetic
-from tests.conftest import assert_close, randn
+from tests.conftest import assert_close
 
 ON_GPU = jax.default_backend() == "gpu"
+
+
+def randn(seed: int, shape, dtype=jnp.float32):
+    """Standard-normal test data from numpy (jax.random compiles a generator per new shape: ~0.5 s
+    of CPU each, most of these small tests' cost)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
 
 
 def qk(seed, b, sq, skv, hq, hkv, d, dtype=jnp.float32):
@@ -26,6 +33,11 @@ def qk(seed, b, sq, skv, hq, hkv, d, dtype=jnp.float32):
 def causal_dense(sq, skv):
     """bool [Sq, Skv]: queries at the end of the keys."""
     return np.arange(skv)[None, :] <= np.arange(sq)[:, None] + (skv - sq)
+
+
+def jitted(fn, *args, **static):
+    """fn(*args, **static) compiled as one program (op-by-op dispatch of the selectors is slow)."""
+    return jax.jit(functools.partial(fn, **static))(*args)
 
 
 def dense_of(bm):
@@ -79,34 +91,30 @@ def antidiagonal_bruteforce(q, k, block, stride, causal, scale=None):
 ])
 def test_antidiagonal_scores_match_bruteforce(b, sq, skv, hq, hkv, d, block, stride, causal):
     q, k = qk(0, b, sq, skv, hq, hkv, d)
-    got = scores.antidiagonal_block_scores_xla(q, k, block_size=block, stride=stride, causal=causal,
-                                               rows_per_chunk=block // stride * 2)
+    got = jitted(scores.antidiagonal_block_scores_xla, q, k, block_size=block, stride=stride, causal=causal,
+                 rows_per_chunk=block // stride * 2)
     want = antidiagonal_bruteforce(q, k, block, stride, causal)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-6)
     # Rows are distributions over the allowed blocks.
     np.testing.assert_allclose(np.asarray(got).sum(-1), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("b,sq,skv,hq,hkv,d,block,stride,causal", [
-    (1, 300, 300, 4, 2, 16, 32, 8, True),
-    (2, 200, 456, 2, 1, 24, 64, 4, True),
-    (1, 128, 128, 2, 2, 32, 32, 1, False),  # stride 1: the exact block mass of softmax(QK^T)
+@pytest.mark.parametrize("b,sq,skv,hq,hkv,d,block,stride,causal,dtype", [
+    (1, 300, 300, 4, 2, 16, 32, 8, True, jnp.float32),
+    (2, 200, 456, 2, 1, 24, 64, 4, True, jnp.float32),
+    (1, 128, 128, 2, 2, 32, 32, 1, False, jnp.float32),  # stride 1: the exact block mass of softmax(QK^T)
+    (1, 256, 256, 2, 1, 32, 64, 8, True, jnp.bfloat16),
 ])
-def test_antidiagonal_kernel_matches_reference(b, sq, skv, hq, hkv, d, block, stride, causal):
-    q, k = qk(3, b, sq, skv, hq, hkv, d)
-    want = scores.antidiagonal_block_scores_xla(q, k, block_size=block, stride=stride, causal=causal)
-    got = scores.antidiagonal_block_scores(q, k, block_size=block, stride=stride, causal=causal,
-                                           backend="triton", interpret=not ON_GPU)
-    # Compiled f32 dots run in tf32: the logits carry ~1e-3 relative error.
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-2 if ON_GPU else 1e-4,
-                               atol=2e-3 if ON_GPU else 1e-6)
-
-
-def test_antidiagonal_kernel_bf16():
-    q, k = qk(5, 1, 256, 256, 2, 1, 32, jnp.bfloat16)
-    want = scores.antidiagonal_block_scores_xla(q, k, block_size=64, stride=8)
-    got = scores.antidiagonal_block_scores(q, k, block_size=64, stride=8, backend="triton", interpret=not ON_GPU)
-    assert_close(got, want, 1e-2, "bf16 antidiagonal scores")
+def test_antidiagonal_kernel_matches_reference(b, sq, skv, hq, hkv, d, block, stride, causal, dtype):
+    q, k = qk(3, b, sq, skv, hq, hkv, d, dtype)
+    want = jitted(scores.antidiagonal_block_scores_xla, q, k, block_size=block, stride=stride, causal=causal)
+    got = jitted(scores.antidiagonal_block_scores, q, k, block_size=block, stride=stride, causal=causal,
+                 backend="triton", interpret=not ON_GPU)
+    if dtype == jnp.bfloat16:
+        assert_close(got, want, 1e-2, "bf16 antidiagonal scores")
+    else:  # compiled f32 dots run in tf32: the logits carry ~1e-3 relative error
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-2 if ON_GPU else 1e-4,
+                                   atol=2e-3 if ON_GPU else 1e-6)
 
 
 def test_stride_must_divide_block():
@@ -210,7 +218,7 @@ def _check_causal_and_forced(bm, sq, skv, block, sink=True, local=True):
 
 def test_xattention_threshold_one_is_dense_causal():
     q, k = qk(4, 1, 150, 150, 4, 2, 16)
-    bm = sel.xattention(q, k, block_size=32, stride=4, threshold=1.0, backend="xla")
+    bm = jitted(sel.xattention, q, k, block_size=32, stride=4, threshold=1.0, backend="xla")
     assert np.array_equal(dense_of(bm)[0], np.broadcast_to(causal_dense(150, 150), (4, 150, 150)))
     v = randn(9, (1, 150, 2, 16))
     out = sj.block_sparse_attention(q, k, v, bm, backend="xla")
@@ -222,7 +230,7 @@ def test_xattention_threshold_one_is_dense_causal():
 def test_xattention_causal_forced_and_sparse_on_structured_input(sq, skv):
     q, k = synthetic.structured_qk(0, 1, skv, 4, 4, 16, patterns=("local", "needle", "sink", "vertical"))
     q = q[:, skv - sq:]
-    bm, s = sel.xattention(q, k, block_size=32, stride=8, threshold=0.9, backend="xla", return_scores=True)
+    bm, s = jitted(sel.xattention, q, k, block_size=32, stride=8, threshold=0.9, backend="xla", return_scores=True)
     _check_causal_and_forced(bm, sq, skv, 32)
     assert bm.density < 0.9 * causal_dense(sq, skv).mean()  # it does prune
     # Kept mass (by its own scores) reaches the threshold in every row.
@@ -231,27 +239,27 @@ def test_xattention_causal_forced_and_sparse_on_structured_input(sq, skv):
 
 
 def test_selectors_jit_vmap_deterministic():
+    # (Eager and jitted tables agree: test_tables_from_static_classes_match_from_block_bool.)
     q, k = synthetic.structured_qk(1, 2, 128, 2, 1, 16)
     f = jax.jit(lambda q, k: sel.xattention(q, k, block_size=32, stride=4, threshold=0.8, backend="xla",
                                              max_kv_blocks=3))
     a, b_ = f(q, k), f(q, k)
-    eager = sel.xattention(q, k, block_size=32, stride=4, threshold=0.8, backend="xla", max_kv_blocks=3)
-    for x, y, z in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b_), jax.tree_util.tree_leaves(eager)):
-        assert np.array_equal(np.asarray(x), np.asarray(y)) and np.array_equal(np.asarray(x), np.asarray(z))
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b_)):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
     assert a.max_kv_blocks == 1 and a.max_full_kv_blocks == 3  # static widths
+    assert np.all(np.asarray(a.kv_num_blocks + a.full_kv_num_blocks) <= 3)
     # vmap over the batch gives the per-example tables.
-    vm = jax.vmap(lambda q, k: sel.topk_blocks(q[None], k[None], block_size=32, num_blocks=2).kv_indices)(q, k)
-    for i in range(2):
-        single = sel.topk_blocks(q[i:i + 1], k[i:i + 1], block_size=32, num_blocks=2).kv_indices
-        assert np.array_equal(np.asarray(vm[i]), np.asarray(single))
-    vs = jax.jit(lambda q, k: sel.vertical_slash(q, k, vertical_size=4, slash_size=4, last_q=16, block_size=32))
-    assert np.array_equal(np.asarray(vs(q, k).to_dense()), np.asarray(vs(q, k).to_dense()))
+    topk = functools.partial(sel.topk_blocks, block_size=32, num_blocks=2)
+    vm = jax.jit(jax.vmap(lambda q, k: topk(q[None], k[None]).kv_indices))(q, k)
+    single = jax.jit(lambda q, k: topk(q, k).kv_indices)(q[1:], k[1:])
+    assert np.array_equal(np.asarray(vm[1]), np.asarray(single))
 
 
 def test_topk_picks_the_true_top_blocks():
     q, k = qk(6, 1, 192, 192, 2, 1, 16)
     nb, blk = 3, 32
-    bm = sel.topk_blocks(q, k, block_size=blk, num_blocks=nb, pooling="max", force_sink=False, force_local=False)
+    bm = jitted(sel.topk_blocks, q, k, block_size=blk, num_blocks=nb, pooling="max", force_sink=False,
+                force_local=False)
     qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
     pq = qn.reshape(1, 6, blk, 2, 16).max(2)
     pk = kn.reshape(1, 6, blk, 1, 16).max(2)
@@ -273,8 +281,8 @@ def test_topk_budget_must_fit_forced_blocks():
 def test_vertical_slash_covers_true_columns_and_diagonals():
     q, k = synthetic.structured_qk(2, 1, 256, 2, 2, 16, patterns=("vertical", "slash"))
     vsz, ssz, last = 6, 5, 32
-    bm, (cols, diags) = sel.vertical_slash(q, k, vertical_size=vsz, slash_size=ssz, last_q=last, block_size=32,
-                                            force_sink=False, force_local=False, return_indices=True)
+    bm, (cols, diags) = jitted(sel.vertical_slash, q, k, vertical_size=vsz, slash_size=ssz, last_q=last,
+                               block_size=32, force_sink=False, force_local=False, return_indices=True)
     qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
     dense = dense_of(bm)[0]
     causal = causal_dense(256, 256)
@@ -301,9 +309,8 @@ def test_vertical_slash_covers_true_columns_and_diagonals():
 
 def test_gqa_modes():
     q, k = synthetic.structured_qk(3, 1, 192, 4, 2, 16)
-    per = sel.threshold_blocks(q, k, block_size=32, threshold=0.6, gqa="per_head")
-    uni = sel.threshold_blocks(q, k, block_size=32, threshold=0.6, gqa="union")
-    mean = sel.threshold_blocks(q, k, block_size=32, threshold=0.6, gqa="mean")
+    per, uni, mean = jax.jit(lambda q, k: [sel.threshold_blocks(q, k, block_size=32, threshold=0.6, gqa=m)
+                                           for m in ("per_head", "union", "mean")])(q, k)
     assert per.shape[1] == 4 and uni.shape[1] == 2 and mean.shape[1] == 2
     gp, gu = np.asarray(per.block_classes()) > 0, np.asarray(uni.block_classes()) > 0
     assert np.array_equal(gu, gp.reshape(1, 2, 2, 6, 6).any(2))
@@ -316,29 +323,25 @@ def test_per_head_budgets_differ_with_structure():
     q1, k1 = qk(7, 1, 256, 256, 1, 1, 16)
     q = jnp.concatenate([q0, 0.1 * q1], axis=2)
     k = jnp.concatenate([k0, 0.1 * k1], axis=2)
-    bm = sel.xattention(q, k, block_size=32, stride=4, threshold=0.9, backend="xla", max_kv_blocks=6)
+    bm = jitted(sel.xattention, q, k, block_size=32, stride=4, threshold=0.9, backend="xla", max_kv_blocks=6)
     counts = np.asarray(bm.kv_num_blocks + bm.full_kv_num_blocks)[0]
     assert counts[0].sum() < counts[1].sum()
     assert counts.max() <= 6
 
 
-@pytest.mark.parametrize("fn", ["xattention", "topk", "vertical_slash"])
-def test_selection_tables_drive_the_attention_op(fn, kernel_backend):
+def test_selection_tables_drive_the_attention_op(kernel_backend):
+    # Every selector builds its tables through selection.tables.to_block_mask; XAttention's
+    # (per-kv-head union, partial diagonal + full rest) stand for all of them on the kernels.
     backend, interpret = kernel_backend
     q, k = synthetic.structured_qk(5, 1, 160, 4, 2, 16)
     v = randn(11, (1, 160, 2, 16))
-    if fn == "xattention":
-        bm = sel.xattention(q, k, block_size=32, stride=4, threshold=0.8, backend="xla", gqa="union")
-    elif fn == "topk":
-        bm = sel.topk_blocks(q, k, block_size=32, num_blocks=3)
-    else:
-        bm = sel.vertical_slash(q, k, vertical_size=8, slash_size=4, last_q=16, block_size=32)
+    bm = jitted(sel.xattention, q, k, block_size=32, stride=4, threshold=0.8, backend="xla", gqa="union")
     try:
         got = sj.block_sparse_attention(q, k, v, bm, backend=backend, interpret=interpret)
     except (ImportError, ModuleNotFoundError, NotImplementedError) as e:  # kernel not built for this backend
         pytest.skip(f"{backend} kernel unavailable: {e}")
     want = ref.dense_attention(q, k, v, dense_mask(bm, 4))
-    assert_close(got, want, 2e-5 if interpret else 2e-3, f"{fn} tables on {backend}")
+    assert_close(got, want, 2e-5 if interpret else 2e-3, f"xattention tables on {backend}")
 
 
 def test_score_kernel_and_selectors_lower_for_gpu_and_tpu():
@@ -351,3 +354,43 @@ def test_score_kernel_and_selectors_lower_for_gpu_and_tpu():
     exp = _compat.export(lambda q, k: sel.xattention(q, k, block_size=128, stride=8, backend="mosaic_tpu").kv_indices,
                          "tpu", q, k)
     assert exp.platforms == ("tpu",)
+
+
+@pytest.mark.parametrize("sq,skv,block,segment", [(200, 200, 32, None), (100, 228, 32, None), (300, 300, 32, 64)])
+def test_tables_from_static_classes_match_from_block_bool(sq, skv, block, segment):
+    """The structure-aware builder (host class grid + traced selection) gives from_block_bool's tables."""
+    from sparse_jax import permutation as perm_lib
+    from sparse_jax.selection import tables
+    grid = sel.Grid(sq, skv, block)
+    mask = tables.causal_mask_for(grid) if segment is None else perm_lib.segment_causal(segment)
+    classes = tables.static_classes(sq, skv, block, mask)
+    rng = np.random.default_rng(0)
+    pick = rng.random((2, 3, grid.nq, grid.nk)) < 0.4
+    static_partial = segment is not None
+    if static_partial:
+        pick |= classes == 1
+    want = sj.BlockMask.from_block_bool(pick, sq, skv, block, mask, max_kv_blocks=grid.nk, max_full_kv_blocks=grid.nk,
+                                        max_q_blocks=grid.nq, max_full_q_blocks=grid.nq)
+    build = lambda p: tables.block_mask_from_selection(p, classes, sq, skv, block, mask, max_kv_blocks=grid.nk,  # noqa: E731
+                                                       max_full_kv_blocks=grid.nk, static_partial=static_partial)
+    for got in (build(pick), jax.jit(build)(pick)):
+        for f in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                  "q_indices", "full_q_num_blocks", "full_q_indices"):
+            np.testing.assert_array_equal(np.broadcast_to(np.asarray(getattr(got, f)), getattr(want, f).shape),
+                                          np.asarray(getattr(want, f)), err_msg=f)
+
+
+def test_score_kernel_configs_fit_shared_memory():
+    """Every default launch config fits the H100's 227 KB of shared memory (the model is checked
+    against Triton's own allocation by benchmarks/score_compile_check.py; round 1 asked for 513 KB)."""
+    from pallas_kernels.triton import block_scores as K
+    for d in (16, 32, 64, 96, 128, 256):
+        for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+            for block, stride in ((128, 8), (128, 16), (64, 4), (128, 1), (64, 1), (256, 8)):
+                choice = K.launch_config(d, dtype, block // stride)
+                assert choice is not None, (d, dtype, block, stride)
+                cfg, dt = choice
+                assert cfg.block_n % (block // stride) == 0
+                assert K.smem_bytes(cfg, d, jnp.dtype(dt).itemsize) <= K.SMEM_BUDGET < K.SMEM_LIMIT
+    for cfg in K.sweep_configs(128, 2, 16):
+        assert K.smem_bytes(cfg, 128, 2) <= K.SMEM_BUDGET

@@ -26,6 +26,7 @@ K/V stay in place and the kernel reads row ``perm[b, h, j]`` for logical key j
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 
@@ -38,9 +39,11 @@ from sparse_jax import permutation as perm_lib
 from sparse_jax.block_mask import BlockMask
 from sparse_jax.ops.attention import block_sparse_attention
 from sparse_jax.selection import scores as scores_lib
+from sparse_jax.selection import tables as tables_lib
 from sparse_jax.selection import threshold as thr
 
-__all__ = ["permuted_block_sparse_attention", "pbs_plan", "pbs_attend", "pbs_block_mask", "PBSAux"]
+__all__ = ["permuted_block_sparse_attention", "pbs_plan", "pbs_attend", "pbs_block_mask", "pbs_select", "pbs_tables",
+           "pooled_layout_logits", "segment_layout", "PBSAux"]
 
 
 @jax.tree_util.register_dataclass
@@ -94,36 +97,68 @@ def _check(q, k, v, block_size, segment_size, threshold):
     return block_size, segment_size
 
 
-def _segment_grids(s: int, block: int, segment: int, causal: bool):
-    """Static bool [nQb, nKb] grids: the diagonal segment, and the candidate blocks."""
+@functools.lru_cache(maxsize=32)
+def segment_layout(s: int, block: int, segment: int, causal: bool):
+    """Static (numpy) facts of a segment-permuted layout of ``s`` tokens.
+
+    Returns (diag, cand, classes, mask): bool [nb, nb] diagonal-segment blocks (always
+    computed), bool [nb, nb] candidate blocks (earlier segments when causal, other segments
+    otherwise), int8 [nb, nb] the class a computed block takes (causal: diagonal segment
+    PARTIAL, earlier FULL; bidirectional: FULL), and the mask (:class:`SegmentCausal` or None).
+    """
     nb = -(-s // block)
     seg = np.arange(nb) * block // segment
     diag = seg[:, None] == seg[None, :]
     cand = (seg[None, :] < seg[:, None]) if causal else ~diag
-    return diag, cand
+    mask = perm_lib.segment_causal(segment) if causal else None
+    classes = tables_lib.static_classes(s, s, block, mask)
+    for a in (diag, cand, classes):
+        a.setflags(write=False)
+    return diag, cand, classes, mask
 
 
-def pbs_block_mask(qf, kf, kperm_f, *, block_size: int, segment_size: int, threshold, causal: bool,
-                   gqa: str = "union", max_kv_blocks: int | None = None, force_first: bool = True,
-                   scale: float | None = None) -> BlockMask:
-    """PBS block selection on a permuted, head-folded layout.
+def pooled_layout_logits(q, k, kperm, qperm, *, block_size: int, scale: float):
+    """Mean-pooled block logits of the permuted layout, float32 [B*Hkv, G, nb, nb].
 
-    qf: [N, S, G, D] (queries, possibly permuted), kf: [N, S, 1, D] (permuted keys),
-    kperm_f: int32 [N, S] (original position of each key row; None: keys in place). Returns tables [N, Ht]
-    (Ht = 1 for gqa "union"/"mean", G for "per_head") with :class:`SegmentCausal`
-    (causal) or no mask; static widths: the diagonal segment's blocks (partial) and
-    ``max_kv_blocks`` (default every block) for the selected ones.
+    q [B, S, Hq, D], k [B, S, Hkv, D]; kperm / qperm int32 [B, Hkv, S] or None (in place).
+    Queries in place are pooled without folding q (the fold is a copy of the largest input).
     """
-    n, s, g, _ = qf.shape
-    diag, cand = _segment_grids(s, block_size, segment_size, causal)
-    nb = diag.shape[0]
-    logits = scores_lib.pooled_block_logits(qf, kf, block_size=block_size, pooling="mean", scale=scale)
-    probs = scores_lib.block_softmax(logits, jnp.asarray(cand))  # [N, G, nb, nb]
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    if qperm is None:
+        pq = scores_lib.pool_blocks(q, block_size)  # [B, nb, Hq, D]
+    else:
+        pq = scores_lib.pool_blocks(perm_lib.permute_heads(q, qperm), block_size)  # [N, nb, G, D]
+    nb = pq.shape[1]
+    pq = pq.reshape(b, nb, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b * hkv, g, nb, d)
+    kf = perm_lib.permute_heads(k, kperm) if kperm is not None else perm_lib.fold_heads(k, hkv)
+    pk = scores_lib.pool_blocks(kf, block_size)[:, :, 0]  # [N, nb, D]
+    return jnp.einsum("ngqd,nkd->ngqk", pq, pk, precision=jax.lax.Precision.HIGHEST) * scale
+
+
+def first_key_block(kperm, block_size: int):
+    """int32 [B*Hkv]: the permuted block holding original position 0 (kperm [B, Hkv, S] or None)."""
+    if kperm is None:
+        return None
+    n, s = kperm.shape[0] * kperm.shape[1], kperm.shape[2]
+    return jnp.argmin(kperm.reshape(n, s), axis=-1).astype(jnp.int32) // block_size
+
+
+def pbs_select(logits, first_block, *, s: int, block_size: int, segment_size: int, threshold, causal: bool,
+               gqa: str = "union", max_kv_blocks: int | None = None, force_first: bool = True):
+    """Block selection from pooled layout logits float32 [N, G, nb, nb] -> bool [N, 1|G, nb, nb].
+
+    Softmax over the candidate blocks, cumulative ``threshold`` per query head (scalar or
+    [N, G|1]), the block holding token 0 (``first_block`` int32 [N]; None: block 0)
+    forced, GQA reduction, the diagonal segment OR-ed in.
+    """
+    diag, cand, _, _ = segment_layout(s, block_size, segment_size, causal)
+    n, nb = logits.shape[0], diag.shape[0]
+    probs = scores_lib.block_softmax(logits, jnp.asarray(cand))
     if force_first:
-        # Where position 0 sits (the identity layout needs no search; constant-folding one is slow).
-        first_block = (jnp.zeros((n,), jnp.int32) if kperm_f is None
-                       else jnp.argmin(kperm_f, axis=-1) // block_size)
-        sink = (jnp.arange(nb)[None, :] == first_block[:, None])[:, None, None, :]  # [N, 1, 1, nb]
+        fb = jnp.zeros((n,), jnp.int32) if first_block is None else first_block
+        sink = (jnp.arange(nb, dtype=jnp.int32)[None, :] == fb[:, None])[:, None, None, :]  # [N, 1, 1, nb]
     else:
         sink = jnp.zeros((1, 1, 1, nb), bool)
     forced = sink & jnp.asarray(cand)
@@ -133,15 +168,49 @@ def pbs_block_mask(qf, kf, kperm_f, *, block_size: int, segment_size: int, thres
 
     cap = None if max_kv_blocks is None else max(1, min(int(max_kv_blocks), nb))
     # One kv head per folded batch row: "union"/"mean" reduce the G query heads to one table.
-    sel = thr.group_selection(select, probs, 1, gqa, cap, forced) | jnp.asarray(diag)
+    return thr.group_selection(select, probs, 1, gqa, cap, forced) | jnp.asarray(diag)
+
+
+def pbs_tables(selection, *, s: int, block_size: int, segment_size: int, causal: bool,
+               max_kv_blocks: int | None = None) -> BlockMask:
+    """Tables of a PBS selection bool [N, Ht, nb, nb] (diagonal segment included).
+
+    Causal: the diagonal segment is partial (:class:`SegmentCausal`; its row and column
+    tables are numpy constants), earlier segments full. Bidirectional: every block full.
+    Static widths: the diagonal segment's blocks (partial) and ``max_kv_blocks`` (default
+    every block) for the rest.
+    """
+    diag, _, classes, mask = segment_layout(s, block_size, segment_size, causal)
+    nb = diag.shape[0]
     n_diag = int(diag.sum(-1).max())
-    width_full = nb if cap is None else cap
+    width_full = nb if max_kv_blocks is None else max(1, min(int(max_kv_blocks), nb))
     if causal:
-        mask = perm_lib.segment_causal(segment_size)
-        return BlockMask.from_block_bool(sel, s, s, block_size, mask, max_kv_blocks=n_diag,
-                                         max_full_kv_blocks=width_full)
-    return BlockMask.from_block_bool(sel, s, s, block_size, None, max_kv_blocks=1,
-                                     max_full_kv_blocks=min(nb, width_full + n_diag))
+        return tables_lib.block_mask_from_selection(selection, classes, s, s, block_size, mask, max_kv_blocks=n_diag,
+                                                    max_full_kv_blocks=width_full, static_partial=True)
+    return tables_lib.block_mask_from_selection(selection, classes, s, s, block_size, None, max_kv_blocks=1,
+                                                max_full_kv_blocks=min(nb, width_full + n_diag), static_partial=True)
+
+
+def pbs_block_mask(q, k, kperm, qperm=None, *, block_size: int, segment_size: int, threshold, causal: bool,
+                   gqa: str = "union", max_kv_blocks: int | None = None, force_first: bool = True,
+                   scale: float | None = None) -> BlockMask:
+    """PBS block selection on a permuted layout: :func:`pooled_layout_logits` ->
+    :func:`pbs_select` -> :func:`pbs_tables`.
+
+    q: [B, S, Hq, D], k: [B, S, Hkv, D] in original order; kperm: int32 [B, Hkv, S] (the
+    key permutation; None: keys in place), qperm: likewise for queries (None: in place).
+    ``threshold``: scalar or [B*Hkv, G|1] (see :func:`_fold_threshold`). Returns tables
+    on the head-folded layout [B*Hkv, Ht] (Ht = 1 for gqa "union"/"mean", G for
+    "per_head") with :class:`SegmentCausal` (causal) or no mask.
+    """
+    s, d = q.shape[1], q.shape[3]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    logits = pooled_layout_logits(q, k, kperm, qperm, block_size=block_size, scale=scale)
+    sel = pbs_select(logits, first_key_block(kperm, block_size), s=s, block_size=block_size,
+                     segment_size=segment_size, threshold=threshold, causal=causal, gqa=gqa,
+                     max_kv_blocks=max_kv_blocks, force_first=force_first)
+    return pbs_tables(sel, s=s, block_size=block_size, segment_size=segment_size, causal=causal,
+                      max_kv_blocks=max_kv_blocks)
 
 
 def _fold_threshold(threshold, b: int, hq: int, hkv: int, gqa: str):
@@ -191,12 +260,9 @@ def pbs_plan(q, k, *, block_size: int = 128, segment_size: int = 256, threshold=
     qperm = None
     if permute_queries:
         qperm = perm_lib.segment_permutation(perm_lib.query_affinity(q, k, importance), segment_size)
-    qf = perm_lib.permute_heads(q, qperm) if qperm is not None else perm_lib.fold_heads(q, hkv)  # [N, S, G, D]
-    kf = perm_lib.permute_heads(k, kperm) if permute_keys else perm_lib.fold_heads(k, hkv)
-    tables = pbs_block_mask(qf, kf, kperm.reshape(b * hkv, s) if permute_keys else None,
-                            block_size=block_size, segment_size=segment_size,
-                            threshold=threshold, causal=causal, gqa=gqa, max_kv_blocks=max_kv_blocks,
-                            force_first=force_first, scale=scale)
+    tables = pbs_block_mask(q, k, kperm if permute_keys else None, qperm, block_size=block_size,
+                            segment_size=segment_size, threshold=threshold, causal=causal, gqa=gqa,
+                            max_kv_blocks=max_kv_blocks, force_first=force_first, scale=scale)
     return PBSAux(density=jnp.asarray(tables.density, jnp.float32), kv_permutation=kperm, q_permutation=qperm,
                   block_mask=tables, importance=importance)
 

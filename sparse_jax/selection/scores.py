@@ -189,7 +189,7 @@ def antidiagonal_block_scores(q, k, *, block_size: int = 128, stride: int = 8, c
     rows of the block.
 
     backend: "triton" runs the fused Pallas kernel (block_size / stride a power of two
-    <= 256; otherwise the jnp version); "xla" (and "mosaic_tpu", which has no kernel for
+    <= 256 and a launch config within shared memory for D; otherwise the jnp version); "xla" (and "mosaic_tpu", which has no kernel for
     this yet) the chunked jnp version. Lengths need not be multiples of
     the block or the stride (zero padding, masked).
     """
@@ -199,7 +199,8 @@ def antidiagonal_block_scores(q, k, *, block_size: int = 128, stride: int = 8, c
     check_causal_lengths(q.shape[1], k.shape[1], causal)
     if name == backends.TRITON:
         from pallas_kernels.triton import block_scores as kernel
-        if kernel.supported(block_size, stride):
+        if kernel.supported(block_size, stride) and kernel.launch_config(q.shape[-1], q.dtype,
+                                                                         block_size // stride) is not None:
             sums = kernel.antidiagonal_block_sums(q, k, block_size=block_size, stride=stride, causal=causal,
                                                   scale=scale, interpret=interpret)
             return normalize_rows(sums, geo.Grid(q.shape[1], k.shape[1], block_size), stride)
@@ -223,13 +224,22 @@ def last_queries_probs(q_last, k, *, q_positions, scale: float | None = None, ca
     return block_softmax(s, ok).reshape(b, hq, rq, k.shape[1])
 
 
+def _dot_f32(a, b, spec):
+    """einsum with float32 results: 16-bit inputs multiply exactly into a float32 accumulator
+    (tensor cores); float32 inputs at HIGHEST precision."""
+    prec = _HIGHEST if a.dtype == jnp.float32 or b.dtype == jnp.float32 else None
+    return jnp.einsum(spec, a, b, precision=prec, preferred_element_type=jnp.float32)
+
+
 def last_block_importance(q, k, *, rows: int = 128, causal: bool = True, scale: float | None = None,
                           per_kv_head: bool = True):
     """How much attention the last ``rows`` queries pay each key (PBS's permutation key).
 
     The softmax of Q_last K^T, averaged over those rows (and over the query heads of a
     group when ``per_kv_head``). Returns float32 [B, Hkv, Skv] (or [B, Hq, Skv]). Work
-    is done one kv head at a time (memory O(B G rows Skv)).
+    is done one kv head at a time (memory O(B G rows Skv)). Causal: keys before the last
+    ``rows`` positions are visible to all of them, so only the trailing [rows, rows]
+    square is masked (no [rows, Skv] mask in the program).
     """
     check_qk(q, k)
     b, sq, hq, d = q.shape
@@ -237,14 +247,25 @@ def last_block_importance(q, k, *, rows: int = 128, causal: bool = True, scale: 
     check_causal_lengths(sq, skv, causal)
     rows = max(1, min(int(rows), sq))
     g = hq // hkv
-    pos = np.arange(sq - rows, sq) + (skv - sq)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     q_last = q[:, sq - rows:].reshape(b, rows, hkv, g, d).transpose(2, 0, 1, 3, 4)  # [Hkv, B, R, G, D]
-    kh = k.transpose(2, 0, 1, 3)[:, :, :, None, :]  # [Hkv, B, Skv, 1, D]
+    kh = k.transpose(2, 0, 1, 3)  # [Hkv, B, Skv, D]
+    head = skv - rows if causal else skv  # keys every row sees
+    # Row r (absolute position skv - rows + r) sees tail key c (position skv - rows + c) iff c <= r.
+    tail_ok = np.tril(np.ones((rows, rows), bool))
 
     def one(args):
-        qh, kk = args
-        p = last_queries_probs(qh, kk, q_positions=pos, scale=scale, causal=causal)  # [B, G, R, Skv]
-        return p.mean(2) if not per_kv_head else p.mean((1, 2))
+        qh, kk = args  # [B, R, G, D], [B, Skv, D]
+        parts = [_dot_f32(qh, kk[:, :head], "brgd,bkd->bgrk") * scale] if head > 0 else []
+        if causal:
+            t = _dot_f32(qh, kk[:, head:], "brgd,bkd->bgrk") * scale
+            parts.append(jnp.where(tail_ok, t, -jnp.inf))
+        m = jnp.max(jnp.stack([jnp.max(x, axis=-1) for x in parts]), axis=0)[..., None]  # [B, G, R, 1]
+        z = sum(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True) for x in parts)
+        axes = 2 if not per_kv_head else (1, 2)
+        # Normalise and average each part on its own (XLA fuses the exp into the reduction),
+        # concatenating only the [B, (G,) Skv] results.
+        return jnp.concatenate([jnp.mean(jnp.exp(x - m) / z, axis=axes) for x in parts], axis=-1)
 
     out = jax.lax.map(one, (q_last, kh))  # [Hkv, B, (G,) Skv]
     if per_kv_head:

@@ -136,7 +136,9 @@ def structured_qk(seed: int, batch: int, seq_len: int, num_q_heads: int, num_kv_
                 raise ValueError(f"unknown pattern {part!r}; choose from {PATTERNS}")
     g = num_q_heads // num_kv_heads
     amp = strength * math.sqrt(math.sqrt(head_dim))
-    keys = jax.random.split(jax.random.key(seed), num_kv_heads)
+    # "rbg" keys: XLA's RngBitGenerator compiles in milliseconds per shape, threefry in ~0.5 s
+    # (op-by-op generation of a new shape cost ~5 s of CPU in tests).
+    keys = jax.random.split(jax.random.key(seed, impl="rbg"), num_kv_heads)
     qs, ks = [], []
     for h in range(num_kv_heads):
         qh, kh = _head(keys[h], patterns[h % len(patterns)], batch, seq_len, g, head_dim, amp, noise,
