@@ -73,13 +73,17 @@ def test_nsa_branches_cover_dense_attention_when_unrestricted():
     """Selecting every block, or a window as long as the sequence, is plain causal attention."""
     S = 24
     m = _nsa(num_selected=3, window=S, backend="xla")
-    q, k, v = m.project(_x(S), jnp.arange(S))
-    o_cmp, o_slc, o_win = nnx.jit(lambda m, q, k, v: m.branches(q, k, v))(m, q, k, v)
+
+    @nnx.jit
+    def run(m, x):
+        q, k, v = m.project(x, jnp.arange(S))
+        return (q, k, v), m.branches(q, k, v), m.compressed_kv(k, v)
+
+    (q, k, v), (o_cmp, o_slc, o_win), (k_cmp, v_cmp) = run(m, _x(S))
     want = _causal_reference(q, k, v)
     assert_close(o_slc, want, 1e-5, "selected branch")
     assert_close(o_win, want, 1e-5, "window branch")
     # Compressed branch: query t sees mean-pooled blocks that have ended by t.
-    k_cmp, v_cmp = m.compressed_kv(k, v)
     ends = np.arange(k_cmp.shape[1]) * 4 + 7
     mask = jnp.asarray(np.arange(S)[:, None] >= ends[None, :])[None, None]
     assert_close(o_cmp, dense_attention(q, k_cmp, v_cmp, mask), 1e-5, "compressed branch")
@@ -88,12 +92,17 @@ def test_nsa_branches_cover_dense_attention_when_unrestricted():
 def test_nsa_selection_forces_first_and_local_blocks():
     S = 40
     m = _nsa(num_selected=3, num_local=2, backend="xla")
-    q, k, v = m.project(_x(S), jnp.arange(S))
-    k_cmp, v_cmp = m.compressed_kv(k, v)
     from sparse_jax.ops import block_sparse_attention
-    _, lse = block_sparse_attention(q, k_cmp, v_cmp, m.cmp_tables.get(S, k_cmp.shape[1]), return_lse=True,
-                                    backend="xla")
-    blocks = np.asarray(m.select_blocks(q, k_cmp, lse, S))  # [B, S, Hkv, 3]
+
+    @nnx.jit
+    def select(m, x):
+        q, k, v = m.project(x, jnp.arange(S))
+        k_cmp, v_cmp = m.compressed_kv(k, v)
+        _, lse = block_sparse_attention(q, k_cmp, v_cmp, m.cmp_tables.get(S, k_cmp.shape[1]), return_lse=True,
+                                        backend="xla")
+        return m.select_blocks(q, k_cmp, lse, S)
+
+    blocks = np.asarray(select(m, _x(S)))  # [B, S, Hkv, 3]
     for t in range(S):
         row = blocks[:, t]
         cur = t // 8
@@ -126,7 +135,8 @@ def test_dsa_full_topk_is_causal_attention_and_grads():
         assert all(v == 0 for p, v in norms.items() if name in p), name
 
 
-@pytest.mark.parametrize("indexer,backend", [("flat", "triton"), ("hierarchical", "xla")])
+@pytest.mark.parametrize("indexer,backend", [("flat", "triton"),
+                                             pytest.param("hierarchical", "xla", marks=pytest.mark.slow)])
 def test_dsa_kernel_backend_indexer_loss(indexer, backend):
     """Kernel path == xla path; the KL loss is finite, >= 0, and trains only the indexer.
     (The hierarchical indexer's kernels are covered in test_indexers.py; here only its wiring.)"""
