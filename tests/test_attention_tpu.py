@@ -25,6 +25,17 @@ from sparse_jax import _compat, masks
 from tests.test_block_sparse_attention import check
 
 ON_TPU = jax.default_backend() == "tpu"
+
+
+@pytest.fixture(autouse=True)
+def _interpret_on_the_host():
+    """Off a TPU, TPU interpret mode runs on the CPU device even on a GPU machine (there, the
+    interpreter's and splash's float32 dots would otherwise run in tf32)."""
+    if ON_TPU:
+        yield
+        return
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
 KB = ("mosaic_tpu", not ON_TPU)
 
 

@@ -17,6 +17,7 @@ import pytest
 import sparse_jax as sj
 from sparse_jax import _compat, indexers
 from sparse_jax.reference import indexed as ref
+from tests.conftest import COMPILED_GPU
 
 
 def _inputs(seed, B, Sq, Skv, Hi, Di, dtype=jnp.float32):
@@ -72,11 +73,24 @@ def test_flat_indexer_exact(kernel_backend, causal, q_offset):
                                                             **_kw(kernel_backend)))
     idx, vals = run(q, k, w, off)
     assert idx.shape == (B, Sq, topk) and idx.dtype == jnp.int32
-    np.testing.assert_array_equal(_sorted_sets(idx), expect)
     got = np.asarray(vals)
     want = np.take_along_axis(s, np.maximum(np.asarray(idx), 0), axis=-1)
+    if kernel_backend[1] or not COMPILED_GPU:
+        np.testing.assert_array_equal(_sorted_sets(idx), expect)
+        tol = 1e-5
+    else:
+        # Compiled on a GPU the float32 score dots run in tf32: near-ties may swap, so check the
+        # set is *a* top-k: same padding, no duplicates, its exact scores equal the top-k scores.
+        tol = 2e-3 * float(np.abs(s[np.isfinite(s)]).max())
+        ids = _sorted_sets(idx)
+        np.testing.assert_array_equal(ids < 0, expect < 0)
+        assert all(len(set(r[r >= 0])) == (r >= 0).sum() for r in ids.reshape(-1, topk)), "duplicates"
+        top = np.take_along_axis(s, np.maximum(expect, 0), axis=-1)
+        sel = np.take_along_axis(s, np.maximum(ids, 0), axis=-1)
+        np.testing.assert_allclose(np.sort(np.where(ids >= 0, sel, 0), -1), np.sort(np.where(expect >= 0, top, 0), -1),
+                                   rtol=0, atol=tol)
     np.testing.assert_allclose(np.where(np.asarray(idx) >= 0, got, 0), np.where(np.asarray(idx) >= 0, want, 0),
-                               rtol=1e-5, atol=1e-5)
+                               rtol=1e-5, atol=tol)
     assert np.all(np.isneginf(got[np.asarray(idx) < 0]))
     assert np.all(np.diff(np.where(np.isneginf(got), -1e30, got), axis=-1) <= 0), "descending order"
     if q_offset is not None:

@@ -166,7 +166,7 @@ def _atomic_add_rows(ref, base, rel, valid, value, d: int, interpret: bool):
     elif interpret:  # the interpreter has no masked atomics: add zeros (masked rows never alias valid ones)
         plgpu.atomic_add(ref, idx, jnp.where(mask, value, 0.0))
     else:
-        plgpu.atomic_add(ref, idx, value, mask=mask)
+        plgpu.atomic_add(ref, idx, value, mask=jnp.broadcast_to(mask, value.shape))
 
 
 def plan_dq(P: blk.Problem, cfg: BwdConfig):
