@@ -165,11 +165,11 @@ def _block_lists(seed, B, Sq, Hkv, n, n_blocks):
     return idx.astype(np.int32)
 
 
-@pytest.mark.parametrize("G,loop_order,query_tile", [(3, "kv", None), (4, "query", None), (16, None, 1)])
+@pytest.mark.parametrize("G,loop_order,query_tile", [(3, "kv", None), (4, "query", 8), (16, None, 1)])
 def test_block_lists_match_dense_mask(kernel_backend, G, loop_order, query_tile):
     """Ragged last block, causal partial blocks, repeats, out-of-range blocks; kv-major with G=3 (rows
-    padded to 4 per token), two batches and kv heads, per-batch q_offset; query-major with the default
-    query tile (8 tokens over Sq=3) and with one token per program (Mosaic: query-major, one case)."""
+    padded to 4 per token), two batches and kv heads, per-batch q_offset; query-major with an 8-token
+    query tile (over Sq=3) and with one token per program (Mosaic: query-major, one case)."""
     backend, interpret = kernel_backend
     if backend == "mosaic_tpu":
         if G != 4:
@@ -316,7 +316,7 @@ def test_store_lint_flags_overhanging_stores():
 
 def test_loop_order_heuristic():
     assert common.choose_loop_order(1) == "kv" and common.choose_loop_order(8) == "kv"
-    assert common.choose_loop_order(16) == "query" and common.choose_loop_order(64) == "query"
+    assert common.choose_loop_order(16) == "kv" and common.choose_loop_order(32) == "query"
     assert common.choose_loop_order(1, "query") == "query"
     with pytest.raises(ValueError, match="loop_order"):
         common.choose_loop_order(4, "rows")

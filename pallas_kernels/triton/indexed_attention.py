@@ -65,12 +65,14 @@ def overridden(name: str, default):
 
 
 def default_query_tile(G: int, span: int) -> int:
-    """Tokens per query tile when the caller gives none: token lists 1 (DSA's G fills the MMA);
-    block lists enough tokens for 64 MMA rows (at most 8), since NSA's neighbouring tokens
-    share most blocks."""
-    if span == 1:
-        return 1
-    return max(1, min(8, 64 // common.next_pow2(G)))
+    """Tokens per query tile when the caller gives none: 1 for token and block lists.
+
+    H100 round 2 (notes: Round 2 outcomes): tiles > 1 lost on random block selections (G=16:
+    T=4 1.5x slower forward, 2.1x fwd+bwd; G=4: T=8 1.4x slower) and won only the forward on
+    strongly overlapping ones (G=16 correlated, T=4: 1.14x); pass ``query_tile`` for that case.
+    """
+    del G, span
+    return 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +111,14 @@ def _geometry(q, k, v, tiles: common.TileLists, span, causal, scale):
 def _config(geo: _Geometry, backward: bool):
     """(BN, num_warps, num_stages). BN need not divide the block size: a chunk may straddle blocks."""
     width = max(geo.Dp, geo.Dvp)
+    # H100 round 2 timed token lists at M=64, D=Dv=128 (DSA/MLA: G=64, T=1): forward BN=32 / 4 warps
+    # 1.24 ms vs BN=64 and BN=128 1.68 ms; backward BN=32 / 4 warps 4.5 ms vs 8 warps 10.2 ms and
+    # BN=64 / 8 warps 7.7 ms (ptxas: 255 registers at 4 warps, yet no spill). Other shapes keep the
+    # round-1 rules below until timed.
+    if geo.span == 1 and (geo.M, width) == (64, 128):
+        if backward:
+            return overridden("bwd_BN", 32), overridden("bwd_warps", 4), overridden("bwd_stages", 2)
+        return overridden("BN", 32), overridden("num_warps", 4), overridden("num_stages", 2)
     bn = 64 if width <= 256 else 32
     if backward:
         bn = 32  # BN=64 spills at D=128 (ptxas sm_90a: dK, dV [BN, D] f32 live with dQ); H100 round 1: 1.6x
