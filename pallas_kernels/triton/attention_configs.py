@@ -103,24 +103,44 @@ def _check_choice(value, choices, name):
 # from the rows a packed tile needs, see decode_rows), 'masked' (a mask function evaluated
 # inside partial blocks, segment ids or a kv permutation: loads that depend on the block
 # index besides K/V's) or 'dense' (none of these: dense or block-granular masks).
-# Backward key: (device family, padded head dim, input itemsize). Numbers and the runs they
-# come from: benchmarks/notes/block_sparse_attention_gpu.md ("Variants and outcomes").
+# Backward key: (device family, padded head dim, input itemsize, 'dense' | 'masked').
+# Every entry is a config compiled and timed on that GPU; numbers and the runs they come from:
+# benchmarks/notes/block_sparse_attention_gpu.md ("Round 2 outcomes").
 TUNED_FWD: dict[tuple[str, int, int, str], FwdConfig] = {
-    # H100 SXM, jax 0.11.2, B=1 H=16 S=8192 D=128 bf16 (round 1, 2026-11-22):
-    # dense 1.275 ms = 431 TFLOP/s (2 CTAs/SM: 98 KB smem, 255 regs);
+    # H100 SXM, jax 0.11.2, triton 3.6, B=1 H=16 S=8192 bf16 (round 2, 2026-11-22; cuDNN in the
+    # same process 0.857 ms dense, 0.557 ms causal):
+    # D=128 dense 1.201 ms = 458 TFLOP/s, 0.71x cuDNN (2 CTAs/SM: 98 KB smem, 255 regs). 2 stages
+    # 1.233, lazy rescale 1.265-1.283 (slower here), tiles_first 1.280-1.330 at this length; at
+    # S=32K the same config with tiles_first wins (see _long_kv below).
     ("h100", 128, 2, "dense"): FwdConfig(block_q=128, block_kv=64, num_warps=4, num_stages=3),
-    # causal 0.824 ms = 339 TFLOP/s ('reverse' 0.814: 1% faster on causal, 'sorted' kept as the
-    # general choice); 128x64/4 warps/3 stages was 0.965 ms here (its 3-buffer partial loop
-    # needs 131 KB of shared memory: 1 CTA/SM);
-    ("h100", 128, 2, "masked"): FwdConfig(block_q=128, block_kv=128, num_warps=8, num_stages=3),
-    # decode Sq=1 Skv=16K B=8 Hq=32 Hkv=8: 0.232 ms (2.3 TB/s of K/V; cuDNN 0.255 ms).
+    # D=128 causal (mask function) 0.667 ms = 419 TFLOP/s, 0.84x cuDNN. 2 stages keep every loop at
+    # 98 KB (2 CTAs/SM; 3 stages: 131 KB, 1 CTA, 0.962 ms). 'reverse' timed 0.666 ms (a tie):
+    # 'sorted' kept, it orders any mask's rows heavy-first, 'reverse' only suits causal.
+    ("h100", 128, 2, "masked"): FwdConfig(block_q=128, block_kv=64, num_warps=4, num_stages=2, lazy_rescale=True),
+    # D=64 causal 0.481 ms = 290 TFLOP/s, 0.84x cuDNN (0.406 ms); 128x128/4/2 0.484 (tie), round-1
+    # heuristic 128x128/8/3 0.585.
+    ("h100", 64, 2, "masked"): FwdConfig(block_q=128, block_kv=64, num_warps=4, num_stages=3),
+    # D=256 causal 1.376 ms = 406 TFLOP/s, 0.69x cuDNN (0.948 ms); 64x32/4/2 1.646, the round-1
+    # heuristic 64x64/8/2 2.601 (0.36x).
+    ("h100", 256, 2, "masked"): FwdConfig(block_q=128, block_kv=64, num_warps=8, num_stages=2),
+    # decode Sq=1 Skv=16K B=8 Hq=32 Hkv=8: 0.213 ms (2.5 TB/s of K/V; round 1 cuDNN 0.255 ms).
+    # Sq=16 (64-row packed tiles): bkv 64 0.286 ms, bkv 128 0.269 ms (see _decode_block_kv).
     ("h100", 128, 2, "decode"): FwdConfig(block_q=16, block_kv=64, num_warps=4, num_stages=3),
 }
-TUNED_BWD: dict[tuple[str, int, int], BwdConfig] = {
-    # H100, same shape: dense 4.01 ms, causal 2.04 ms for dQ + dK/dV (round 1); the dK/dV
-    # kernel with 4 warps runs 2 CTAs/SM, with 8 warps 1 (7.23 ms with dK/dV 64x64/8 warps).
-    ("h100", 128, 2): BwdConfig(128, 128, 8, 2, 64, 64, 4, 2),
+TUNED_BWD: dict[tuple[str, int, int, str], BwdConfig] = {
+    # H100, B=1 H=16 S=8192 D=128 bf16 (round 2). Dense: dQ 64x64/4/2 tiles_first 1.722 ms (479 TFLOP/s
+    # executed) + dK/dV 64x64/4/2 tiles_first 2.136 ms (515); fwd+bwd 5.064 ms, 0.70x cuDNN (3.562).
+    ("h100", 128, 2, "dense"): BwdConfig(64, 64, 4, 2, 64, 64, 4, 2, grid_order="tiles_first"),
+    # Causal: that pair 2.761 ms fwd+bwd, the round-1 pair (dQ 128x128/8/2, heads_first) 2.634 ms =
+    # 0.77x cuDNN (2.038): heads_first keeps the heavy-first spread across heads.
+    ("h100", 128, 2, "masked"): BwdConfig(128, 128, 8, 2, 64, 64, 4, 2),
 }
+
+# K/V bytes per kv head from which the dense-class forward launches 'tiles_first' (H100): at
+# S=32K D=128 bf16 (16 MiB per head, all heads 256 MiB >> 50 MB of L2) tiles_first was faster at
+# every density (random .5/.2/.1/.05: 9.30/4.00/2.42/1.28 ms vs 11.90/4.74/2.82/1.51 heads_first;
+# dense 18.37 vs 18.78); at S=8192 (4 MiB per head) it was slower or equal. Between: not measured.
+TILES_FIRST_KV_BYTES = 16 << 20
 
 _OVERRIDE: dict[str, object] = {}
 
@@ -165,19 +185,34 @@ def decode_rows(q_span: int, group: int) -> int:
     return int(min(128, max(16, 1 << max(0, (q_span * group - 1).bit_length()))))
 
 
-def forward_config(head_dim_pad: int, dtype, q_span: int, *, group: int = 1, masked: bool = True) -> FwdConfig:
+def forward_config(head_dim_pad: int, dtype, q_span: int, *, group: int = 1, masked: bool = True,
+                   kv_len: int | None = None) -> FwdConfig:
     """Config for a forward launch; ``q_span`` = query positions per logical block row,
     ``group`` = query heads a packed tile may hold (1 when packing is impossible),
-    ``masked`` = the walk loads more than K/V per block (mask function, segments, permutation)."""
+    ``masked`` = the walk loads more than K/V per block (mask function, segments, permutation),
+    ``kv_len`` = key positions (None: unknown; long K/V switch the dense class to tiles_first)."""
     if "fwd" in _OVERRIDE:
         return _OVERRIDE["fwd"]  # type: ignore[return-value]
     itemsize = jnp.dtype(dtype).itemsize
     kind = shape_class(q_span, masked)
-    cfg = TUNED_FWD.get((device_family(), head_dim_pad, itemsize, kind)) or _heuristic_fwd(head_dim_pad, itemsize,
-                                                                                            kind)
+    family = device_family()
+    cfg = TUNED_FWD.get((family, head_dim_pad, itemsize, kind)) or _heuristic_fwd(head_dim_pad, itemsize, kind)
     if kind == "decode":
-        cfg = dataclasses.replace(cfg, block_q=decode_rows(q_span, group))
+        rows = decode_rows(q_span, group)
+        cfg = dataclasses.replace(cfg, block_q=rows, block_kv=_decode_block_kv(rows, cfg.block_kv))
+    elif kind == "dense" and family == "h100" and _long_kv(kv_len, head_dim_pad, itemsize):
+        cfg = dataclasses.replace(cfg, grid_order="tiles_first")
     return cfg
+
+
+def _long_kv(kv_len: int | None, head_dim_pad: int, itemsize: int) -> bool:
+    return kv_len is not None and 2 * kv_len * head_dim_pad * itemsize >= TILES_FIRST_KV_BYTES
+
+
+def _decode_block_kv(rows: int, block_kv: int) -> int:
+    # 64-row packed tiles (Sq=16 x 4 heads): 128 keys per step 0.269 ms vs 64 keys 0.286 (H100);
+    # 16-row tiles: 64 keys 0.232 vs 128 keys 0.246 (round 1). Other row counts: not measured.
+    return 128 if rows == 64 else block_kv
 
 
 def _heuristic_fwd(head_dim_pad: int, itemsize: int, kind: str) -> FwdConfig:
@@ -194,14 +229,18 @@ def _heuristic_fwd(head_dim_pad: int, itemsize: int, kind: str) -> FwdConfig:
     if head_dim_pad <= 128:
         # 3 stages give the mask-evaluating loop a 3-deep K/V ring (131 KB: 1 CTA/SM).
         return FwdConfig(block_q=128, block_kv=64, num_warps=4, num_stages=2 if kind == "masked" else 3)
-    return FwdConfig(block_q=64, block_kv=64, num_warps=8, num_stages=2)  # 176 regs, 160 KB
+    if head_dim_pad <= 256:
+        # H100 D=256 causal: 128x64/8/2 1.376 ms; 64x32/4/2 (2 CTAs) 1.646; 64x64/8/2 2.601.
+        return FwdConfig(block_q=128, block_kv=64, num_warps=8, num_stages=2)
+    return FwdConfig(block_q=64, block_kv=64, num_warps=8, num_stages=2)  # not measured
 
 
-def backward_config(head_dim_pad: int, dtype) -> BwdConfig:
+def backward_config(head_dim_pad: int, dtype, *, masked: bool = True) -> BwdConfig:
+    """Config of the dQ and dK/dV launches; ``masked`` as in :func:`forward_config`."""
     if "bwd" in _OVERRIDE:
         return _OVERRIDE["bwd"]  # type: ignore[return-value]
     itemsize = jnp.dtype(dtype).itemsize
-    tuned = TUNED_BWD.get((device_family(), head_dim_pad, itemsize))
+    tuned = TUNED_BWD.get((device_family(), head_dim_pad, itemsize, "masked" if masked else "dense"))
     if tuned is not None:
         return tuned
     if itemsize == 4:

@@ -121,7 +121,7 @@ def forward(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap
     masked = P.mask is not None or P.has_segments or P.has_perm
     cfg = config or attention_configs.forward_config(
         P.head_dim_pad, q.dtype, min(P.block_q, P.q_len), masked=masked,
-        group=P.group if P.table_heads in (1, P.num_kv_heads) else 1)
+        group=P.group if P.table_heads in (1, P.num_kv_heads) else 1, kv_len=P.kv_len)
     inputs = _row_tables(block_mask, cfg.schedule == "sorted")
     inputs.update(q=_operand(P, q, P.head_dim), k=_operand(P, k, P.head_dim), v=_operand(P, v, P.head_dim_v))
     inputs.update(_meta_inputs(P, q_seg, kv_seg, q_pos, kv_pos, perm))
@@ -153,7 +153,8 @@ def backward(q, k, v, o, lse, do, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, s
     P, perm, dq_inputs, dkdv_inputs = backward_inputs(
         q, k, v, o, lse, do, block_mask, q_seg, kv_seg, q_pos, kv_pos, scale=scale, softcap=softcap,
         segments_everywhere=segments_everywhere, kv_permutation=kv_permutation)
-    cfg = config or attention_configs.backward_config(P.head_dim_pad, q.dtype)
+    cfg = config or attention_configs.backward_config(
+        P.head_dim_pad, q.dtype, masked=P.mask is not None or P.has_segments or P.has_perm)
     if cfg.fused_dq:
         dkdv_inputs["dq_acc"] = _operand(P, jnp.zeros(q.shape, jnp.float32), P.head_dim)
         dk, dv, dq = attention_bwd.dkdv_call(P, cfg, dkdv_inputs, k_dtype=k.dtype, v_dtype=v.dtype,
