@@ -1,13 +1,16 @@
 """Attention suite: block-sparse attention beside cuDNN, XLA, JAX Pallas, torch SDPA and FlexAttention.
 
-Cases (B=1, H=16, D=128, bfloat16 unless noted; ``--quick`` shrinks everything):
+Cases (B=1, H=16, D=128, bfloat16 unless noted; ``--quick`` shrinks everything), run in
+:func:`plan`'s order (most important first; a case whose estimate exceeds the suite's
+time left is skipped and listed in a "skipped cases" row):
 
 * dense-equivalent masks at S=8192 (every block listed full, or causal), forward and
   forward+backward, against the dense kernels (``peers.attention_peers``);
+* packed documents + causal sliding window (partial blocks evaluate the mask), fwd and
+  fwd+bwd, beside FlexAttention;
 * sparsity scaling at S=32768: random 128-blocks (diagonal kept) at densities
   1, .5, .2, .1, .05, forward, plus cuDNN dense / causal for scale;
 * the same random 11%-dense 128-block mask as torch FlexAttention, fwd and fwd+bwd;
-* packed documents + causal sliding window (partial blocks evaluate the mask), fwd+bwd;
 * GQA decode (Sq=1 against 16K keys, 32 query / 8 kv heads).
 
 FLOPs count computed block pairs only (``benchmarks.flops``: partial and full blocks,
@@ -93,32 +96,77 @@ def _peers(ctx, *args, **kw):
     return out
 
 
-def _enough_time(ctx, seconds: float) -> bool:
-    left = ctx.time_left()
-    return left is None or left > seconds
+def _docs_window_mask(S: int):
+    """Packed documents (random cuts, ~S/2048 of them) AND a causal sliding window of S/4."""
+    rng = np.random.default_rng(3)
+    cuts = np.sort(rng.choice(np.arange(1, S), size=max(1, S // 2048), replace=False))
+    ids = np.zeros(S, np.int32)
+    ids[cuts] = 1
+    ids = np.cumsum(ids).astype(np.int32)
+    return masks.and_masks(masks.document(ids), masks.sliding_window(S // 4, causal=True))
 
 
-def run(ctx) -> list[Result]:
+def _flex_row(ctx, name, bm, B, S, H, D, dtype, backward):
+    from benchmarks import peers_torch
+    flop = W.attention_flops(bm, B, H, D, backward=backward)
+    shape = dict(B=B, Sq=S, Skv=S, Hq=H, Hkv=H, D=D, dtype=jnp.dtype(dtype).name, backward=backward,
+                 density=round(float(bm.density), 6))
+    try:
+        t = peers_torch.time_flex(B, S, S, H, H, D, dtype, bm, backward=backward)
+        ctx.record(Result(SUITE, name, "torch_flex", shape, t.ms, flops=flop, spread=t.spread))
+    except Exception as e:  # noqa: BLE001
+        ctx.record(Result(SUITE, name, "torch_flex", shape, None, error=str(e)[:600]))
+
+
+def plan(ctx) -> list[tuple[str, float, object]]:
+    """(label, estimated H100 seconds, thunk) per case, most important first."""
     z = _sizes(ctx.quick)
     B, H, D, S, dtype, blk = z["B"], z["H"], z["D"], z["S"], z["dtype"], z["block"]
+    gpu = ctx.platform == "gpu"
+    tasks = []
 
-    # 1. Dense-equivalent masks vs the dense kernels.
-    for causal in (False, True):
-        bm = sj.create_block_mask(masks.causal if causal else masks.full, None, None, S, S, block_size=blk)
-        for backward in (False, True):
-            if not _enough_time(ctx, 60):
-                return []
+    def dense(causal, backward):
+        def go():
+            bm = sj.create_block_mask(masks.causal if causal else masks.full, None, None, S, S, block_size=blk)
             name = peers.attention_case_name(B, S, S, H, H, D, causal=causal, backward=backward)
             time_ours(ctx, name, bm, B, S, S, H, H, D, dtype, backward=backward,
                       extra=dict(plot="attention_dense", x="backward", panel="causal" if causal else "non-causal"))
             _peers(ctx, B, S, S, H, H, D, dtype, causal=causal, backward=backward, name=name)
+        return go
 
-    # 2. Sparsity scaling at S_long.
-    SL = z["S_long"]
+    def docs_window(backward):
+        def go():
+            bm = sj.create_block_mask(_docs_window_mask(S), None, None, S, S, block_size=blk)
+            name = peers.attention_case_name(B, S, S, H, H, D, causal=True, block_mask=bm,
+                                             backward=backward) + " docs+window"
+            time_ours(ctx, name, bm, B, S, S, H, H, D, dtype, backward=backward)
+            if gpu:
+                _flex_row(ctx, name, bm, B, S, H, D, dtype, backward)
+        return go
+
+    def random11(backward):
+        def go():
+            bm = random_block_mask(S, 0.11, seed=11, block=blk)
+            name = peers.attention_case_name(B, S, S, H, H, D, causal=False, block_mask=bm, backward=backward)
+            time_ours(ctx, name, bm, B, S, S, H, H, D, dtype, backward=backward)
+            _peers(ctx, B, S, S, H, H, D, dtype, causal=False, block_mask=bm, backward=backward, name=name)
+        return go
+
+    # Peers: cuDNN, XLA, JAX Pallas (2), torch SDPA and compiled FlexAttention, ~18 s fwd at 8K.
+    tasks += [("dense fwd", 20, dense(False, False)), ("causal fwd", 20, dense(True, False)),
+              ("docs+window fwd", 10, docs_window(False)), ("docs+window fwd+bwd", 12, docs_window(True)),
+              ("dense fwd+bwd", 25, dense(False, True)), ("causal fwd+bwd", 25, dense(True, True)),
+              ("random 11% fwd", 18, random11(False))]
+    tasks += [("sparsity S_long", 25, lambda: _sparsity(ctx, z)), ("decode", 8, lambda: _decode(ctx, z)),
+              ("random 11% fwd+bwd", 25, random11(True))]
+    return tasks
+
+
+def _sparsity(ctx, z):
+    """Random 128-blocks (diagonal kept) at S_long over densities, forward, + cuDNN dense/causal."""
+    B, H, D, dtype, blk, SL = z["B"], z["H"], z["D"], z["dtype"], z["block"], z["S_long"]
     dense_t = None
     for density in (1.0, 0.5, 0.2, 0.1, 0.05):
-        if not _enough_time(ctx, 40):
-            break
         bm = random_block_mask(SL, density, seed=int(density * 1000), block=blk)
         name = f"B={B} S={SL} H={H} D={D} random blocks density={density}"
         r = time_ours(ctx, name, bm, B, SL, SL, H, H, D, dtype, backward=False,
@@ -129,64 +177,51 @@ def run(ctx) -> list[Result]:
         if r.time_ms and dense_t:
             r.extra["time_vs_dense"] = r.time_ms / dense_t
             r.extra["goal_time_vs_dense"] = min(1.0, float(bm.density) + 0.05)
-    if ctx.platform == "gpu" and _enough_time(ctx, 30):
-        for causal in (False, True):
-            fn = jax.jit(lambda q, k, v, c=causal: jax.nn.dot_product_attention(q, k, v, is_causal=c,
-                                                                                implementation="cudnn"))
-            name = peers.attention_case_name(B, SL, SL, H, H, D, causal=causal)
-            shape = dict(B=B, Sq=SL, Skv=SL, Hq=H, Hkv=H, D=D, dtype=jnp.dtype(dtype).name, causal=causal)
-            flop = W.attention_flops(W.dense_block_mask(SL, SL, causal), B, H, D)
-            try:
-                t = timing.time_fn(fn, _inputs(B, SL, SL, H, H, D, dtype, False), iters=10)
-                ctx.record(Result(SUITE, name, "cudnn", shape, t.ms, flops=flop, spread=t.spread))
-            except Exception as e:  # noqa: BLE001
-                ctx.record(Result(SUITE, name, "cudnn", shape, None, error=str(e)[:600]))
+    if ctx.platform != "gpu":
+        return
+    for causal in (False, True):
+        fn = jax.jit(lambda q, k, v, c=causal: jax.nn.dot_product_attention(q, k, v, is_causal=c,
+                                                                            implementation="cudnn"))
+        name = peers.attention_case_name(B, SL, SL, H, H, D, causal=causal)
+        shape = dict(B=B, Sq=SL, Skv=SL, Hq=H, Hkv=H, D=D, dtype=jnp.dtype(dtype).name, causal=causal)
+        flop = W.attention_flops(W.dense_block_mask(SL, SL, causal), B, H, D)
+        try:
+            t = timing.time_fn(fn, _inputs(B, SL, SL, H, H, D, dtype, False), iters=10)
+            ctx.record(Result(SUITE, name, "cudnn", shape, t.ms, flops=flop, spread=t.spread))
+        except Exception as e:  # noqa: BLE001
+            ctx.record(Result(SUITE, name, "cudnn", shape, None, error=str(e)[:600]))
 
-    # 3. The same random 11%-dense block mask as FlexAttention.
-    bm = random_block_mask(S, 0.11, seed=11, block=blk)
-    for backward in (False, True):
-        if not _enough_time(ctx, 60):
-            break
-        name = peers.attention_case_name(B, S, S, H, H, D, causal=False, block_mask=bm, backward=backward)
-        time_ours(ctx, name, bm, B, S, S, H, H, D, dtype, backward=backward)
-        _peers(ctx, B, S, S, H, H, D, dtype, causal=False, block_mask=bm, backward=backward, name=name)
 
-    # 4. Packed documents + causal sliding window (mask work in partial blocks).
-    if _enough_time(ctx, 60):
-        rng = np.random.default_rng(3)
-        cuts = np.sort(rng.choice(np.arange(1, S), size=max(1, S // 2048), replace=False))
-        ids = np.zeros(S, np.int32)
-        ids[cuts] = 1
-        ids = np.cumsum(ids).astype(np.int32)
-        m = masks.and_masks(masks.document(ids), masks.sliding_window(S // 4, causal=True))
-        bm = sj.create_block_mask(m, None, None, S, S, block_size=blk)
-        name = peers.attention_case_name(B, S, S, H, H, D, causal=True, block_mask=bm, backward=True) + " docs+window"
-        time_ours(ctx, name, bm, B, S, S, H, H, D, dtype, backward=True)
-        if ctx.platform == "gpu":
-            from benchmarks import peers_torch
-            flop = W.attention_flops(bm, B, H, D, backward=True)
-            shape = dict(B=B, Sq=S, Skv=S, Hq=H, Hkv=H, D=D, dtype=jnp.dtype(dtype).name, backward=True,
-                         density=round(float(bm.density), 6))
-            try:
-                t = peers_torch.time_flex(B, S, S, H, H, D, dtype, bm, backward=True)
-                ctx.record(Result(SUITE, name, "torch_flex", shape, t.ms, flops=flop, spread=t.spread))
-            except Exception as e:  # noqa: BLE001
-                ctx.record(Result(SUITE, name, "torch_flex", shape, None, error=str(e)[:600]))
+def _decode(ctx, z):
+    """GQA decode: bandwidth bound (bytes = the K/V cache read once)."""
+    D, dtype, blk = z["D"], z["dtype"], z["block"]
+    Bd, Sq, Skv, Hq, Hkv = z["decode"]
+    bm = sj.create_block_mask(masks.full, None, None, Sq, Skv, block_size=(16, blk))
+    name = f"decode B={Bd} Sq={Sq} Skv={Skv} H={Hq}/{Hkv} D={D}"
+    r = time_ours(ctx, name, bm, Bd, Sq, Skv, Hq, Hkv, D, dtype, backward=False)
+    r.bytes = float(2 * Bd * Skv * Hkv * D * jnp.dtype(dtype).itemsize)
+    if ctx.platform == "gpu":
+        fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+        shape = dict(B=Bd, Sq=Sq, Skv=Skv, Hq=Hq, Hkv=Hkv, D=D, dtype=jnp.dtype(dtype).name)
+        try:
+            t = timing.time_fn(fn, _inputs(Bd, Sq, Skv, Hq, Hkv, D, dtype, False))
+            ctx.record(Result(SUITE, name, "cudnn", shape, t.ms, bytes=r.bytes, spread=t.spread))
+        except Exception as e:  # noqa: BLE001
+            ctx.record(Result(SUITE, name, "cudnn", shape, None, error=str(e)[:600]))
 
-    # 5. GQA decode: bandwidth bound (bytes = the K/V cache read once).
-    if _enough_time(ctx, 40):
-        Bd, Sq, Skv, Hq, Hkv = z["decode"]
-        bm = sj.create_block_mask(masks.full, None, None, Sq, Skv, block_size=(16, blk))
-        name = f"decode B={Bd} Sq={Sq} Skv={Skv} H={Hq}/{Hkv} D={D}"
-        r = time_ours(ctx, name, bm, Bd, Sq, Skv, Hq, Hkv, D, dtype, backward=False)
-        r.bytes = float(2 * Bd * Skv * Hkv * D * jnp.dtype(dtype).itemsize)
-        if ctx.platform == "gpu":
-            fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
-            shape = dict(B=Bd, Sq=Sq, Skv=Skv, Hq=Hq, Hkv=Hkv, D=D, dtype=jnp.dtype(dtype).name)
-            try:
-                t = timing.time_fn(fn, _inputs(Bd, Sq, Skv, Hq, Hkv, D, dtype, False))
-                ctx.record(Result(SUITE, name, "cudnn", shape, t.ms, bytes=r.bytes, spread=t.spread))
-            except Exception as e:  # noqa: BLE001
-                ctx.record(Result(SUITE, name, "cudnn", shape, None, error=str(e)[:600]))
+
+def run(ctx) -> list[Result]:
+    """Every case of :func:`plan` in order; one whose estimate exceeds the suite's time left is
+    skipped (one "skipped cases" row lists them) and smaller later ones still run."""
+    skipped = []
+    for label, est, go in plan(ctx):
+        left = ctx.time_left()
+        if left is not None and not ctx.quick and left < est:
+            skipped.append(label)
+            continue
+        go()
+    if skipped:
+        ctx.log("skipped (time): " + ", ".join(skipped))
+        ctx.record(Result(SUITE, "skipped cases", f"sparse_jax/{ctx.backend}", {}, None, extra=dict(summary=False),
+                          error="skipped: not enough of the suite's time left for: " + ", ".join(skipped)))
     return []
-

@@ -178,7 +178,7 @@ def run(ctx) -> list[Result]:
             idx = stratified_indices(jax.random.key(Skv), B, Sq, Hkv, topk, Skv, q_offset=Skv - Sq)
             pairs = float(B * Sq * Hq * topk)
             for backward in (False, True):
-                if not _enough(ctx, 60):
+                if not _enough(ctx, 4):
                     return ctx.results
                 name = f"token Sq={Sq} Skv={Skv} topk={topk} Hq={Hq} Hkv={Hkv} D={D}" + (" fwd+bwd" if backward else "")
                 shape = dict(B=B, Sq=Sq, Skv=Skv, Hq=Hq, Hkv=Hkv, D=D, topk=topk, backward=backward,
@@ -201,7 +201,7 @@ def run(ctx) -> list[Result]:
         pairs = float(B * Sq * Hq * n * bs)
         for backward in (False, True):
             for order in ("query", "kv"):
-                if not _enough(ctx, 60):
+                if not _enough(ctx, 4):
                     return ctx.results
                 name = (f"block Sq={Sq} Skv={Skv} {n}x{bs} Hq={Hq} Hkv={Hkv} D={D}" + (" fwd+bwd" if backward else ""))
                 shape = dict(B=B, Sq=Sq, Skv=Skv, Hq=Hq, Hkv=Hkv, D=D, n_blocks=n, block=bs, loop_order=order,
@@ -234,7 +234,7 @@ def run(ctx) -> list[Result]:
     # 3. Indexers: flat (exact) vs hierarchical.
     Hi, Di = z["Hi"], z["Di"]
     for Skv in z["Skvs"]:
-        if not _enough(ctx, 90):
+        if not _enough(ctx, 10):
             break
         shape = dict(B=B, Sq=Sq, Skv=Skv, Hi=Hi, Di=Di, topk=topk, dtype=jnp.dtype(dtype).name)
         make = lambda i, Skv=Skv: (rnd(10 * i, (B, Sq, Hi, Di)), rnd(10 * i + 1, (B, Skv, Di)),

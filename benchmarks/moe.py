@@ -14,7 +14,9 @@ the same work:
 * ``torch_moe``: ``benchmarks.peers.torch_moe`` (``torch._grouped_mm``).
 
 Forward latency at every T; forward + backward (gradients of x, router and all expert
-weights) at T >= 512. Each row's ``extra`` carries ``floor_ms``: the time to read the
+weights) at T = 512, 2048, 8192; the Zipf router at T = 512, 8192 (``model_plan``: each
+model's cases most important first; each model gets a weighted share of the suite's time
+and skips, with a recorded reason, what does not fit). Each row's ``extra`` carries ``floor_ms``: the time to read the
 active experts' weights once at the measured copy bandwidth, and ``vs_floor``.
 
 Subsets for a time-limited GPU run (environment): ``SJ_MOE_MODELS`` (comma list of
@@ -119,7 +121,7 @@ def _active_experts(x, rw, top_k):
 
 
 def _time(fn, make, quick):
-    kw = dict(warmup=1, iters=3, rotations=2) if quick else dict(warmup=3, iters=20, rotations=3)
+    kw = dict(warmup=1, iters=3, rotations=2) if quick else dict(warmup=2, iters=10, rotations=2)
     return timing.time_fn(fn, make, **kw)
 
 
@@ -197,7 +199,31 @@ def _weights(E, D, F, dtype, seed=100):
             timing.random_normal(seed + 2, (E, F, D), dtype, scale=F ** -0.5))
 
 
+# Share of the suite's time per model (Mixtral first: the README's headline plots).
+MODEL_WEIGHTS = {"mixtral-8x7b": 0.45, "qwen2-57b-a14b": 0.25, "deepseek-v3": 0.30}
+# T of the fwd+bwd and of the Zipf-router cases (full runs; uniform fwd runs every T).
+BACKWARD_TOKENS = (512, 2048, 8192)
+ZIPF_TOKENS = (512, 8192)
+
+
+def model_plan(tokens, routers, backward: bool, bwd_min: int, quick: bool) -> list[tuple[int, str, bool]]:
+    """One model's (T, router, backward) cases, most important first: uniform forward at every
+    T, uniform fwd+bwd, then the Zipf router (forward, then fwd+bwd at the smallest T)."""
+    first, rest = routers[0], routers[1:]
+    bwd_t = [T for T in tokens if T >= bwd_min and (quick or T in BACKWARD_TOKENS)] if backward else []
+    out = [(T, first, False) for T in tokens] + [(T, first, True) for T in bwd_t]
+    for r in rest:
+        zt = [T for T in tokens if quick or T in ZIPF_TOKENS] or list(tokens[-1:])
+        out += [(T, r, False) for T in zt] + [(T, r, True) for T in bwd_t[:1]]
+    return out
+
+
+def _est_s(T, backward):
+    return (6.0 if backward else 3.0) + (3.0 if T >= 8192 else 0.0)
+
+
 def run(ctx) -> list[Result]:
+    import time
     models = QUICK_MODELS if ctx.quick else MODELS
     names = _env_list("SJ_MOE_MODELS", models)
     tokens = _env_list("SJ_MOE_TOKENS", QUICK_TOKENS if ctx.quick else TOKENS, int)
@@ -207,16 +233,29 @@ def run(ctx) -> list[Result]:
     bwd_min = QUICK_TOKENS[-1] if ctx.quick else BACKWARD_MIN_T
     dtype = jnp.bfloat16
     results: list[Result] = []
-    plan = [(m, T, r, b) for m in names for r in routers for T in tokens
-            for b in ((False, True) if backward and T >= bwd_min else (False,))]
-    plan.sort(key=lambda c: (names.index(c[0]), c[1], c[3], c[2]))  # routers of one T back to back
-    weights, current, jitted = None, None, {}
-    for model, T, router, bwd in ctx.progress(plan, desc="moe"):
+    for mi, model in enumerate(names):
         E, k, D, F = models[model]
-        if current != model:  # one layer of weights at a time (DeepSeek-V3: 22.5 GB in bf16)
-            weights, jitted = None, {}
-            gc.collect()
-            jax.clear_caches()
-            weights, current = _weights(E, D, F, dtype), model
-        results.extend(_case(ctx, model, E, k, D, F, T, router, weights, bwd, peers, jitted))
+        cases = model_plan(tokens, routers, backward, bwd_min, ctx.quick)
+        left = ctx.time_left()
+        deadline = None
+        if left is not None:  # this model's share of what is left; unused time flows to the next
+            w = [MODEL_WEIGHTS.get(m, 1.0 / len(names)) for m in names[mi:]]
+            deadline = time.monotonic() + left * w[0] / sum(w)
+        weights, jitted = None, {}
+        gc.collect()
+        jax.clear_caches()
+        weights = _weights(E, D, F, dtype)  # one layer at a time (DeepSeek-V3: 22.5 GB in bf16)
+        skipped = []
+        for T, router, bwd in ctx.progress(cases, desc=f"moe {model}"):
+            if deadline is not None and deadline - time.monotonic() < _est_s(T, bwd):
+                skipped.append(f"T={T} {router}{' fwd+bwd' if bwd else ''}")
+                continue
+            results.extend(_case(ctx, model, E, k, D, F, T, router, weights, bwd, peers, jitted))
+        if skipped:
+            ctx.log(f"{model}: out of its time share, skipped " + ", ".join(skipped))
+            results.append(ctx.record(Result("moe", f"{model} skipped cases", f"sparse_jax/{ctx.backend}",
+                                             dict(model=model), None, extra=dict(summary=False),
+                                             error="skipped: out of the model's time share: "
+                                                   + ", ".join(skipped))))
+        weights, jitted = None, {}
     return results

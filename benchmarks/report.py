@@ -113,6 +113,8 @@ def _cell(s) -> str:
 def _note(r: dict) -> str:
     if r.get("error"):
         err = str(r["error"]).strip().splitlines()
+        if err and err[0].lower().startswith("skipped"):
+            return err[0][:200]
         return "error: " + (err[-1] if err else "?")[:160]
     extra = r.get("extra") or {}
     return str(extra.get("note", ""))
@@ -162,10 +164,11 @@ def markdown(data: dict) -> str:
               "FLOPs count computed blocks only; speed-up is the main peer's time over this row's (>1: faster).", ""]
     suites = meta.get("suites") or {}
     if suites:
-        lines += ["| suite | status | results | errors | seconds |", "|---|---|---|---|---|"]
+        lines += ["| suite | status | results | errors | skipped | seconds | budget s |", "|---|---|---|---|---|---|---|"]
         for name, st in suites.items():
             lines.append(f"| {name} | {st.get('status')} | {st.get('n_results', 0)} | {st.get('n_errors', 0)} | "
-                         f"{_fmt(st.get('seconds'), '.0f')} |")
+                         f"{st.get('n_skipped', 0)} | {_fmt(st.get('seconds'), '.0f')} | "
+                         f"{_fmt(st.get('budget_s'), '.0f')} |")
         lines.append("")
         for name, st in suites.items():
             if st.get("status") in ("error", "timeout") and st.get("error"):

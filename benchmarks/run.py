@@ -31,6 +31,13 @@ import traceback  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 SUITES = ("attention", "moe", "gmm", "tables", "selection", "indexed", "roofline_tpu")
+# Relative share of ``--budget-s`` per suite (about the seconds each needs in a ~480 s H100 run).
+# A suite gets ``time left * its weight / weights of the suites still to run``, so time an
+# early suite leaves unused flows to the later ones; unknown suites weigh DEFAULT_WEIGHT.
+WEIGHTS = {"attention": 130, "moe": 110, "gmm": 85, "tables": 40, "selection": 85, "indexed": 45,
+           "roofline_tpu": 20}
+DEFAULT_WEIGHT = 60
+SKIP_PREFIX = "skipped"  # a Result whose error starts with this is a recorded skip, not a failure
 BACKEND_FOR_PLATFORM = {"gpu": "triton", "tpu": "mosaic_tpu", "cpu": "xla"}
 
 
@@ -155,8 +162,23 @@ def run_suite(name: str, ctx: Context, budget_s: float | None) -> tuple[list, di
     results = [_coerce(r, name) for r in ctx.results if id(r) not in seen] + [_coerce(r, name) for r in returned]
     status["seconds"] = round(time.monotonic() - start, 2)
     status["n_results"] = len(results)
-    status["n_errors"] = sum(r.error is not None for r in results)
+    skipped = [is_skip(r) for r in results]
+    status["n_errors"] = sum(r.error is not None and not sk for r, sk in zip(results, skipped))
+    status["n_skipped"] = sum(skipped)
+    if budget_s is not None:
+        status["budget_s"] = round(budget_s, 1)
     return results, status
+
+
+def is_skip(r) -> bool:
+    """A deliberate skip (too big for this device / budget), recorded with its reason."""
+    return r.error is not None and str(r.error).lstrip().lower().startswith(SKIP_PREFIX)
+
+
+def share(budget_s: float, elapsed_s: float, suites_left: list[str]) -> float:
+    """Seconds for ``suites_left[0]``: what is left of the budget, split by weight."""
+    w = [WEIGHTS.get(s, DEFAULT_WEIGHT) for s in suites_left]
+    return max((budget_s - elapsed_s) * w[0] / sum(w), 1.0)
 
 
 def _short_tb(limit: int = 4000) -> str:
@@ -172,7 +194,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="small sizes (CPU smoke runs)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="output directory")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="total seconds for the suites; each gets an equal share of what is left")
+                   help="total seconds for the suites; each gets a weighted share (run.WEIGHTS) of what is left")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return p.parse_args(argv)
 
@@ -201,17 +223,17 @@ def main(argv=None) -> str:
     meta = dict(env, backend=backend, quick=args.quick, ceilings=ceil, argv=sys.argv[1:], suites={})
     results: list = []
     for i, name in enumerate(suites):
-        share = None
+        budget = None
         if args.budget_s is not None:
-            left = args.budget_s - (time.monotonic() - t_start)
-            share = max(left / (len(suites) - i), 1.0)
-        rs, status = run_suite(name, ctx, share)
+            budget = share(args.budget_s, time.monotonic() - t_start, suites[i:])
+        rs, status = run_suite(name, ctx, budget)
         results.extend(rs)
         meta["suites"][name] = status
         line = f"suite {name}: {status['status']}"
         if status["status"] not in ("missing",):
-            line += f", {status.get('n_results', 0)} results ({status.get('n_errors', 0)} with errors) " \
-                    f"in {status['seconds']:.1f} s"
+            line += f", {status.get('n_results', 0)} results ({status.get('n_errors', 0)} with errors, " \
+                    f"{status.get('n_skipped', 0)} skipped) in {status['seconds']:.1f} s" \
+                    + (f" of {budget:.0f} s" if budget is not None else "")
         if status.get("error") and status["status"] != "ok":
             line += "\n  " + status["error"].strip().splitlines()[-1]
         print(line, file=sys.stderr, flush=True)

@@ -16,7 +16,7 @@ several budgets:
 Plots ``selection_recall.png`` and ``selection_error.png`` (against density) go to the
 output directory.
 
-Speed (GPU): prefill attention at 32K / 64K / 128K (B=1, Hq=32, Hkv=8, D=128, bf16,
+Speed (GPU): prefill attention at 32K / 64K (128K: ``tune_selection.py``) (B=1, Hq=32, Hkv=8, D=128, bf16,
 structured inputs) end to end — estimate + permute + select + kernel — against dense
 cuDNN, with each stage timed alone (``extra["stage_ms"]``, ``extra["share"]``), PBS with
 the physical gather and with the online (in-kernel) permutation, and XAttention.
@@ -198,8 +198,12 @@ def _time(fn, args, quick):
 
 
 def speed_case(s: int, *, hq=32, hkv=8, d=128, block=128, segment=256, tau=0.9, dtype=jnp.bfloat16,
-               backend="triton", interpret=False, quick=False, log=print, xattention: bool = True) -> list[Result]:
-    """End-to-end prefill attention at one length: PBS (physical / online), XAttention, dense cuDNN."""
+               backend="triton", interpret=False, quick=False, log=print, xattention: bool = True,
+               on_result: Callable | None = None) -> list[Result]:
+    """End-to-end prefill attention at one length: PBS (physical / online), XAttention, dense cuDNN.
+
+    ``on_result(Result)`` is called as each row is made (a suite's ``ctx.record``, so rows
+    survive a time-out later in the case)."""
     name = f"prefill S={s} Hq={hq} Hkv={hkv} D={d}"
     shape = dict(B=1, S=s, Hq=hq, Hkv=hkv, D=d, dtype=jnp.dtype(dtype).name, block=block, segment=segment, tau=tau)
     q, k, v = synthetic_case(0, s, hq, hkv, d, dtype)
@@ -207,8 +211,13 @@ def speed_case(s: int, *, hq=32, hkv=8, d=128, block=128, segment=256, tau=0.9, 
     out: list[Result] = []
     kw = dict(backend=backend, interpret=interpret)
 
+    def keep(r):
+        out.append(r)
+        if on_result is not None:
+            on_result(r)
+
     def record(impl, ms, flops=None, **extra):
-        out.append(Result(SUITE, name, impl, shape, ms, flops=flops, extra=extra))
+        keep(Result(SUITE, name, impl, shape, ms, flops=flops, extra=extra))
         log(f"{name} {impl}: {ms:.2f} ms {extra.get('note', '')}")
 
     cudnn_ms = None
@@ -218,7 +227,7 @@ def speed_case(s: int, *, hq=32, hkv=8, d=128, block=128, segment=256, tau=0.9, 
             cudnn_ms = _time(f, (q, k, v), quick)
             record("cudnn", cudnn_ms, dense_flops, note="dense causal")
         except Exception as e:  # noqa: BLE001
-            out.append(Result(SUITE, name, "cudnn", shape, None, error=f"{type(e).__name__}: {e}"[:300]))
+            keep(Result(SUITE, name, "cudnn", shape, None, error=f"{type(e).__name__}: {e}"[:300]))
 
     dense_bm = W.dense_block_mask(s, s, True, block)
     ours_dense = _time(jax.jit(lambda q, k, v: sj.block_sparse_attention(q, k, v, dense_bm, **kw)), (q, k, v), quick)
@@ -267,19 +276,28 @@ def speed_case(s: int, *, hq=32, hkv=8, d=128, block=128, segment=256, tau=0.9, 
 def _quality_sizes(ctx):
     if ctx.quick or ctx.platform == "cpu":
         return dict(sizes=(2048,), hq=8, hkv=8, d=64, block=64, segment=128, dtype=jnp.float32)
-    return dict(sizes=(8192, 32768), hq=16, hkv=8, d=128, block=128, segment=256, dtype=jnp.bfloat16)
+    return dict(sizes=(8192,), hq=16, hkv=8, d=128, block=128, segment=256, dtype=jnp.bfloat16)
 
 
-def run(ctx) -> list[Result]:
-    results: list[Result] = []
-    cfg = _quality_sizes(ctx)
-    interpret = ctx.backend != "xla" and ctx.platform == "cpu"
-    backend = "xla" if ctx.platform == "cpu" else ctx.backend
+# The quality grid of the all-suites GPU run (each method is a compile + a dense comparison,
+# ~3 s on an H100): two budgets per family around the operating point.
+SUITE_QUALITY = {"xattention 0.9", "xattention 0.95", "pbs 0.9", "pbs 0.95", "pbs_no_perm 0.9", "topk 0.12",
+                 "vertical_slash 0.1"}
+SPEED_SIZES = (32768, 65536)  # 128K: benchmarks/tune_selection.py (a case costs ~2 min of compiles there)
+_SPEED_EST_S = {32768: 35.0, 65536: 60.0}
+_QUALITY_EST_S = 30.0
+
+
+def _quality(ctx, cfg, backend, interpret) -> list[Result]:
     rows = []
-    for s in ctx.progress(cfg["sizes"], desc="selection quality"):
+    for s in cfg["sizes"]:
         q, k, v = synthetic_case(0, s, cfg["hq"], cfg["hkv"], cfg["d"], cfg["dtype"])
+        methods = None
+        if not ctx.quick and ctx.platform != "cpu":
+            methods = [m for m in default_methods(cfg["block"], cfg["segment"], backend, interpret, s)
+                       if m.label in SUITE_QUALITY]
         rows += evaluate_qk(q, k, v, name=f"synthetic S={s}", block_size=cfg["block"], segment_size=cfg["segment"],
-                            backend=backend, interpret=interpret, quick=ctx.quick)
+                            backend=backend, interpret=interpret, quick=ctx.quick, methods=methods)
     path = os.environ.get(QK_ENV)
     if path:
         data = np.load(path)
@@ -287,8 +305,7 @@ def run(ctx) -> list[Result]:
         v = jnp.asarray(data["v"]) if "v" in data else None
         rows += evaluate_qk(q, k, v, name=os.path.basename(path), block_size=cfg["block"],
                             segment_size=cfg["segment"], backend=backend, interpret=interpret, quick=ctx.quick)
-    for r in quality_results(rows):
-        results.append(ctx.record(r))
+    results = [ctx.record(r) for r in quality_results(rows)]
     os.makedirs(ctx.out, exist_ok=True)
     with open(os.path.join(ctx.out, "selection_quality.json"), "w") as f:
         json.dump(rows, f, indent=1)
@@ -296,12 +313,38 @@ def run(ctx) -> list[Result]:
         plot_quality(rows, ctx.out)
     except Exception as e:  # noqa: BLE001 - plots are a convenience
         ctx.log(f"plots failed: {e}")
-    if ctx.platform == "gpu" and not ctx.quick:
-        for s in (32768, 65536, 131072):
-            left = ctx.time_left()
-            if left is not None and left < 60:
-                ctx.log(f"skipping S={s}: {left:.0f}s left")
-                break
-            for r in speed_case(s, backend=ctx.backend, log=ctx.log, xattention=s <= 65536):
-                results.append(ctx.record(r))
+    return results
+
+
+def run(ctx) -> list[Result]:
+    """GPU: prefill speed at 32K first (PBS / XAttention vs cuDNN), then the quality grid at 8K,
+    then speed at 64K, each only if the suite's time left covers its estimate. CPU: quality."""
+    results: list[Result] = []
+    cfg = _quality_sizes(ctx)
+    interpret = ctx.backend != "xla" and ctx.platform == "cpu"
+    backend = "xla" if ctx.platform == "cpu" else ctx.backend
+
+    def enough(what, need):
+        left = ctx.time_left()
+        if left is not None and left < need:
+            ctx.log(f"skipping {what}: {left:.0f} s left, needs ~{need:.0f} s")
+            results.append(ctx.record(Result(SUITE, what, f"sparse_jax/{ctx.backend}", {}, None,
+                                             extra=dict(summary=False),
+                                             error=f"skipped: {left:.0f} s left in the suite, needs ~{need:.0f} s")))
+            return False
+        return True
+
+    speed = ctx.platform == "gpu" and not ctx.quick
+
+    def speed_at(s):
+        if enough(f"prefill S={s}", _SPEED_EST_S[s]):
+            results.extend(speed_case(s, backend=ctx.backend, log=ctx.log, xattention=True, on_result=ctx.record))
+
+    if speed:
+        speed_at(SPEED_SIZES[0])
+    if not speed or enough("quality", _QUALITY_EST_S):
+        results += _quality(ctx, cfg, backend, interpret)
+    if speed:
+        for s in SPEED_SIZES[1:]:
+            speed_at(s)
     return results

@@ -242,3 +242,27 @@ def test_flex_block_mask_conversion_matches_sparse_jax():
         t = lambda x: torch.from_numpy(x).permute(0, 2, 1, 3).contiguous().to(dev)  # noqa: E731
         out = attn(t(q), t(k), t(v)).permute(0, 2, 1, 3).cpu().numpy()
         np.testing.assert_allclose(out, ref, atol=2e-5 if dev == "cpu" else 2e-2)  # tf32 on GPU
+
+
+def test_weighted_budget_shares_and_skips():
+    suites = list(run.SUITES)
+    shares = [run.share(480.0, 0.0, suites[i:]) for i in range(len(suites))]
+    assert shares[-1] == 480.0  # the last suite gets all that is left
+    w = [run.WEIGHTS[s] for s in suites]
+    assert abs(shares[0] - 480.0 * w[0] / sum(w)) < 1e-9
+    # The first suite finishing in 10 s of its share leaves time that flows to the later ones.
+    assert run.share(480.0, 10.0, suites[1:]) > 480.0 * w[1] / sum(w)
+    assert run.is_skip(Result("s", "n", "i", {}, None, error="skipped: too big"))
+    assert not run.is_skip(Result("s", "n", "i", {}, None, error="ValueError: x"))
+    assert not run.is_skip(Result("s", "n", "i", {}, 1.0))
+
+
+def test_suite_plans_put_headline_cases_first():
+    from benchmarks import gmm, moe
+    p = gmm.plan(quick=False)
+    assert [(c["model"], c["M"]) for c in p[:3]] == [("mixtral-8x7b", 512), ("mixtral-8x7b", 4096),
+                                                    ("mixtral-8x7b", 32768)]
+    assert sum(c["backward"] for c in p) == 1 and all(c["dist"] == "uniform" for c in p[:9])
+    mp = moe.model_plan(moe.TOKENS, moe.ROUTERS, True, moe.BACKWARD_MIN_T, quick=False)
+    assert mp[:6] == [(T, "uniform", False) for T in moe.TOKENS]
+    assert all(b for _, _, b in mp[6:9]) and {r for _, r, _ in mp[9:]} == {"zipf"}
