@@ -77,9 +77,11 @@ PRESETS = {
                   native_steps=300, eval_batches=4, speed_len=512, speed_batch=1, dtype="float32", budget_s=2400,
                   mqar_pairs=4, needles=2, vocab=tasks.Vocab(128, 32, 32), model=(("qk_norm", True),),
                   thresholds=(0.9, 0.7), fractions=(1 / 2, 1 / 4), native=("moe", "nsa")),
-    "gpu": Preset("gpu", "small", seq_len=1024, block_size=64, batch_size=32, steps=1200, lr=2e-3, warmup=100,
-                  native_steps=500, eval_batches=8, speed_len=16384, speed_batch=1, dtype="bfloat16", budget_s=420,
-                  mqar_pairs=16, needles=4, vocab=tasks.Vocab(512, 128, 128), thresholds=(0.9, 0.6),
+    # 1024 tokens / 16 pairs / 1200 steps stayed at chance on the H100 (answer loss 4.72, 2026-11-22):
+    # a shorter, easier task with 2.5x the steps (dense ~1.4k steps/min there).
+    "gpu": Preset("gpu", "small", seq_len=512, block_size=64, batch_size=32, steps=3000, lr=3e-3, warmup=100,
+                  native_steps=800, eval_batches=8, speed_len=16384, speed_batch=1, dtype="bfloat16", budget_s=420,
+                  mqar_pairs=8, needles=4, vocab=tasks.Vocab(256, 64, 64), thresholds=(0.9, 0.6),
                   fractions=(1 / 4, 1 / 16), train_share=0.35,
                   model=(("d_model", 384), ("num_heads", 6), ("num_kv_heads", 2), ("qk_norm", True),
                          ("ffn", C.FFNSpec("dense", 1024)))),

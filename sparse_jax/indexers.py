@@ -129,6 +129,8 @@ def lightning_indexer(q_idx, k_idx, weights, topk: int, *, causal: bool = True, 
       indices int32 [B, Sq, topk], descending by score, -1 where fewer keys are allowed.
     """
     topk = _validate(q_idx, k_idx, weights, topk, "lightning_indexer")
+    # Selection is not differentiable (the kernels have no JVP): the scores are constants to autodiff.
+    q_idx, k_idx, weights = jax.lax.stop_gradient((q_idx, k_idx, weights))
     B, Sq, _, _ = q_idx.shape
     Skv = k_idx.shape[1]
     backend = backends.resolve(backend, op="lightning_indexer")
@@ -172,6 +174,8 @@ def hierarchical_indexer(q_idx, k_idx, weights, topk: int, *, block_size: int = 
     :func:`topk_overlap`).
     """
     topk = _validate(q_idx, k_idx, weights, topk, "hierarchical_indexer")
+    # Selection is not differentiable (the kernels have no JVP): the scores are constants to autodiff.
+    q_idx, k_idx, weights = jax.lax.stop_gradient((q_idx, k_idx, weights))
     B, Sq, _, _ = q_idx.shape
     Skv = k_idx.shape[1]
     bs = _pow2("block_size", block_size)

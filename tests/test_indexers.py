@@ -197,3 +197,24 @@ def test_indexer_lowering(platform, backend):
                lambda q, k, w: sj.hierarchical_indexer(q, k, w, 128, backend=backend)):
         text = _compat.export(fn, platform, *args).mlir_module()
         assert "lightning_indexer" in text
+
+
+def test_indexers_are_constants_to_autodiff(kernel_backend):
+    """Differentiating a loss that flows through the selection (the DSA layer's training step)
+    must not try to differentiate the kernels: the selection is a constant to autodiff."""
+    if kernel_backend[0] == "mosaic_tpu":
+        pytest.skip("one backend is enough: the stop_gradient sits in the shared op")
+    q, k, w = _inputs(3, 1, 40, 40, 2, 16)
+    kw = _kw(kernel_backend)
+
+    def loss(q, fn):
+        idx = fn(q)
+        kg = jnp.take(k[0], jnp.maximum(idx[0], 0), axis=0)  # [Sq, topk, Di]
+        return jnp.sum(jnp.where(idx[0, ..., None] >= 0, kg, 0.0) * q[0, :, 0][:, None, :])
+
+    flat = lambda q: sj.lightning_indexer(q, k, w, 8, **kw)
+    hier = lambda q: indexers.hierarchical_indexer(q, k, w, 8, block_size=16, num_blocks=2, **kw)
+    for fn in (flat, hier):
+        g = jax.grad(loss)(q, fn)
+        assert g.shape == q.shape and bool(jnp.all(jnp.isfinite(g)))
+        assert float(jnp.abs(g).sum()) > 0  # the gradient still flows through the gathered values
