@@ -23,6 +23,7 @@ from typing import Iterator
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,3 +248,23 @@ def override(tiling: Tiling) -> Iterator[None]:
 
 def current_override() -> Tiling | None:
     return _OVERRIDE[-1] if _OVERRIDE else None
+
+
+def gmm_cost(M: int, K: int, N: int, fusion, *, lhs_reads: int, weight_reads: int, itemsize: int,
+             out_dtypes) -> pl.CostEstimate:
+    """XLA's cost hint for a gmm launch: ``lhs_reads`` passes over the [M, K] rows (one per N
+    tile), ``weight_reads`` [K, N] weight matrices per operand (groups or row tiles)."""
+    return pl.CostEstimate(
+        flops=2 * M * K * N * fusion.num_terms,
+        bytes_accessed=(M * K * fusion.num_lhs * lhs_reads + weight_reads * K * N * fusion.num_rhs) * itemsize
+        + M * N * sum(jnp.dtype(d).itemsize for d in out_dtypes),
+        transcendentals=M * N if fusion.epilogue != "none" else 0)
+
+
+def tgmm_cost(M: int, K: int, N: int, G: int, P: int, *, n_tiles: int, k_tiles: int, itemsize: int,
+              out_dtype) -> pl.CostEstimate:
+    """XLA's cost hint for a transposed gmm launch: P [G, K, N] outputs from [M, K] and P [M, N]."""
+    return pl.CostEstimate(
+        flops=2 * M * K * N * P,
+        bytes_accessed=(M * K * n_tiles + M * N * P * k_tiles) * itemsize + G * K * N * P * jnp.dtype(out_dtype).itemsize,
+        transcendentals=0)

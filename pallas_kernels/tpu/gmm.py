@@ -93,11 +93,8 @@ def forward(xs, ws, meta: GroupMetadata, *, fusion: Fusion, tiles: Tiles, transp
     w_block = (None, tn, tk) if transpose_rhs else (None, tk, tn)
     in_specs = [pl.BlockSpec((tm, tk), x_map)] * fusion.num_lhs + [pl.BlockSpec(w_block, w_map)] * fusion.num_rhs
     itemsize = jnp.dtype(xs[0].dtype).itemsize
-    cost = pl.CostEstimate(
-        flops=2 * M * K * N * fusion.num_terms,
-        bytes_accessed=(M * K * fusion.num_lhs * nt + meta.max_tiles * K * N * fusion.num_rhs) * itemsize
-        + M * N * sum(jnp.dtype(d).itemsize for d in out_dtypes),
-        transcendentals=M * N if fusion.epilogue != "none" else 0)
+    cost = gmm_plan.gmm_cost(M, K, N, fusion, lhs_reads=nt, weight_reads=meta.max_tiles, itemsize=itemsize,
+                             out_dtypes=out_dtypes)
     call = pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct((M, N), d) for d in out_dtypes],

@@ -69,10 +69,7 @@ def transposed(lhs, rhs, meta: GroupMetadata, *, tiles: Tiles, out_dtype, interp
         return tg[t], k_i, n_i
 
     itemsize = jnp.dtype(lhs.dtype).itemsize
-    cost = pl.CostEstimate(
-        flops=2 * M * K * N * P,
-        bytes_accessed=(M * K * nt + M * N * P * kt) * itemsize + G * K * N * P * jnp.dtype(out_dtype).itemsize,
-        transcendentals=0)
+    cost = gmm_plan.tgmm_cost(M, K, N, G, P, n_tiles=nt, k_tiles=kt, itemsize=itemsize, out_dtype=out_dtype)
     call = pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct((G, K, N), out_dtype) for _ in range(P)],

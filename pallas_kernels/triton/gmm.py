@@ -169,11 +169,7 @@ def forward(xs, ws, table, *, launch: int, fusion: Fusion, tiles: Tiles, transpo
         aliases = {len(args) + i: i for i in range(num_out)}
         args += list(existing)
     itemsize = jnp.dtype(in_dtype).itemsize
-    cost = pl.CostEstimate(
-        flops=2 * M * K * N * fusion.num_terms,
-        bytes_accessed=(M * K * fusion.num_lhs * nt + G * K * N * fusion.num_rhs) * itemsize
-        + M * N * sum(jnp.dtype(d).itemsize for d in out_dtypes),
-        transcendentals=M * N if fusion.epilogue != "none" else 0)
+    cost = gmm_plan.gmm_cost(M, K, N, fusion, lhs_reads=nt, weight_reads=G, itemsize=itemsize, out_dtypes=out_dtypes)
     call = pl.pallas_call(
         kernel,
         out_shape=out_shape,
