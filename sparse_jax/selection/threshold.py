@@ -161,3 +161,15 @@ def check_budget(max_kv_blocks, grid: geo.Grid, forced: np.ndarray):
         raise ValueError(f"max_kv_blocks={max_kv_blocks} is below the {need} forced (sink/local) blocks "
                          "some query block needs")
     return min(max_kv_blocks, grid.nk)
+
+
+def threshold_selection(scores, threshold, grid: geo.Grid, *, causal: bool, forced, num_kv_heads: int, gqa: str,
+                        cap: int):
+    """Cumulative-threshold selection of block scores [B, H, nQb, nKb] per head, combined per kv
+    head as ``gqa`` says (see :func:`group_selection`): bool [B, H', nQb, nKb]."""
+
+    def select(x):
+        return cumulative_threshold(x, threshold, causal=causal, q_len=grid.q_len, kv_len=grid.kv_len,
+                                    block_size=grid.block, forced=forced)
+
+    return group_selection(select, scores, num_kv_heads, gqa, cap, forced)

@@ -59,10 +59,7 @@ def threshold_blocks(q, k, *, block_size: int = 128, threshold=0.9, pooling: str
     cap = thr.check_budget(max_kv_blocks, grid, forced)
     s = scores_lib.pooled_block_scores(q, k, block_size=block_size, pooling=pooling, causal=causal, scale=scale)
 
-    def select(x):
-        return thr.cumulative_threshold(x, threshold, causal=causal, q_len=grid.q_len, kv_len=grid.kv_len,
-                                        block_size=block_size, forced=forced)
-
-    sel = thr.group_selection(select, s, k.shape[2], gqa, cap, forced)
+    sel = thr.threshold_selection(s, threshold, grid, causal=causal, forced=forced, num_kv_heads=k.shape[2], gqa=gqa,
+                                  cap=cap)
     bm = to_block_mask(sel, grid, causal=causal, max_kv_blocks=cap)
     return (bm, s) if return_scores else bm

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from sparse_jax.block_mask import BlockMask
 from sparse_jax.selection import _geometry as geo
 from sparse_jax.selection import scores as scores_lib
 from sparse_jax.selection import threshold as thr
@@ -44,10 +43,7 @@ def xattention(q, k, *, block_size: int = 128, stride: int = 8, threshold=0.9, c
     s = scores_lib.antidiagonal_block_scores(q, k, block_size=block_size, stride=stride, causal=causal,
                                              scale=scale, backend=backend, interpret=interpret)
 
-    def select(x):
-        return thr.cumulative_threshold(x, threshold, causal=causal, q_len=grid.q_len, kv_len=grid.kv_len,
-                                        block_size=block_size, forced=forced)
-
-    sel = thr.group_selection(select, s, k.shape[2], gqa, cap, forced)
+    sel = thr.threshold_selection(s, threshold, grid, causal=causal, forced=forced, num_kv_heads=k.shape[2], gqa=gqa,
+                                  cap=cap)
     bm = to_block_mask(sel, grid, causal=causal, max_kv_blocks=cap)
     return (bm, s) if return_scores else bm
