@@ -95,6 +95,8 @@ def refine(mask: Mask, cls, todo, geom: BlockGeometry, *, max_blocks: int | None
     flat = todo.reshape(-1)
     (sel,) = jnp.nonzero(flat, size=cap, fill_value=0)
     count = jnp.minimum(jnp.sum(flat), cap)
+    # Fill slots (past ``count``) point at block 0 too: they must not scatter over its result.
+    dest = jnp.where(jnp.arange(cap) < count, sel, total)
     b, h, qi, ki = jnp.unravel_index(sel, todo.shape)
     n_chunks = -(-cap // per_chunk)
     pad = n_chunks * per_chunk - cap
@@ -109,8 +111,7 @@ def refine(mask: Mask, cls, todo, geom: BlockGeometry, *, max_blocks: int | None
         return jax.lax.dynamic_update_slice(out, _eval_blocks(mask, *part, **kw), (i * per_chunk,))
 
     new = jax.lax.fori_loop(0, (count + per_chunk - 1) // per_chunk, chunk, old)[:cap]
-    new = jnp.where(jnp.arange(cap) < count, new, flat_cls[sel])
-    return flat_cls.at[sel].set(new).reshape(cls.shape)
+    return flat_cls.at[dest].set(new, mode="drop").reshape(cls.shape)
 
 
 def index_lists(flags, max_n: int, xp):

@@ -122,6 +122,20 @@ def test_traced_builders_match_host(problem):
     assert bt.kv_indices.shape[-1] == nk and bt.q_indices.shape[-1] == nq  # static worst case
 
 
+def test_traced_refine_keeps_block_zero():
+    """Regression: the traced refine pads its list of ambiguous blocks with block 0; the padding
+    must not scatter block 0's stale class over its refined one (found by hypothesis in CI)."""
+    always = masks.FnMask(lambda b, h, q, k: (q + k) % 1 == 0)
+    m = masks.or_masks(masks.causal, always)  # the causal diagonal is ambiguous until evaluated
+    leaves, treedef = jax.tree_util.tree_flatten(m)
+    build = jax.jit(lambda sel, *leaves: sj.BlockMask.from_block_bool(
+        sel, 17, 17, 16, jax.tree_util.tree_unflatten(treedef, leaves)))
+    traced = build(jnp.ones((2, 2), bool), *leaves)
+    np.testing.assert_array_equal(np.asarray(traced.block_classes()), np.full((1, 1, 2, 2), T.FULL))
+    host = sj.create_block_mask(m, None, None, 17, 17, 16)
+    np.testing.assert_array_equal(np.asarray(traced.block_classes()), host.block_classes())
+
+
 @given(st.integers(1, 200), st.integers(1, 200), BLOCKS, BLOCKS, st.data())
 def test_from_block_bool_and_kv_blocks_roundtrip(q_len, kv_len, bq, bkv, data):
     nq, nk = -(-q_len // bq), -(-kv_len // bkv)
