@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import time
 import traceback
 
@@ -265,6 +266,7 @@ def run(p: Preset, *, out_dirs: list[str], reuse: bool = False, progress: bool =
                 hist = json.load(f)
         result["notes"].append(f"dense model restored from {ckpt} (trained by an earlier run of this preset)")
     else:
+        shutil.rmtree(ckpt, ignore_errors=True)  # a fresh run replaces an earlier run's checkpoints
         res = T.train(cfg, train_task, tc, ckpt_dir=ckpt, desc="dense", time_limit_s=p.train_share * p.budget_s)
         dense = res.model
         if res.history[-1]["step"] < p.steps:
@@ -307,6 +309,10 @@ def run(p: Preset, *, out_dirs: list[str], reuse: bool = False, progress: bool =
             traceback.print_exc()
         result["swaps"].append(row)
         print(f"[study] {v.name}: {row.get('accuracy')} density {row.get('density_vs_causal')}", flush=True)
+        # Dozens of variants compile hundreds of programs in one process; on the CPU their code
+        # mappings ran the process out of memory maps (LLVM "Cannot allocate memory", then a
+        # segfault in the next training run). Free each variant's executables.
+        jax.clear_caches()
     save()
     speed_deadline = budget.elapsed + 0.45 * budget.left()
     for row, v in zip(result["swaps"], variants):
@@ -348,12 +354,15 @@ def run(p: Preset, *, out_dirs: list[str], reuse: bool = False, progress: bool =
             row["note"] = "skipped: time budget"
             result["native"].append(row)
             continue
+        jax.clear_caches()
         try:
-            ncfg = ncfg.replace(attention=_records(ncfg.attention_for(0)))
+            # Train without the density-recording wrapper: what it sows would change the model
+            # state's structure every step and retrace (recompile) the train step each time.
             res = T.train(ncfg, train_task, ntc, desc=name, time_limit_s=0.8 * share)
+            eval_model, _ = lm.swap_attention(res.model, _records(ncfg.attention_for(0)))
             row.update(params=lm.count_params(res.model), train_s=res.seconds, steps=res.history[-1]["step"],
                        final_loss=float(np.mean([h["task_loss"] for h in res.history[-20:]])),
-                       **evaluate_model(res.model, p, causal_density))
+                       **evaluate_model(eval_model, p, causal_density))
         except Exception as e:
             row["note"] = f"error: {_short(e)}"
             traceback.print_exc()
