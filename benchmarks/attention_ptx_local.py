@@ -235,18 +235,10 @@ def capture(out_dir: str, D: int, S: int, mask: str, fwds, bwds, H: int = 4, pla
     """
     import jax
     import jax.numpy as jnp
-    from jax._src.pallas.triton import lowering
 
+    from benchmarks import triton_ir
     from pallas_kernels.triton import block_sparse_attention as K
     from sparse_jax import _compat
-
-    captured = []
-    original = lowering.lower_jaxpr_to_triton_module
-
-    def spy(*a, **kw):  # the Triton module of every pallas_call lowered
-        result = original(*a, **kw)
-        captured.append(result.module.operation.get_asm(enable_debug_info=False))
-        return result
 
     bm = make_mask(mask, S)
     spec = jax.ShapeDtypeStruct((1, S, H, D), jnp.bfloat16)
@@ -257,11 +249,9 @@ def capture(out_dir: str, D: int, S: int, mask: str, fwds, bwds, H: int = 4, pla
             return _compat.export(fn, "cuda", *([spec] * n_args)).mlir_module()
         return jax.jit(fn).lower(*([spec] * n_args)).as_text()
 
-    lowering.lower_jaxpr_to_triton_module = spy
-    try:
-        jobs = [("fwd", c) for c in fwds] + [("bwd", c) for c in bwds]
-        for kind, cfg in jobs:
-            n0 = len(captured)
+    jobs = [("fwd", c) for c in fwds] + [("bwd", c) for c in bwds]
+    for kind, cfg in jobs:
+        with triton_ir.captured() as texts:
             if kind == "fwd":
                 text = lower(lambda q, k, v, c=cfg: K.forward(q, k, v, bm, None, None, None, None, config=c, **kw), 3)
             else:
@@ -269,18 +259,12 @@ def capture(out_dir: str, D: int, S: int, mask: str, fwds, bwds, H: int = 4, pla
                     o, lse = jax.lax.stop_gradient(K.forward(q, k, v, bm, None, None, None, None, **kw))
                     return K.backward(q, k, v, o, lse, do, bm, None, None, None, None, config=c, **kw)
                 text = lower(fn, 4)
-            calls = re.findall(r'name = "([^"]*)", num_stages = (\d+) : i32, num_warps = (\d+)', text)
-            for ir_text, (name, stages, warps) in zip(captured[n0:], calls):
-                if kind == "bwd" and name.endswith("_fwd"):
-                    continue
-                short = name.replace("block_sparse_attention_", "")
-                base = os.path.join(out_dir, f"D{D}_{mask}_{short}_{config_tag(cfg)}")
-                with open(base + ".ttir", "w") as f:
-                    f.write(ir_text)
-                with open(base + ".json", "w") as f:
-                    json.dump(dict(num_warps=int(warps), num_stages=int(stages), mask=mask, D=D, S=S), f)
-    finally:
-        lowering.lower_jaxpr_to_triton_module = original
+        for name, ir_text, warps, stages in triton_ir.kernel_calls(text, texts):
+            if kind == "bwd" and name.endswith("_fwd"):
+                continue
+            short = name.replace("block_sparse_attention_", "")
+            triton_ir.write_kernel(os.path.join(out_dir, f"D{D}_{mask}_{short}_{config_tag(cfg)}"), ir_text,
+                                   dict(num_warps=warps, num_stages=stages, mask=mask, D=D, S=S))
 
 
 def main():

@@ -30,22 +30,11 @@ SMEM_LIMIT = 232448  # bytes of shared memory per block on sm_90
 
 def capture_ttir(fn, args) -> list[tuple[str, str, int, int]]:
     """(kernel name, Triton IR text, num_warps, num_stages) of every Pallas call in fn(*args)."""
-    from jax._src.pallas.triton import lowering
+    from benchmarks import triton_ir
     from sparse_jax import _compat
-    texts = []
-    orig = lowering.lower_jaxpr_to_triton_module
-
-    def grab(*a, **k):
-        res = orig(*a, **k)
-        texts.append(res.module.operation.get_asm(enable_debug_info=False))
-        return res
-    lowering.lower_jaxpr_to_triton_module = grab
-    try:
+    with triton_ir.captured() as texts:
         hlo = _compat.export(fn, "cuda", *args).mlir_module()
-    finally:
-        lowering.lower_jaxpr_to_triton_module = orig
-    calls = re.findall(r'name = "([^"]*)", num_stages = (\d+) : i32, num_warps = (\d+)', hlo)
-    return [(n, t, int(w), int(s)) for t, (n, s, w) in zip(texts, calls)]
+    return triton_ir.kernel_calls(hlo, texts)
 
 
 def ptxas_report(ptx: str) -> dict:

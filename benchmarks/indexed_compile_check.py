@@ -83,36 +83,18 @@ def _cases():
 
 def capture(out_dir: str, only: str | None = None) -> None:
     """Write ``<tag>_<kernel>.ttir`` and ``.json`` (num_warps, num_stages) per Pallas call."""
-    from jax._src.pallas.triton import lowering
-
+    from benchmarks import triton_ir
     from pallas_kernels.triton import indexed_attention as K
     from sparse_jax import _compat
 
-    captured = []
-    original = lowering.lower_jaxpr_to_triton_module
-
-    def spy(*a, **kw):
-        result = original(*a, **kw)
-        captured.append(result.module.operation.get_asm(enable_debug_info=False))
-        return result
-
-    lowering.lower_jaxpr_to_triton_module = spy
-    try:
-        for tag, fn, args, cfg in _cases():
-            if only and not re.search(only, tag):
-                continue
-            n0 = len(captured)
-            with K.config_override(**cfg):
-                text = _compat.export(fn, "cuda", *args).mlir_module()
-            calls = re.findall(r'name = "([^"]*)", num_stages = (\d+) : i32, num_warps = (\d+)', text)
-            for ir, (name, stages, warps) in zip(captured[n0:], calls):
-                base = os.path.join(out_dir, f"{tag}__{name}")
-                with open(base + ".ttir", "w") as f:
-                    f.write(ir)
-                with open(base + ".json", "w") as f:
-                    json.dump(dict(num_warps=int(warps), num_stages=int(stages)), f)
-    finally:
-        lowering.lower_jaxpr_to_triton_module = original
+    for tag, fn, args, cfg in _cases():
+        if only and not re.search(only, tag):
+            continue
+        with triton_ir.captured() as texts, K.config_override(**cfg):
+            text = _compat.export(fn, "cuda", *args).mlir_module()
+        for name, ir, warps, stages in triton_ir.kernel_calls(text, texts):
+            triton_ir.write_kernel(os.path.join(out_dir, f"{tag}__{name}"), ir,
+                                   dict(num_warps=warps, num_stages=stages))
 
 
 def main() -> int:

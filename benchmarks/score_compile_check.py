@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -38,35 +37,20 @@ SMEM_LIMIT = K.SMEM_LIMIT
 
 def capture(out_dir: str, cases) -> list[dict]:
     """Lower each (label, D, dtype, block, stride, config) and write <label>.ttir / .json."""
-    from jax._src.pallas.triton import lowering
-
+    from benchmarks import triton_ir
     from sparse_jax import _compat
     rows = []
     for label, d, dtype, block, stride, cfg in cases:
-        texts = []
-        orig = lowering.lower_jaxpr_to_triton_module
-
-        def spy(*a, **kw):
-            res = orig(*a, **kw)
-            texts.append(res.module.operation.get_asm(enable_debug_info=False))
-            return res
-        lowering.lower_jaxpr_to_triton_module = spy
-        try:
-            q = jax.ShapeDtypeStruct((1, 4096, 2, d), dtype)
-            k = jax.ShapeDtypeStruct((1, 4096, 1, d), dtype)
+        q = jax.ShapeDtypeStruct((1, 4096, 2, d), dtype)
+        k = jax.ShapeDtypeStruct((1, 4096, 1, d), dtype)
+        with triton_ir.captured() as texts:
             _compat.export(lambda q, k: K.partials(q, k, block_size=block, stride=stride, scale=0.1, causal=True,
                                                    config=cfg)[:2], "cuda", q, k)
-        finally:
-            lowering.lower_jaxpr_to_triton_module = orig
         eff = K.effective_config(cfg, block // stride)
         meta = dict(num_warps=eff.num_warps, num_stages=eff.num_stages, D=d, dtype=jnp.dtype(dtype).name,
                     block=block, stride=stride, block_m=eff.block_m, block_n=eff.block_n,
                     model_smem=K.smem_bytes(eff, d, jnp.dtype(dtype).itemsize))
-        base = os.path.join(out_dir, label)
-        with open(base + ".ttir", "w") as f:
-            f.write(texts[-1])
-        with open(base + ".json", "w") as f:
-            json.dump(meta, f)
+        triton_ir.write_kernel(os.path.join(out_dir, label), texts[-1], meta)
         rows.append(dict(kernel=label, **meta))
     return rows
 
