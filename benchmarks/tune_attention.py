@@ -79,55 +79,28 @@ import numpy as np  # noqa: E402
 import sparse_jax as sj  # noqa: E402
 from benchmarks import flops as W  # noqa: E402
 from benchmarks import timing  # noqa: E402
+from benchmarks.tune_run import TuneRun  # noqa: E402
 from pallas_kernels.triton import attention_bwd  # noqa: E402
 from pallas_kernels.triton import attention_configs as cfgs  # noqa: E402
 from pallas_kernels.triton import block_sparse_attention as K  # noqa: E402
 from pallas_kernels.triton.attention_configs import BwdConfig, FwdConfig  # noqa: E402
 from sparse_jax import masks  # noqa: E402
 
-OUT = os.environ.get("OUT", "/tmp")
-START = time.monotonic()
 ARGS = None
 REPORT: dict = {"meta": {}, "correctness": [], "fwd": [], "bwd_kernels": [], "fwd_bwd": [], "baselines": [],
                 "sparsity": [], "flex": [], "decode": [], "evidence": {}, "best": {}, "errors": [],
                 "precheck": {}, "skipped": [], "crashes": []}
+RUN = TuneRun("tune_attention", REPORT)
+OUT = RUN.out
 
 
 # -- plumbing ------------------------------------------------------------------------------------
-def left() -> float:
-    return ARGS.budget_s - (time.monotonic() - START)
-
-
-def log(msg):
-    print(f"[{time.monotonic() - START:6.1f}s] {msg}", flush=True)
-
-
-def save():
-    os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, "tune_attention.json"), "w") as f:
-        json.dump(REPORT, f, indent=1, default=str)
+left, log, save = RUN.left, RUN.log, RUN.save
 
 
 def guard(section, need_s=10.0):
     """Run a phase if ``need_s`` of budget is left; record its exception instead of dying."""
-    def deco(fn):
-        def run(*a, **kw):
-            if left() < need_s:
-                log(f"skip {section}: {left():.0f}s left")
-                REPORT["errors"].append({"section": section, "error": "skipped: budget"})
-                return None
-            t0 = time.monotonic()
-            try:
-                return fn(*a, **kw)
-            except Exception as e:  # noqa: BLE001
-                log(f"{section} FAILED: {type(e).__name__}: {str(e)[:300]}")
-                REPORT["errors"].append({"section": section, "error": f"{type(e).__name__}: {e}"[:2000],
-                                         "traceback": traceback.format_exc()[-3000:]})
-            finally:
-                log(f"{section}: {time.monotonic() - t0:.1f}s")
-                save()
-        return run
-    return deco
+    return RUN.guard(section, need_s)
 
 
 def bench(fn, arg_sets, *, reps=None, inner=None):
@@ -1189,7 +1162,7 @@ def final_table():
     L = []
     ceil = REPORT["meta"].get("ceilings", {}).get("matmul_tflops_bf16")
     L.append(f"device {REPORT['meta'].get('env', {}).get('device')}  jax {jax.__version__}  matmul ceiling "
-             f"{ceil and round(ceil)} TFLOP/s  total {time.monotonic() - START:.0f}s")
+             f"{ceil and round(ceil)} TFLOP/s  total {RUN.elapsed():.0f}s")
     L += crash_lines()
     L.append("correctness: " + ", ".join(f"{r['case'].split(':')[0]}="
                                          f"{'ok' if r.get('ok') else 'SKIPPED' if r.get('skipped') else 'FAIL'}"
@@ -1259,14 +1232,14 @@ def start_watchdog():
     """Past the budget (+15 s) print what has been measured and exit, whatever is running
     (a torch.compile that will not finish must not take the run past its slot)."""
     def fire():
-        print(f"\n[watchdog] {time.monotonic() - START:.0f}s: budget exceeded; partial results", flush=True)
+        print(f"\n[watchdog] {RUN.elapsed():.0f}s: budget exceeded; partial results", flush=True)
         faulthandler.dump_traceback(all_threads=True)  # what was still running
         try:
             save()
             print("\n" + final_table(), flush=True)
         finally:
             os._exit(0)
-    timer = threading.Timer(ARGS.budget_s + 15 - (time.monotonic() - START), fire)
+    timer = threading.Timer(ARGS.budget_s + 15 - RUN.elapsed(), fire)
     timer.daemon = True
     timer.start()
 
@@ -1342,8 +1315,7 @@ def supervise(argv):
 
 
 def worker():
-    global START
-    START = time.monotonic() - (time.time() - ARGS.t0)
+    RUN.start = time.monotonic() - (time.time() - ARGS.t0)
     fh = open(os.path.join(OUT, "tune_attention_faulthandler.txt"), "a")
     fh.write(f"--- worker pid {os.getpid()} at {time.time() - ARGS.t0:.1f}s ---\n")
     fh.flush()
@@ -1404,6 +1376,7 @@ def main():
     ap.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
     ARGS = ap.parse_args()
+    RUN.budget_s = ARGS.budget_s
     if ARGS.dump_child is not None:
         ARGS.smoke = False
         dump_child(ARGS.dump_child)
@@ -1412,7 +1385,7 @@ def main():
         compile_child(ARGS.compile_child)
         return
     if ARGS.smoke:
-        ARGS.budget_s = max(ARGS.budget_s, 1500.0)
+        ARGS.budget_s = RUN.budget_s = max(ARGS.budget_s, 1500.0)
         ARGS.precheck_s = max(ARGS.precheck_s, 600.0) if ARGS.precheck_s else 0.0
     if ARGS.worker:
         worker()

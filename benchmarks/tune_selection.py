@@ -37,7 +37,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -51,52 +50,26 @@ from benchmarks import flops as W  # noqa: E402
 from benchmarks import pbs_density_study as study  # noqa: E402
 from benchmarks import selection as bench_sel  # noqa: E402
 from benchmarks import timing  # noqa: E402
+from benchmarks.tune_run import TuneRun  # noqa: E402
 from pallas_kernels.triton import block_scores as K  # noqa: E402
 from sparse_jax import permutation as perm_lib  # noqa: E402
 from sparse_jax import selection as sel  # noqa: E402
 from sparse_jax.ops import permuted_attention as pa  # noqa: E402
 from sparse_jax.selection import scores as scores_lib  # noqa: E402
 
-OUT = os.environ.get("OUT", "/tmp")
-START = time.monotonic()
 ARGS = None
 REPORT: dict = {"meta": {}, "correctness": [], "prefill": [], "quality": [], "plan_ms_by_segment": {}, "model": [],
                 "score_sweep": [], "best": {}, "errors": []}
+RUN = TuneRun("tune_selection", REPORT)
+OUT = RUN.out
 
 
-def left() -> float:
-    return ARGS.budget_s - (time.monotonic() - START)
-
-
-def log(msg):
-    print(f"[{time.monotonic() - START:6.1f}s] {msg}", flush=True)
-
-
-def save():
-    os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, "tune_selection.json"), "w") as f:
-        json.dump(REPORT, f, indent=1, default=str)
+left, log, save = RUN.left, RUN.log, RUN.save
 
 
 def guard(section, need_s=5.0):
-    def deco(fn):
-        def run(*a, **kw):
-            if left() < need_s:
-                log(f"skip {section}: budget spent")
-                REPORT["errors"].append({"section": section, "error": "skipped: budget"})
-                return None
-            t0 = time.monotonic()
-            try:
-                return fn(*a, **kw)
-            except Exception as e:  # noqa: BLE001
-                log(f"{section} FAILED: {type(e).__name__}: {str(e)[:300]}")
-                REPORT["errors"].append({"section": section, "error": f"{type(e).__name__}: {e}"[:2000],
-                                         "traceback": traceback.format_exc()[-3000:]})
-            finally:
-                log(f"{section}: {time.monotonic() - t0:.1f}s")
-                save()
-        return run
-    return deco
+    """Run a phase if ``need_s`` of budget is left; record its exception instead of dying."""
+    return RUN.guard(section, need_s)
 
 
 def rel(x, ref):
@@ -443,6 +416,7 @@ def main():
                    help="prefill thresholds: the first gets every stage timed, the others only the end-to-end total")
     p.add_argument("--phases", default="correctness,prefill,quality,sweep")
     ARGS = p.parse_args()
+    RUN.budget_s = ARGS.budget_s
     if ARGS.smoke:
         ARGS.quality_sizes = [1024]
         ARGS.taus = [0.8, 0.9]

@@ -1,0 +1,57 @@
+"""Plumbing of the one-call GPU tuning scripts (``tune_attention.py``, ``tune_selection.py``):
+a wall-clock budget, a timestamped log, the JSON report rewritten after every phase, and a
+phase guard that skips a phase when the budget is spent and records its exception instead
+of ending the run (so one failing variant never costs the whole device call)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+
+
+class TuneRun:
+    """``report`` is the script's JSON document (a dict with an ``errors`` list), written to
+    ``$OUT/<name>.json``; ``budget_s`` is set once the arguments are parsed."""
+
+    def __init__(self, name: str, report: dict):
+        self.name, self.report = name, report
+        self.out = os.environ.get("OUT", "/tmp")
+        self.start = time.monotonic()
+        self.budget_s: float | None = None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def left(self) -> float:
+        return self.budget_s - self.elapsed()
+
+    def log(self, msg) -> None:
+        print(f"[{self.elapsed():6.1f}s] {msg}", flush=True)
+
+    def save(self) -> None:
+        os.makedirs(self.out, exist_ok=True)
+        with open(os.path.join(self.out, f"{self.name}.json"), "w") as f:
+            json.dump(self.report, f, indent=1, default=str)
+
+    def guard(self, section: str, need_s: float):
+        """Decorator: run the phase if ``need_s`` of budget is left; log its time, save after it."""
+        def deco(fn):
+            def run(*a, **kw):
+                if self.left() < need_s:
+                    self.log(f"skip {section}: {self.left():.0f}s left")
+                    self.report["errors"].append({"section": section, "error": "skipped: budget"})
+                    return None
+                t0 = time.monotonic()
+                try:
+                    return fn(*a, **kw)
+                except Exception as e:  # noqa: BLE001
+                    self.log(f"{section} FAILED: {type(e).__name__}: {str(e)[:300]}")
+                    self.report["errors"].append({"section": section, "error": f"{type(e).__name__}: {e}"[:2000],
+                                                  "traceback": traceback.format_exc()[-3000:]})
+                finally:
+                    self.log(f"{section}: {time.monotonic() - t0:.1f}s")
+                    self.save()
+            return run
+        return deco
