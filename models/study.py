@@ -309,10 +309,6 @@ def run(p: Preset, *, out_dirs: list[str], reuse: bool = False, progress: bool =
             traceback.print_exc()
         result["swaps"].append(row)
         print(f"[study] {v.name}: {row.get('accuracy')} density {row.get('density_vs_causal')}", flush=True)
-        # Dozens of variants compile hundreds of programs in one process; on the CPU their code
-        # mappings ran the process out of memory maps (LLVM "Cannot allocate memory", then a
-        # segfault in the next training run). Free each variant's executables.
-        jax.clear_caches()
     save()
     speed_deadline = budget.elapsed + 0.45 * budget.left()
     for row, v in zip(result["swaps"], variants):
@@ -354,15 +350,12 @@ def run(p: Preset, *, out_dirs: list[str], reuse: bool = False, progress: bool =
             row["note"] = "skipped: time budget"
             result["native"].append(row)
             continue
-        jax.clear_caches()
         try:
-            # Train without the density-recording wrapper: what it sows would change the model
-            # state's structure every step and retrace (recompile) the train step each time.
+            ncfg = ncfg.replace(attention=_records(ncfg.attention_for(0)))
             res = T.train(ncfg, train_task, ntc, desc=name, time_limit_s=0.8 * share)
-            eval_model, _ = lm.swap_attention(res.model, _records(ncfg.attention_for(0)))
             row.update(params=lm.count_params(res.model), train_s=res.seconds, steps=res.history[-1]["step"],
                        final_loss=float(np.mean([h["task_loss"] for h in res.history[-20:]])),
-                       **evaluate_model(eval_model, p, causal_density))
+                       **evaluate_model(res.model, p, causal_density))
         except Exception as e:
             row["note"] = f"error: {_short(e)}"
             traceback.print_exc()

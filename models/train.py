@@ -98,6 +98,9 @@ def make_train_step(task, batch_size: int, wrt=nnx.Param) -> Callable:
         grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)
         (loss, (task_loss, aux)), grads = grad_fn(model)
         optimizer.update(model, grads)
+        # Drop what layers sow for inspection (e.g. record_density): kept, it would pile up in the
+        # model's state, change its structure and retrace this step on every call.
+        nnx.pop(model, nnx.Intermediate)
         return dict(loss=loss, task_loss=task_loss, aux_loss=aux["aux_loss"],
                     load_balance_loss=aux["load_balance_loss"], indexer_loss=aux["indexer_loss"],
                     grad_norm=optax.global_norm(grads))
