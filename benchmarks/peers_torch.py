@@ -40,7 +40,8 @@ def torch_dtype(dtype):
 def _randn(seed: int, shape, dtype, dev, scale: float = 1.0, requires_grad: bool = False):
     import torch
     g = torch.Generator(device=dev).manual_seed(seed)
-    x = (torch.randn(shape, generator=g, device=dev, dtype=torch.float32) * scale).to(dtype)
+    # Drawn in the target dtype: a float32 draw of DeepSeek-V3's expert weights is a 15 GB temporary.
+    x = torch.randn(shape, generator=g, device=dev, dtype=dtype).mul_(scale)
     return x.requires_grad_(requires_grad)
 
 
@@ -276,13 +277,16 @@ def time_moe(T, D, F, E, top_k, dtype, router_bias, *, backward: bool = False) -
     dt = torch_dtype(dtype)
     bias = torch.as_tensor(np.asarray(router_bias, np.float32), device=dev)
 
+    # One set of expert weights for every rotation, like the JAX side: three copies of
+    # DeepSeek-V3's 22.5 GB did not fit beside JAX's arrays (the earlier OOM).
+    weights = [_randn(3, (E, D, F), dt, dev, D ** -0.5, backward),
+               _randn(4, (E, D, F), dt, dev, D ** -0.5, backward),
+               _randn(5, (E, F, D), dt, dev, F ** -0.5, backward)]
+
     def make(i):
         s = 10 * i
         args = [_randn(s + 1, (T, D), dt, dev, 1.0, backward),
-                _randn(s + 2, (D, E), dt, dev, D ** -0.5, backward),
-                _randn(s + 3, (E, D, F), dt, dev, D ** -0.5, backward),
-                _randn(s + 4, (E, D, F), dt, dev, D ** -0.5, backward),
-                _randn(s + 5, (E, F, D), dt, dev, F ** -0.5, backward)]
+                _randn(s + 2, (D, E), dt, dev, D ** -0.5, backward), *weights]
         if backward:
             args.append(_randn(s + 6, (T, D), dt, dev))
         return args

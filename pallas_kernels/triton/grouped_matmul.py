@@ -61,6 +61,34 @@ def fuse_swiglu(num_rows: int, num_groups: int, k: int, f: int) -> bool:
     return num_rows <= SWIGLU_FUSED_MAX_ROWS * max(num_groups, 1) and f >= SWIGLU_FUSED_MIN_F
 
 
+# Few rows (decode): a launch has at most min(M, G + M // tm) row tiles, each streaming a
+# tn-column strip of its group's weights. Mixtral at T = 1 has 2 groups x 4096 / 128 = 64 strips
+# for the down projection on 132 SMs; narrower strips give more SMs a weight stream. H100 round 3
+# (tune_moe, T = 1): 32-column strips lost everywhere (Mixtral gate+up 0.231 vs 0.201 ms), 64
+# won where 128 left SMs idle (Qwen2 down, 4 groups x 28 strips: 0.055-0.058 vs 0.063-0.094 ms).
+NARROW_MIN_TN = 64
+
+
+def narrow_for_parallelism(t: Tiles, num_rows: int, num_groups: int, n: int, sms: int) -> Tiles:
+    """``t`` with the column strip width that streams a few-row launch fastest.
+
+    Static model of a weight-streaming launch: with fewer work items (the most possible
+    row tiles x column strips) than SMs, each busy SM streams one strip (time ~ tn);
+    with more, the SMs share the HBM stream (time ~ items / sms x tn). A narrower strip
+    must save 10% (else the wider one keeps fewer re-reads of the rows, longer K loops).
+    """
+    row_tiles = min(num_rows, num_groups + num_rows // t.tm)
+
+    def cost(tn):
+        return max(row_tiles * gmm_plan.cdiv(n, tn) / sms, 1.0) * tn
+    best = tn = gmm_plan.pow2_block(n, t.tn)
+    while tn > NARROW_MIN_TN:
+        tn //= 2
+        if cost(tn) < 0.9 * cost(best):
+            best = tn
+    return t if best == gmm_plan.pow2_block(n, t.tn) else t.replace(tn=best)
+
+
 def _for_itemsize(t: Tiles, itemsize: int) -> Tiles:
     """Halve the K step for 4-byte inputs so the pipeline buffers fit shared memory."""
     if itemsize <= 2:
@@ -105,6 +133,8 @@ def forward(xs, ws, group_sizes, group_offset, *, fusion: Fusion, transpose_rhs:
     N = ws[0].shape[1] if transpose_rhs else ws[0].shape[2]
     itemsize = jnp.dtype(xs[0].dtype).itemsize
     tiles, policy, cost = forward_tiles(fusion, itemsize, transpose_rhs, M / max(G, 1))
+    if gmm_plan.current_override() is None:
+        tiles = (*tiles[:-1], narrow_for_parallelism(tiles[-1], M, G, N, gmm_kernel.num_sms()))
     run = dict(fusion=fusion, transpose_rhs=transpose_rhs, out_dtypes=out_dtypes, interpret=interpret)
     sched = dict(num_rows=M, num_groups=G, interpret=interpret)
     if len(tiles) == 1 or policy in ("big", "small"):
@@ -112,6 +142,9 @@ def forward(xs, ws, group_sizes, group_offset, *, fusion: Fusion, transpose_rhs:
         table = gmm_table.schedule_table(group_sizes, group_offset, tm0=t.tm, **sched)
         return gmm_kernel.forward(xs, ws, table, launch=0, tiles=t, **run)
     big, small = tiles
+    if M < big.tm:  # no group can fill a big tile: skip its (empty) launch
+        table = gmm_table.schedule_table(group_sizes, group_offset, tm0=small.tm, **sched)
+        return gmm_kernel.forward(xs, ws, table, launch=0, tiles=small, **run)
     split = functools.partial(gmm_plan.split_rows, tm_big=big.tm, tm_small=small.tm, k=K, n=N,
                               num_rhs=fusion.num_rhs, itemsize=itemsize, cost=cost)
     table = gmm_table.schedule_table(group_sizes, group_offset, tm0=big.tm, tm1=small.tm, split=split, **sched)

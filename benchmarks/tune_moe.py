@@ -1,0 +1,310 @@
+"""One-call GPU script for the MoE layer's open goals (benchmarks/notes/moe_layer.md, round 3).
+
+Phases (each guarded by the budget; JSON rewritten after each, ``$OUT/tune_moe.json``):
+
+* ``breakdown`` -- T = 1 / 32 per model: the whole layer timed per call (blocking) and
+  pipelined (back-to-back calls, one sync: ``timing.time_fn``'s default), the routing +
+  dispatch half alone, the gate+up and down grouped matmuls alone, and the weight-read floor.
+* ``tiles`` -- T = 1 / 32: the gate+up and the down matmul under each candidate small tile
+  (``gmm_plan.override``), each against its own weight-read floor.
+* ``profile`` -- T = 1: a profiler trace of the pipelined layer; every GPU kernel's
+  median duration and launches per call (where the fixed cost of decode goes).
+* ``mid`` -- Mixtral T = 512: the gate+up (fused / two gmm) and down matmuls under
+  candidate tiles and policies (the 3x-ragged_dot goal needs ~1.05x the weight floor).
+* ``large`` -- T >= 512: ours (default, and the tile policies) vs ragged_dot vs the torch
+  ``_grouped_mm`` MoE, forward, uniform router, all three models.
+
+    PYTHONPATH=. timeout 590 python benchmarks/tune_moe.py --budget-s 560
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import moe as B  # noqa: E402
+from benchmarks import timing  # noqa: E402
+from benchmarks.tune_run import TuneRun  # noqa: E402
+from pallas_kernels.common import gmm_plan  # noqa: E402
+from pallas_kernels.common.gmm_plan import Tiles, Tiling  # noqa: E402
+from sparse_jax import moe, ops  # noqa: E402
+from sparse_jax.moe.dispatch import expand, plan_dispatch  # noqa: E402
+
+MODELS = {**B.MODELS, **B.QUICK_MODELS}  # "tiny": the CPU smoke run
+RUN = TuneRun("tune_moe", {"errors": [], "breakdown": [], "tiles": [], "profile": [], "mid": [], "large": []})
+
+# Candidate single tiles for the few-rows launch (policy "small"); "default" = no override.
+SMALL_TILES = {
+    "16x32x256w4s4": Tiles(16, 32, 256, num_warps=4, num_stages=4),
+    "16x64x128w4s4": Tiles(16, 64, 128, num_warps=4, num_stages=4),
+    "16x64x256w4s3": Tiles(16, 64, 256, num_warps=4, num_stages=3),
+    "32x64x128w4s4": Tiles(32, 64, 128, num_warps=4, num_stages=4),
+    "16x128x128w4s4": Tiles(16, 128, 128, num_warps=4, num_stages=4),
+    "32x128x128w4s4": Tiles(32, 128, 128, num_warps=4, num_stages=4),
+    "16x128x64w4s6": Tiles(16, 128, 64, num_warps=4, num_stages=6),
+}
+
+
+def _t(fn, args, pipeline=None):
+    t = timing.time_fn(fn, lambda i: args, warmup=2, iters=10, rotations=1, pipeline=pipeline)
+    return round(t.ms, 4), t.batch
+
+
+def _setup(model, T):
+    E, k, D, F = MODELS[model]
+    w = B._weights(E, D, F, jnp.bfloat16)
+    x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
+    active = B._active_experts(x, rw, k)
+    return E, k, D, F, w, x, rw, active
+
+
+def _floor_ms(nbytes):
+    return nbytes / (timing.ceilings()["copy_gbps"] * 1e9) * 1e3
+
+
+def _dispatch_parts(x, rw, k, E):
+    """Routing + dispatch: returns (rows [M, D], group_sizes, weights, plan)."""
+    r = moe.route(moe.router_logits(x, rw), k)
+    plan = plan_dispatch(r.expert_ids, E)
+    return expand(x, plan, k), plan.group_sizes, r.weights
+
+
+def breakdown(models, tokens):
+    for model in models:
+        for T in tokens:
+            E, k, D, F, (wg, wu, wd), x, rw, active = _setup(model, T)
+            floor = _floor_ms(active * 3 * D * F * 2)
+            layer = jax.jit(functools.partial(B._ours(None), top_k=k))
+            args = (x, rw, wg, wu, wd)
+            row = dict(model=model, T=T, active=active, floor_ms=round(floor, 4))
+            row["layer_block_ms"], _ = _t(layer, args, pipeline=1)
+            row["layer_pipe_ms"], row["batch"] = _t(layer, args)
+            row["ragged_dot_pipe_ms"], _ = _t(jax.jit(functools.partial(B.ragged_dot_moe, top_k=k)), args)
+            disp = jax.jit(functools.partial(_dispatch_parts, k=k, E=E))
+            row["dispatch_pipe_ms"], _ = _t(disp, (x, rw))
+            xs, gs, _ = disp(x, rw)
+            up = jax.jit(lambda xs, a, b, gs: ops.grouped_swiglu(xs, a, b, gs))
+            row["gate_up_pipe_ms"], _ = _t(up, (xs, wg, wu, gs))
+            h = up(xs, wg, wu, gs)
+            down = jax.jit(lambda h, w, gs: ops.grouped_matmul(h, w, gs))
+            row["down_pipe_ms"], _ = _t(down, (h, wd, gs))
+            row["vs_floor_pipe"] = round(row["layer_pipe_ms"] / floor, 3)
+            RUN.report["breakdown"].append(row)
+            RUN.log(row)
+            del wg, wu, wd, xs, h
+            gc.collect()
+        RUN.save()
+
+
+def tiles(models, tokens, names=None):
+    for model in models:
+        E, k, D, F = MODELS[model]
+        wg, wu, wd = B._weights(E, D, F, jnp.bfloat16)
+        for T in tokens:
+            x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
+            active = B._active_experts(x, rw, k)
+            xs, gs, _ = jax.jit(functools.partial(_dispatch_parts, k=k, E=E))(x, rw)
+            h = ops.grouped_swiglu(xs, wg, wu, gs)
+            for name, tile in [("default", None), *SMALL_TILES.items()]:
+                if names and name not in names:
+                    continue
+                if RUN.left() < 20:
+                    return
+                tiling = None if tile is None else Tiling(forward=tile, policy="small")
+                row = dict(model=model, T=T, tile=name, active=active)
+                for op, fn, args, nbytes in (
+                        ("gate_up", lambda xs, a, b, gs: ops.grouped_swiglu(xs, a, b, gs), (xs, wg, wu, gs), 2 * D * F),
+                        ("down", lambda h, w, gs: ops.grouped_matmul(h, w, gs), (h, wd, gs), D * F)):
+                    try:
+                        with gmm_plan.override(tiling) if tiling else _null():
+                            f = jax.jit(fn).lower(*args).compile()
+                        row[f"{op}_ms"], _ = _t(f, args)
+                        row[f"{op}_vs_floor"] = round(row[f"{op}_ms"] / _floor_ms(active * nbytes * 2), 3)
+                    except Exception as e:  # noqa: BLE001
+                        row[f"{op}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                RUN.report["tiles"].append(row)
+                RUN.log(row)
+            RUN.save()
+        del wg, wu, wd
+        gc.collect()
+
+
+def _gpu_kernels(trace_dir: str, calls: int) -> list[dict]:
+    """Kernel name -> total / per-call duration from the perfetto trace under ``trace_dir``."""
+    import glob
+    import gzip
+    import json
+    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    if not files:
+        return [{"error": f"no trace in {trace_dir}"}]
+    ev = json.load(gzip.open(sorted(files)[-1]))
+    ev = ev.get("traceEvents", ev) if isinstance(ev, dict) else ev
+    names = {e.get("pid"): e.get("args", {}).get("name", "") for e in ev if e.get("ph") == "M"
+             and e.get("name") == "process_name"}
+    agg: dict[str, list[float]] = {}
+    for e in ev:
+        if e.get("ph") == "X" and "GPU" in str(names.get(e.get("pid"), "")).upper():
+            agg.setdefault(e.get("name", "?"), []).append(float(e.get("dur", 0.0)))
+    if not agg:
+        return [{"error": "no GPU events", "processes": sorted(set(map(str, names.values())))[:20]}]
+    rows = [dict(kernel=k[:90], launches_per_call=round(len(v) / calls, 2), us_per_call=round(sum(v) / calls, 2))
+            for k, v in agg.items()]
+    return sorted(rows, key=lambda r: -r["us_per_call"])
+
+
+def profile(models, T=1, calls=50):
+    import tempfile
+    for model in models:
+        E, k, D, F, (wg, wu, wd), x, rw, active = _setup(model, T)
+        layer = jax.jit(functools.partial(B._ours(None), top_k=k))
+        args = (x, rw, wg, wu, wd)
+        for _ in range(3):
+            jax.block_until_ready(layer(*args))
+        d = tempfile.mkdtemp()
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            out = None
+            for _ in range(calls):
+                out = layer(*args)
+            jax.block_until_ready(out)
+        kernels = _gpu_kernels(d, calls)
+        total = round(sum(r.get("us_per_call", 0.0) for r in kernels), 2)
+        RUN.report["profile"].append(dict(model=model, T=T, kernel_us_per_call=total, kernels=kernels[:40]))
+        RUN.log(f"{model} T={T}: {total} us of kernels per call; top: {kernels[:12]}")
+        del wg, wu, wd
+        gc.collect()
+
+
+MID_TILES = {
+    "128x256x64w8s3": Tiles(128, 256, 64, num_warps=8, num_stages=3),
+    "128x128x64w4s4": Tiles(128, 128, 64, num_warps=4, num_stages=4),
+    "128x128x64w8s4": Tiles(128, 128, 64, num_warps=8, num_stages=4),
+    "64x256x64w8s3": Tiles(64, 256, 64, num_warps=8, num_stages=3),
+    "64x128x128w4s4": Tiles(64, 128, 128, num_warps=4, num_stages=4),
+    "128x256x64w8s4": Tiles(128, 256, 64, num_warps=8, num_stages=4),
+}
+
+
+def mid(model="mixtral-8x7b", T=512):
+    E, k, D, F = MODELS[model]
+    wg, wu, wd = B._weights(E, D, F, jnp.bfloat16)
+    x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
+    active = B._active_experts(x, rw, k)
+    xs, gs, _ = jax.jit(functools.partial(_dispatch_parts, k=k, E=E))(x, rw)
+    h = ops.grouped_swiglu(xs, wg, wu, gs)
+    ops_ = {"gate_up_fused": (lambda xs, a, b, gs: ops.grouped_swiglu(xs, a, b, gs, fused=True), (xs, wg, wu, gs), 2),
+            "gate_up_two": (lambda xs, a, b, gs: ops.grouped_swiglu(xs, a, b, gs, fused=False), (xs, wg, wu, gs), 2),
+            "down": (lambda h, w, gs: ops.grouped_matmul(h, w, gs), (h, wd, gs), 1)}
+    for name, tile in [("default", None), *MID_TILES.items()]:
+        for op, (fn, args, nw) in ops_.items():
+            if RUN.left() < 15:
+                return
+            tiling = None if tile is None else Tiling(forward=tile, policy="big")
+            row = dict(model=model, T=T, op=op, tile=name)
+            try:
+                with gmm_plan.override(tiling) if tiling else _null():
+                    f = jax.jit(fn).lower(*args).compile()
+                row["ms"], _ = _t(f, args)
+                row["vs_floor"] = round(row["ms"] / _floor_ms(active * nw * D * F * 2), 3)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            RUN.report["mid"].append(row)
+            RUN.log(row)
+        RUN.save()
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def large(models, tokens, peers: bool):
+    policies = {"default": None, "big": Tiling(policy="big"), "small": Tiling(policy="small")}
+    for model in models:
+        E, k, D, F = MODELS[model]
+        wg, wu, wd = B._weights(E, D, F, jnp.bfloat16)
+        for T in tokens:
+            if RUN.left() < 30:
+                return
+            x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
+            active = B._active_experts(x, rw, k)
+            row = dict(model=model, T=T, active=active, floor_ms=round(_floor_ms(active * 3 * D * F * 2), 4))
+            args = (x, rw, wg, wu, wd)
+            for name, tiling in policies.items():
+                if name != "default" and model != "mixtral-8x7b":
+                    continue
+                try:
+                    with gmm_plan.override(tiling) if tiling else _null():
+                        f = jax.jit(functools.partial(B._ours(None), top_k=k)).lower(*args).compile()
+                    row[f"ours_{name}_ms"], _ = _t(f, args)
+                except Exception as e:  # noqa: BLE001
+                    row[f"ours_{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            if peers:
+                try:
+                    from benchmarks import peers_torch
+                    from benchmarks.peers import router_bias
+                    t = peers_torch.time_moe(T, D, F, E, k, jnp.bfloat16, router_bias(E, "uniform"))
+                    row["torch_ms"] = round(t.ms, 4)
+                    peers_torch.free_memory()
+                except Exception as e:  # noqa: BLE001
+                    row["torch_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            try:
+                row["ragged_dot_ms"], _ = _t(jax.jit(functools.partial(B.ragged_dot_moe, top_k=k)), args)
+            except Exception as e:  # noqa: BLE001
+                row["ragged_dot_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            ours = row.get("ours_default_ms")
+            if ours:
+                row["x_ragged_dot"] = round(row.get("ragged_dot_ms", float("nan")) / ours, 3)
+                row["x_torch"] = round(row.get("torch_ms", float("nan")) / ours, 3)
+                row["vs_floor"] = round(ours / row["floor_ms"], 3)
+            RUN.report["large"].append(row)
+            RUN.log(row)
+            RUN.save()
+            gc.collect()
+        del wg, wu, wd
+        gc.collect()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget-s", type=float, default=560)
+    ap.add_argument("--phases", default="breakdown,tiles,profile,mid,large")
+    ap.add_argument("--large-models", default=None, help="models of the large phase (default: --models)")
+    ap.add_argument("--models", default="mixtral-8x7b,qwen2-57b-a14b,deepseek-v3")
+    ap.add_argument("--small-tokens", default="1,32")
+    ap.add_argument("--large-tokens", default="512,2048")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--tiles", default=None, help="comma-separated SMALL_TILES names (and 'default') to sweep")
+    a = ap.parse_args()
+    RUN.budget_s = a.budget_s
+    RUN.report["env"] = timing.environment()
+    RUN.report["ceilings"] = timing.ceilings()
+    models = a.models.split(",")
+    small = [int(t) for t in a.small_tokens.split(",")]
+    big = [int(t) for t in a.large_tokens.split(",")]
+    phases = a.phases.split(",")
+    if "breakdown" in phases:
+        RUN.guard("breakdown", 60)(breakdown)(models, small)
+    if "tiles" in phases:
+        RUN.guard("tiles", 40)(tiles)(models, small, a.tiles.split(",") if a.tiles else None)
+    if "profile" in phases:
+        RUN.guard("profile", 30)(profile)(models)
+    if "mid" in phases:
+        RUN.guard("mid", 30)(mid)("tiny" if models == ["tiny"] else "mixtral-8x7b", big[0])
+    if "large" in phases:
+        RUN.guard("large", 40)(large)(a.large_models.split(",") if a.large_models else models, big, not a.no_peers)
+    RUN.log(f"done; errors: {len(RUN.report['errors'])}")
+
+
+if __name__ == "__main__":
+    main()
