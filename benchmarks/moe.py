@@ -95,6 +95,16 @@ def _ours(backend):
     return f
 
 
+def in_step(fn, layers: int):
+    """fn applied ``layers`` times in one jitted loop, as a decode step runs its layers (no host
+    dispatch or sync in between); x[:, 0] is reset to 1 each time (the router-bias column)."""
+    def f(x, router_weights, w_gate, w_up, w_down):
+        def body(_, h):
+            return fn(h, router_weights, w_gate, w_up, w_down).astype(h.dtype).at[:, 0].set(1)
+        return jax.lax.fori_loop(0, layers, body, x)
+    return f
+
+
 def _fwd_bwd(fn):
     def loss(x, rw, wg, wu, wd, ct):
         return jnp.sum(fn(x, rw, wg, wu, wd).astype(jnp.float32) * ct)

@@ -9,6 +9,9 @@ Phases (each guarded by the budget; JSON rewritten after each, ``$OUT/tune_moe.j
   (``gmm_plan.override``), each against its own weight-read floor.
 * ``profile`` -- T = 1: a profiler trace of the pipelined layer; every GPU kernel's
   median duration and launches per call (where the fixed cost of decode goes).
+* ``step`` -- T = 1 / 32: the layer applied ``L`` times inside one jitted loop (as a
+  decode step runs its layers: no host dispatch or sync between layers), ours vs
+  ragged_dot, per layer; and gate+up fused vs two gmm at T = 1.
 * ``mid`` -- Mixtral T = 512: the gate+up (fused / two gmm) and down matmuls under
   candidate tiles and policies (the 3x-ragged_dot goal needs ~1.05x the weight floor).
 * ``large`` -- T >= 512: ours (default, and the tile policies) vs ragged_dot vs the torch
@@ -39,7 +42,7 @@ from sparse_jax import moe, ops  # noqa: E402
 from sparse_jax.moe.dispatch import expand, plan_dispatch  # noqa: E402
 
 MODELS = {**B.MODELS, **B.QUICK_MODELS}  # "tiny": the CPU smoke run
-RUN = TuneRun("tune_moe", {"errors": [], "breakdown": [], "tiles": [], "profile": [], "mid": [], "large": []})
+RUN = TuneRun("tune_moe", {"errors": [], "breakdown": [], "tiles": [], "profile": [], "step": [], "mid": [], "large": []})
 
 # Candidate single tiles for the few-rows launch (policy "small"); "default" = no override.
 SMALL_TILES = {
@@ -182,6 +185,32 @@ def profile(models, T=1, calls=50):
         gc.collect()
 
 
+def step(models, tokens, L=8):
+    for model in models:
+        E, k, D, F = MODELS[model]
+        wg, wu, wd = B._weights(E, D, F, jnp.bfloat16)
+        for T in tokens:
+            if RUN.left() < 20:
+                return
+            x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
+            active = B._active_experts(x, rw, k)
+            args = (x, rw, wg, wu, wd)
+            row = dict(model=model, T=T, L=L, active=active, floor_ms=round(_floor_ms(active * 3 * D * F * 2), 4))
+            for impl, fn in (("ours", B._ours(None)), ("ragged_dot", B.ragged_dot_moe)):
+                row[f"{impl}_step_ms"] = round(_t(jax.jit(B.in_step(functools.partial(fn, top_k=k), L)), args)[0] / L, 4)
+            row["vs_floor"] = round(row["ours_step_ms"] / row["floor_ms"], 3)
+            if T == 1:
+                xs, gs, _ = jax.jit(functools.partial(_dispatch_parts, k=k, E=E))(x, rw)
+                for fused in (True, False):
+                    f = jax.jit(lambda xs, a, b, gs, fused=fused: ops.grouped_swiglu(xs, a, b, gs, fused=fused))
+                    row[f"gate_up_fused_{fused}_ms"], _ = _t(f, (xs, wg, wu, gs))
+            RUN.report["step"].append(row)
+            RUN.log(row)
+        del wg, wu, wd
+        gc.collect()
+        RUN.save()
+
+
 MID_TILES = {
     "128x256x64w8s3": Tiles(128, 256, 64, num_warps=8, num_stages=3),
     "128x128x64w4s4": Tiles(128, 128, 64, num_warps=4, num_stages=4),
@@ -233,12 +262,27 @@ def large(models, tokens, peers: bool):
     for model in models:
         E, k, D, F = MODELS[model]
         wg, wu, wd = B._weights(E, D, F, jnp.bfloat16)
+        rows = {}
+        for T in tokens:  # torch first, before JAX's pool grows with ragged_dot's temporaries
+            x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
+            active = B._active_experts(x, rw, k)
+            rows[T] = row = dict(model=model, T=T, active=active, floor_ms=round(_floor_ms(active * 3 * D * F * 2), 4))
+            if peers:
+                from benchmarks import peers_torch
+                from benchmarks.peers import router_bias
+                try:
+                    t = peers_torch.time_moe(T, D, F, E, k, jnp.bfloat16, router_bias(E, "uniform"))
+                    row["torch_ms"] = round(t.ms, 4)
+                except Exception as e:  # noqa: BLE001
+                    row["torch_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                finally:
+                    gc.collect()
+                    peers_torch.free_memory()
         for T in tokens:
             if RUN.left() < 30:
                 return
+            row = rows[T]
             x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
-            active = B._active_experts(x, rw, k)
-            row = dict(model=model, T=T, active=active, floor_ms=round(_floor_ms(active * 3 * D * F * 2), 4))
             args = (x, rw, wg, wu, wd)
             for name, tiling in policies.items():
                 if name != "default" and model != "mixtral-8x7b":
@@ -249,15 +293,6 @@ def large(models, tokens, peers: bool):
                     row[f"ours_{name}_ms"], _ = _t(f, args)
                 except Exception as e:  # noqa: BLE001
                     row[f"ours_{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            if peers:
-                try:
-                    from benchmarks import peers_torch
-                    from benchmarks.peers import router_bias
-                    t = peers_torch.time_moe(T, D, F, E, k, jnp.bfloat16, router_bias(E, "uniform"))
-                    row["torch_ms"] = round(t.ms, 4)
-                    peers_torch.free_memory()
-                except Exception as e:  # noqa: BLE001
-                    row["torch_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             try:
                 row["ragged_dot_ms"], _ = _t(jax.jit(functools.partial(B.ragged_dot_moe, top_k=k)), args)
             except Exception as e:  # noqa: BLE001
@@ -299,6 +334,8 @@ def main():
         RUN.guard("tiles", 40)(tiles)(models, small, a.tiles.split(",") if a.tiles else None)
     if "profile" in phases:
         RUN.guard("profile", 30)(profile)(models)
+    if "step" in phases:
+        RUN.guard("step", 30)(step)(models, small)
     if "mid" in phases:
         RUN.guard("mid", 30)(mid)("tiny" if models == ["tiny"] else "mixtral-8x7b", big[0])
     if "large" in phases:
