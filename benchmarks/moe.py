@@ -178,14 +178,14 @@ def _case(ctx, model, E, k, D, F, T, router, weights, backward, peers, jitted):
     if not backward and T * k * 3 * D * F * itemsize <= GATHER_BUDGET_BYTES:
         impls.append(("gather_einsum", gather_einsum_moe))
     out = []
+    if peers:  # torch first: its arrays must fit before JAX's pool grows with this case's temporaries
+        out.extend(_torch_rows(ctx, T, D, F, E, k, dtype, backward, router, name, extra))
     for impl, f in impls:
         key = (impl, k, backward)  # one jitted function per model: the routers share executables
         if key not in jitted:
             f = functools.partial(f, top_k=k)
             jitted[key] = jax.jit(_fwd_bwd(f) if backward else f)
         out.append(_row(ctx, name, impl, shape, extra, jitted[key], make, flops, bytes_))
-    if peers:
-        out.extend(_torch_rows(ctx, T, D, F, E, k, dtype, backward, router, name, extra))
     return out
 
 

@@ -166,8 +166,10 @@ def test_resume_reproduces_the_loss_curve_exactly(tmp_path):
     resumed = T.train(cfg, task, tc, ckpt_dir=str(tmp_path / "run"), resume=True)
     assert resumed.start_step == 5 and [h["step"] for h in resumed.history] == list(range(6, 13))
     losses = [h["loss"] for h in first.history + resumed.history]
-    # bitwise on the CPU; GPU reductions (e.g. scatter-add in the embedding gradient) may reorder
-    np.testing.assert_allclose(losses, [h["loss"] for h in straight.history], rtol=0 if ON_CPU else 1e-5)
+    # bitwise on the CPU; on the GPU the attention backward's atomic dQ adds and XLA's scatter-add
+    # reorder float sums run to run (H100: above 1e-5 after 12 steps); a lost optimizer state or
+    # a shifted schedule changes the loss by far more than 1e-3
+    np.testing.assert_allclose(losses, [h["loss"] for h in straight.history], rtol=0 if ON_CPU else 1e-3)
     tokens = task.sample(jax.random.key(7), 2).tokens
     restored, meta = T.load_model(str(tmp_path / "run"))
     assert meta["step"] == 12 and restored.cfg == cfg
