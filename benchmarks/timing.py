@@ -88,8 +88,10 @@ def _block(x):
     return jax.block_until_ready(x)
 
 
-PIPELINE_TARGET_S = 2e-3  # a batch of back-to-back calls lasts at least this long
-PIPELINE_MAX = 32
+# A batch of back-to-back calls lasts at least this long: at 2 ms (round 3) a 1 ms call ran in
+# pairs and still carried half a sync each (+0.1-0.2 ms on Mixtral's gmm, notes/grouped_matmul.md).
+PIPELINE_TARGET_S = 10e-3
+PIPELINE_MAX = 64
 
 
 def time_fn(fn: Callable, make_args: Callable[[int], Sequence[Any]], *, warmup: int = 3, iters: int = 20,
