@@ -34,9 +34,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
-import traceback  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -45,49 +43,21 @@ import numpy as np  # noqa: E402
 import sparse_jax as sj  # noqa: E402
 from benchmarks import indexed as suite  # noqa: E402
 from benchmarks import timing  # noqa: E402
+from benchmarks.tune_run import TuneRun  # noqa: E402
 from pallas_kernels.triton import indexed_attention as K  # noqa: E402
 
-OUT = os.environ.get("OUT", "/tmp")
-START = time.monotonic()
 ARGS = None
 REPORT: dict = {"meta": {"round": 2}, "correctness": [], "token": [], "block": [], "indexer": [], "sweep": [],
                 "errors": []}
 ROWS: list[tuple] = []  # the compact table
 # Fraction of the budget by which each phase must have finished adding cases.
-PHASE_END = {"correctness": 0.40, "token": 0.60, "block": 0.84, "indexer": 0.97, "sweep": 1.0}
-
-
-def elapsed() -> float:
-    return time.monotonic() - START
-
-
-def left() -> float:
-    return ARGS.budget_s - elapsed()
-
-
-def phase_open(phase: str, need_s: float = 5.0) -> bool:
-    return elapsed() + need_s < PHASE_END[phase] * ARGS.budget_s and left() > need_s
-
-
-def save():
-    with open(os.path.join(OUT, "tune_indexed.json"), "w") as f:
-        json.dump(REPORT, f, indent=1, default=str)
+RUN = TuneRun("tune_indexed", REPORT,
+              phase_end={"correctness": 0.40, "token": 0.60, "block": 0.84, "indexer": 0.97, "sweep": 1.0})
+phase_open = RUN.open
 
 
 def guarded(phase):
-    def wrap(fn):
-        def run(*a, **kw):
-            t0 = time.monotonic()
-            try:
-                return fn(*a, **kw)
-            except Exception as e:  # noqa: BLE001
-                REPORT["errors"].append(f"{phase}: {type(e).__name__}: {e}"[:1500])
-                traceback.print_exc()
-            finally:
-                REPORT.setdefault("phase_s", {})[phase] = round(time.monotonic() - t0, 1)
-                save()
-        return run
-    return wrap
+    return RUN.guard(phase, 0.0)
 
 
 def rnd(seed, shape, dtype):
@@ -226,16 +196,19 @@ def indexers():
     w = jnp.abs(rnd(22, (B, Sq_i, Hi), jnp.float32)) + 0.1
     u = rnd(23, (Di,), jnp.float32)
     q, k = q + 4 * u / jnp.linalg.norm(u), k.at[:, 32:64].add(6 * u / jnp.linalg.norm(u))  # a saturated tile
+    scores = np.asarray(sj.reference.indexed.lightning_scores(q, k, w))
+    # float32 dots compile to tf32 on the GPU: near-tied keys may swap (tests/test_indexers.py)
+    tol = 0.0 if s else 2e-3 * float(np.abs(scores).max())
     for causal in (True, False):
         if not phase_open("correctness", 5):
             return
         want = sj.reference.indexed.lightning_indexer(q, k, w, topk, causal=causal)
         got = jax.jit(lambda q, k, w: sj.lightning_indexer(q, k, w, topk, causal=causal, tile_size=32,
                                                            tile_candidates=4 if s else 8, **kw_backend()))(q, k, w)
-        same = bool(np.array_equal(np.sort(np.asarray(got), -1), np.sort(np.asarray(want), -1)))
+        same = sj.reference.indexed.same_topk(got, want, scores, atol=tol)
         REPORT["correctness"].append(dict(case=f"flat indexer causal={causal}", ok=same))
         ROWS.append(("correct", f"flat indexer causal={causal} (Sq={Sq_i}: ragged 64-query block)",
-                     "ok" if same else "FAIL", "exact sets"))
+                     "ok" if same else "FAIL", f"a top-k within {tol:.1e} (tf32 near-ties)"))
     for causal in (True, False):
         if not phase_open("correctness", 5):
             return
@@ -243,9 +216,10 @@ def indexers():
         hw = sj.reference.indexed.hierarchical_indexer(q, k, w, topk, block_size=16, num_blocks=nblk, causal=causal)
         hg = jax.jit(lambda q, k, w: sj.hierarchical_indexer(q, k, w, topk, block_size=16, num_blocks=nblk,
                                                              causal=causal, **kw_backend()))(q, k, w)
-        same = bool(np.array_equal(np.sort(np.asarray(hg), -1), np.sort(np.asarray(hw), -1)))
+        same = sj.reference.indexed.same_topk(hg, hw, scores, atol=tol)
         REPORT["correctness"].append(dict(case=f"hierarchical indexer causal={causal}", ok=same))
-        ROWS.append(("correct", f"hierarchical indexer causal={causal}", "ok" if same else "FAIL", "= reference"))
+        ROWS.append(("correct", f"hierarchical indexer causal={causal}", "ok" if same else "FAIL",
+                     f"= reference within {tol:.1e}"))
 
 
 # ------------------------------------------------------------------------------ 2. token lists
@@ -454,6 +428,7 @@ def main():
     p.add_argument("--budget-s", type=float, default=270.0)
     p.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, Pallas interpret mode")
     ARGS = p.parse_args()
+    RUN.budget_s = ARGS.budget_s
     REPORT["meta"].update(environment=timing.environment(), smoke=ARGS.smoke, budget_s=ARGS.budget_s)
     if not ARGS.smoke and jax.default_backend() != "gpu":
         raise SystemExit("tune_indexed.py needs a GPU (or --smoke)")
@@ -462,11 +437,11 @@ def main():
     block_timings()
     indexer_timings()
     sweep()
-    REPORT["meta"]["total_s"] = round(elapsed(), 1)
-    save()
-    print(f"\n== tune_indexed round 2 ({REPORT['meta']['total_s']} s; JSON: {os.path.join(OUT, 'tune_indexed.json')})")
+    REPORT["meta"]["total_s"] = round(RUN.elapsed(), 1)
+    RUN.save()
+    print(f"\n== tune_indexed round 2 ({REPORT['meta']['total_s']} s; JSON: {os.path.join(RUN.out, 'tune_indexed.json')})")
     for e in REPORT["errors"]:
-        print("ERROR", e[:300])
+        print("ERROR", str(e)[:300])
     for r in ROWS:
         print(f"{r[0]:8s} | {r[1]:64s} | {r[2]:>18s} | {r[3]}")
 

@@ -1,7 +1,8 @@
-"""Plumbing of the one-call GPU tuning scripts (``tune_attention.py``, ``tune_selection.py``):
-a wall-clock budget, a timestamped log, the JSON report rewritten after every phase, and a
-phase guard that skips a phase when the budget is spent and records its exception instead
-of ending the run (so one failing variant never costs the whole device call)."""
+"""Plumbing of the one-call GPU tuning scripts (``tune_attention``, ``tune_selection``,
+``tune_indexed``, ``tune_moe``): a wall-clock budget, optional per-phase shares of it, a
+timestamped log, the JSON report rewritten after every phase, and a phase guard that skips a
+phase when the budget is spent and records its exception instead of ending the run (so one
+failing variant never costs the whole device call)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import traceback
 
 class TuneRun:
     """``report`` is the script's JSON document (a dict with an ``errors`` list), written to
-    ``$OUT/<name>.json``; ``budget_s`` is set once the arguments are parsed."""
+    ``$OUT/<name>.json``; ``budget_s`` is set once the arguments are parsed. ``phase_end``
+    (optional): phase -> fraction of the budget by which it must have stopped adding cases,
+    so an early phase cannot eat the later ones' time (see :meth:`open`)."""
 
-    def __init__(self, name: str, report: dict):
+    def __init__(self, name: str, report: dict, phase_end: dict[str, float] | None = None):
         self.name, self.report = name, report
+        self.phase_end = dict(phase_end or {})
         self.out = os.environ.get("OUT", "/tmp")
         self.start = time.monotonic()
         self.budget_s: float | None = None
@@ -26,6 +30,11 @@ class TuneRun:
 
     def left(self) -> float:
         return self.budget_s - self.elapsed()
+
+    def open(self, phase: str, need_s: float = 5.0) -> bool:
+        """Whether ``phase`` may start a case needing ``need_s``: inside its share and the budget."""
+        end = self.phase_end.get(phase, 1.0) * self.budget_s
+        return self.elapsed() + need_s < end and self.left() > need_s
 
     def log(self, msg) -> None:
         print(f"[{self.elapsed():6.1f}s] {msg}", flush=True)
@@ -51,6 +60,7 @@ class TuneRun:
                     self.report["errors"].append({"section": section, "error": f"{type(e).__name__}: {e}"[:2000],
                                                   "traceback": traceback.format_exc()[-3000:]})
                 finally:
+                    self.report.setdefault("phase_s", {})[section] = round(time.monotonic() - t0, 1)
                     self.log(f"{section}: {time.monotonic() - t0:.1f}s")
                     self.save()
             return run

@@ -82,13 +82,7 @@ def test_flat_indexer_exact(kernel_backend, causal, q_offset):
         # Compiled on a GPU the float32 score dots run in tf32: near-ties may swap, so check the
         # set is *a* top-k: same padding, no duplicates, its exact scores equal the top-k scores.
         tol = 2e-3 * float(np.abs(s[np.isfinite(s)]).max())
-        ids = _sorted_sets(idx)
-        np.testing.assert_array_equal(ids < 0, expect < 0)
-        assert all(len(set(r[r >= 0])) == (r >= 0).sum() for r in ids.reshape(-1, topk)), "duplicates"
-        top = np.take_along_axis(s, np.maximum(expect, 0), axis=-1)
-        sel = np.take_along_axis(s, np.maximum(ids, 0), axis=-1)
-        np.testing.assert_allclose(np.sort(np.where(ids >= 0, sel, 0), -1), np.sort(np.where(expect >= 0, top, 0), -1),
-                                   rtol=0, atol=tol)
+        assert ref.same_topk(idx, expect, s, atol=tol)
     np.testing.assert_allclose(np.where(np.asarray(idx) >= 0, got, 0), np.where(np.asarray(idx) >= 0, want, 0),
                                rtol=1e-5, atol=tol)
     assert np.all(np.isneginf(got[np.asarray(idx) < 0]))
@@ -218,3 +212,14 @@ def test_indexers_are_constants_to_autodiff(kernel_backend):
         g = jax.grad(loss)(q, fn)
         assert g.shape == q.shape and bool(jnp.all(jnp.isfinite(g)))
         assert float(jnp.abs(g).sum()) > 0  # the gradient still flows through the gathered values
+
+
+def test_same_topk_checks_sets_padding_duplicates_and_scores():
+    scores = np.array([[0.0, 5.0, 4.0, 3.999, 1.0]])
+    want = np.array([[2, 1, -1]])
+    assert ref.same_topk(np.array([[1, 2, -1]]), want, scores)  # order is free
+    assert not ref.same_topk(np.array([[1, 3, -1]]), want, scores)  # a near-tie swap, exact check
+    assert ref.same_topk(np.array([[1, 3, -1]]), want, scores, atol=1e-2)  # ... accepted within atol
+    assert not ref.same_topk(np.array([[1, 4, -1]]), want, scores, atol=1e-2)  # a real loser
+    assert not ref.same_topk(np.array([[1, 1, -1]]), want, scores, atol=10.0)  # duplicate
+    assert not ref.same_topk(np.array([[1, 2, 3]]), want, scores, atol=10.0)  # padding differs

@@ -273,3 +273,28 @@ def hierarchical_indexer(q_idx, k_idx, weights, topk: int, *, block_size: int = 
     rows = _chunk_rows(Sq, max(nb, num_blocks * block_size) * Hi)
     idx, vals = map_query_chunks(chunk, rows, Sq, q_idx, weights, t_abs)
     return (idx, vals) if return_scores else idx
+
+
+def same_topk(got, want, scores, *, atol: float = 0.0) -> bool:
+    """Whether index lists ``got`` select a top-k as good as ``want`` (host-side NumPy check).
+
+    got, want: int [..., topk] (-1 = unused, any order); scores: float [..., Skv] (the exact
+    indexer scores). True when every row has the same number of valid entries, no duplicate,
+    and the sorted scores of got's keys equal those of want's within ``atol``. ``atol = 0``
+    asks for equally scored sets (the same sets unless scores tie); a positive ``atol``
+    accepts swaps between near-ties, e.g. of float32 dots that ran in tf32 on a GPU.
+    """
+    import numpy as np
+    got, want, scores = np.asarray(got), np.asarray(want), np.asarray(scores, np.float64)
+    if got.shape != want.shape or np.any((got >= 0).sum(-1) != (want >= 0).sum(-1)):
+        return False
+    flat = got.reshape(-1, got.shape[-1])
+    if any(len(set(r[r >= 0].tolist())) != int((r >= 0).sum()) for r in flat):
+        return False
+
+    def chosen(idx):
+        s = np.take_along_axis(scores, np.maximum(idx, 0), axis=-1)
+        return np.sort(np.where(idx >= 0, s, -np.inf), axis=-1)
+    a, b = chosen(got), chosen(want)
+    fin = np.isfinite(a) & np.isfinite(b)
+    return bool(np.array_equal(np.isfinite(a), np.isfinite(b)) and np.all(np.abs(a - b)[fin] <= atol))
