@@ -191,13 +191,18 @@ def _split_refs(refs, has_bits):
     return refs[:6] + (None,) + refs[6:]
 
 
-def _fwd_kernel(*refs, geo: _Geometry, BN: int):
-    off_ref, count_ref, q_ref, k_ref, v_ref, idx_ref, bits_ref, o_ref, lse_ref = _split_refs(refs, geo.T > 1)
+def _program(geo: _Geometry, off_ref, count_ref, q_ref):
+    """What a (query tile, batch x kv head) program of either pass starts from: its tile, the
+    number of list units to walk, and the tile's query rows [M, Dp]."""
     i, bh = pl.program_id(0), pl.program_id(1)
     b, h = bh // geo.Hkv, bh % geo.Hkv
     tile = _Tile(geo, i, off_ref[b])
-    count = jnp.minimum(count_ref[b, i, h], geo.n)
-    q = tile.load(q_ref, geo.Dp, geo.D)
+    return tile, jnp.minimum(count_ref[b, i, h], geo.n), tile.load(q_ref, geo.Dp, geo.D)
+
+
+def _fwd_kernel(*refs, geo: _Geometry, BN: int):
+    off_ref, count_ref, q_ref, k_ref, v_ref, idx_ref, bits_ref, o_ref, lse_ref = _split_refs(refs, geo.T > 1)
+    tile, count, q = _program(geo, off_ref, count_ref, q_ref)
     qk_scale = geo.scale * common.LOG2E
 
     def body(c, carry):
@@ -227,11 +232,7 @@ def _bwd_kernel(*refs, geo: _Geometry, BN: int, relaxed: bool):
     refs = _split_refs(refs, geo.T > 1)
     off_ref, count_ref, q_ref, k_ref, v_ref, idx_ref, bits_ref = refs[:7]
     do_ref, lse_ref, delta_ref, _, _, dq_ref, dk_ref, dv_ref = refs[7:]  # dk/dv inputs aliased with outputs
-    i, bh = pl.program_id(0), pl.program_id(1)
-    b, h = bh // geo.Hkv, bh % geo.Hkv
-    tile = _Tile(geo, i, off_ref[b])
-    count = jnp.minimum(count_ref[b, i, h], geo.n)
-    q = tile.load(q_ref, geo.Dp, geo.D)
+    tile, count, q = _program(geo, off_ref, count_ref, q_ref)
     do = tile.load(do_ref, geo.Dvp, geo.Dv)
     lse = tile.load_row(lse_ref, jnp.inf)
     lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * common.LOG2E)  # empty and padded rows: P = 0
