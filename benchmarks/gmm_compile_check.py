@@ -1,23 +1,25 @@
 """Compile the Triton grouped-matmul kernels for an H100 (sm_90a) on a machine without a GPU.
 
     pip install triton==3.6.0            # a dev tool only: not a sparse_jax dependency
-    python -m benchmarks.gmm_compile_check [--all]
+    python -m benchmarks.gmm_compile_check [--all] [--triton-python /tmp/tritonvenv/bin/python]
 
 Pallas lowers every kernel to Triton IR for an abstract H100 (``_compat.export``); the
 pip Triton then runs the same pass pipeline the GPU would (TTIR -> TTGIR -> LLVM ->
-PTX -> cubin, Hopper target) and ``ptxas -v`` reports registers and spills. For each
+PTX -> cubin, Hopper target; ``benchmarks/triton_compile.py``, the compile path every
+compile check shares) and ``ptxas -v`` reports registers and spills. For each
 kernel it prints shared memory (must fit 227 KB), registers, spill bytes and whether the
 MMA is Hopper's asynchronous ``wgmma`` (tiles of >= 64 rows) or ``mma.sync``. Exits
 non-zero when a shipped default fails to compile, spills or overflows shared memory.
 ``--all`` adds the candidates ``benchmarks/tune_gmm.py`` sweeps. Tested with triton 3.6.0
-(it drives Triton's stage functions directly; other versions may need adjusting).
+(other versions may need adjusting); ``--triton-python`` names an interpreter with triton
+when jax's has none.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -35,52 +37,6 @@ def capture_ttir(fn, args) -> list[tuple[str, str, int, int]]:
     with triton_ir.captured() as texts:
         hlo = _compat.export(fn, "cuda", *args).mlir_module()
     return triton_ir.kernel_calls(hlo, texts)
-
-
-def ptxas_report(ptx: str) -> dict:
-    import triton
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "k.ptx")
-        with open(p, "w") as f:
-            f.write(ptx)
-        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", p, "-o", os.devnull], capture_output=True, text=True)
-    text = r.stderr
-    regs = re.search(r"Used (\d+) registers", text)
-    spill = re.search(r"(\d+) bytes spill stores", text)
-    return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": int(spill.group(1)) if spill else None,
-            "ptxas_ok": r.returncode == 0, "ptxas_log": text[-400:]}
-
-
-def compile_report(ttir: str, num_warps: int, num_stages: int) -> dict:
-    import triton
-    from triton._C.libtriton import ir
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.compiler.compiler import Language
-    backend = CUDABackend(GPUTarget("cuda", 90, 32))
-    options = backend.parse_options(dict(num_warps=num_warps, num_stages=num_stages))
-    ctx = ir.context()
-    ir.load_dialects(ctx)
-    backend.load_dialects(ctx)
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.ttir")
-        with open(path, "w") as f:
-            f.write(ttir)
-        mod = ir.parse_mlir_module(path, ctx)
-        mod.context = ctx
-    stages: dict = {}
-    backend.add_stages(stages, options, Language.TRITON)
-    metadata = {"hash": "0" * 64, "target": backend.target, **options.__dict__}
-    outputs = {}
-    for ext, stage in stages.items():
-        mod = stage(mod, metadata)
-        outputs[ext] = mod
-    ptx = outputs["ptx"]
-    rep = ptxas_report(ptx)
-    rep.update(shared=metadata.get("shared"), wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync" in ptx,
-               triton=triton.__version__)
-    return rep
 
 
 def cases(all_candidates: bool):
@@ -131,33 +87,53 @@ def cases(all_candidates: bool):
     return out
 
 
+def capture(out_dir: str, all_candidates: bool) -> dict[str, tuple[str, bool]]:
+    """Write ``k<i>.ttir`` / ``.json`` per distinct kernel (IR, warps, stages) of the cases;
+    returns file stem -> (case label + kernel name, whether a shipped default)."""
+    from benchmarks import triton_ir
+    seen, stems = set(), {}
+    for label, fn, fargs, default in cases(all_candidates):
+        for name, ttir, warps, stages in capture_ttir(fn, fargs):
+            if (ttir, warps, stages) in seen:
+                continue
+            seen.add((ttir, warps, stages))
+            stem = f"k{len(stems):03d}"
+            triton_ir.write_kernel(os.path.join(out_dir, stem), ttir, dict(num_warps=warps, num_stages=stages))
+            stems[stem] = (f"{label:34s} {name:28s} w{warps}s{stages}", default)
+    return stems
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--all", action="store_true", help="also the tile candidates tune_gmm sweeps")
+    p.add_argument("--triton-python", default=sys.executable, help="an interpreter with triton==3.6")
+    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        print("needs the pip triton package (pip install triton==3.6.0); nothing checked", file=sys.stderr)
+    out = args.out or tempfile.mkdtemp(prefix="gmm_ttir_")
+    os.makedirs(out, exist_ok=True)
+    stems = capture(out, args.all)
+    tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_compile.py")
+    r = subprocess.run([args.triton_python, tool, out], capture_output=True, text=True)
+    rows = {}
+    for line in r.stdout.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rows[row["kernel"]] = row
+    if not rows:
+        print(f"no kernel compiled (needs triton==3.6 in --triton-python): {r.stderr[-600:]}", file=sys.stderr)
         return 2
     bad = 0
-    seen = set()
-    for label, fn, fargs, default in cases(args.all):
-        for name, ttir, warps, stages in capture_ttir(fn, fargs):
-            key = (ttir, warps, stages)
-            if key in seen:
-                continue
-            seen.add(key)
-            try:
-                r = compile_report(ttir, warps, stages)
-                ok = r["ptxas_ok"] and (r["shared"] or 0) <= SMEM_LIMIT and not r["spill_bytes"]
-                print(f"{'ok ' if ok else 'BAD'} {label:34s} {name:28s} w{warps}s{stages} smem={r['shared']:>7} "
-                      f"regs={r['registers']} spill={r['spill_bytes']} "
-                      f"{'wgmma' if r['wgmma'] else 'mma.sync' if r['mma_sync'] else 'no-mma'}")
-            except Exception as e:  # noqa: BLE001
-                ok = False
-                print(f"BAD {label:34s} {name:28s} w{warps}s{stages} failed: {str(e)[:300]}")
-            bad += (not ok) and default
+    for stem, (label, default) in stems.items():
+        row = rows.get(stem, {"error": "not compiled"})
+        ok = not row.get("error") and row.get("regs") is not None and (row.get("smem") or 0) <= SMEM_LIMIT \
+            and not row.get("spill_st")
+        mma = "wgmma" if row.get("wgmma") else "mma.sync" if row.get("mma_sync") else "no-mma"
+        print(f"{'ok ' if ok else 'BAD'} {label} smem={row.get('smem')} regs={row.get('regs')} "
+              f"spill={row.get('spill_st')} {mma} {str(row.get('error', ''))[:200]}")
+        bad += (not ok) and default
+    print(f"Triton IR, PTX, SASS in {out}")
     return 1 if bad else 0
 
 

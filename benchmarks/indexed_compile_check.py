@@ -8,7 +8,7 @@
 passes run in XLA's GPU compiler. Round 1 on the H100 failed there (``scf.for`` bounds of
 mixed types) although the CPU export passed. This script captures the IR of each kernel
 (the cases below: the shipped defaults and what ``tune_indexed.py`` runs) and compiles it
-with the pip Triton through ``benchmarks/attention_ptx_local.py --compile-only`` (verifier,
+with the pip Triton through ``benchmarks/triton_compile.py`` (verifier,
 TTGIR, PTX, ptxas), printing registers, spills, shared memory, wgmma vs mma.sync and the
 atomics' memory ordering (``MEMBAR`` count in the SASS). Exits 1 when a kernel fails to
 compile, spills, or exceeds shared memory.
@@ -106,8 +106,8 @@ def main() -> int:
     out = args.out or tempfile.mkdtemp(prefix="indexed_ttir_")
     os.makedirs(out, exist_ok=True)
     capture(out, args.only)
-    tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_ptx_local.py")
-    r = subprocess.run([args.triton_python, tool, "--compile-only", out], capture_output=True, text=True)
+    tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_compile.py")
+    r = subprocess.run([args.triton_python, tool, out], capture_output=True, text=True)
     bad = 0
     for line in r.stdout.splitlines():
         try:
