@@ -219,6 +219,33 @@ def test_swiglu_fusion_rule():
     assert not fuse_swiglu(4096, 64, 3584, 2560)     # Qwen2 M=4096: 0.863 vs 0.866 (tie)
 
 
+def test_gpu_tile_rules():
+    """Shipped GPU tile choices at the measured points (notes: round 3 of the MoE layer)."""
+    from pallas_kernels.common.gmm_plan import GMM, SWIGLU
+    from pallas_kernels.triton import gmm as kern
+    from pallas_kernels.triton import grouped_matmul as gm
+    tiles, policy, _ = gm.forward_tiles(GMM, 2, rows_per_group=128.0)  # Mixtral T=512: one big-tile row
+    assert (tiles, policy) == ((kern.BIG,), "big")
+    tiles, policy, _ = gm.forward_tiles(GMM, 2, rows_per_group=64.0)   # Mixtral M=512: split, wide small tile
+    assert policy == "split" and tiles == (kern.BIG, kern.SMALL_WIDE)
+    assert gm.forward_tiles(GMM, 2, rows_per_group=512.0)[1] == "split"
+    assert gm.forward_tiles(SWIGLU, 2, rows_per_group=128.0)[1] == "split"  # the fused kernel keeps the split
+    # few rows: 64-column strips where 128 would leave SMs idle, never 32
+    assert gm.narrow_for_parallelism(kern.SMALL, 4, 64, 3584, 132).tn == 64     # Qwen2 down, T=1
+    assert gm.narrow_for_parallelism(kern.SMALL, 2, 8, 4096, 132).tn == 64      # Mixtral down, T=1
+    assert gm.narrow_for_parallelism(kern.SMALL, 1024, 8, 14336, 132).tn == 128  # plenty of items
+    assert all(gm.narrow_for_parallelism(kern.SMALL, m, 256, 2048, 132).tn >= 64 for m in (1, 8, 64, 256))
+
+
+def test_one_tile_row_rule_matches_reference(kernel_backend):
+    """No override, 65-128 rows per group: the big-tiles-only path (bf16, odd group sizes)."""
+    backend, interpret = kernel_backend
+    lhs, rhs = randn(11, (300, 48), jnp.bfloat16), randn(12, (3, 48, 40), jnp.bfloat16)
+    gs = jnp.array([130, 70, 100], jnp.int32)  # 100 rows per group on average
+    out = jax.jit(lambda l, r, g: sparse_jax.grouped_matmul(l, r, g, backend=backend, interpret=interpret))(lhs, rhs, gs)
+    assert_close(out, reference.grouped_matmul(*_f32(lhs, rhs), gs), tolerance(jnp.bfloat16, interpret=interpret))
+
+
 def test_swiglu_default_path_lowers_to_its_kernels():
     """The rule reaches the lowering: fused = one forward launch after the schedule, two gmm = two pairs."""
     S = jax.ShapeDtypeStruct

@@ -53,6 +53,12 @@ TRANSPOSED_MIN_ROWS = 64
 # weights ~2% slower. The rule keeps the one measured win and nothing else.
 SWIGLU_FUSED_MAX_ROWS = 64
 SWIGLU_FUSED_MIN_F = 8192
+# One row of big tiles per group (H100 round 3, tune_moe "mid", Mixtral T=512 = 128 rows per
+# group): gate and up as two gmm with big tiles only took 0.988 ms against 1.071 under the split
+# (whose small-tile tails stream each group's weights a second time), the down gmm 0.487 vs 0.518.
+# So from 65 to 128 mean rows per group a plain gmm runs big tiles only. (The fused SwiGLU with
+# one 128x256 tile row was as fast, 0.981 ms, but needs 240 KB of shared memory and spills.)
+ONE_TILE_ROW_MAX_ROWS = 128
 
 
 def fuse_swiglu(num_rows: int, num_groups: int, k: int, f: int) -> bool:
@@ -108,6 +114,8 @@ def forward_tiles(fusion: Fusion, itemsize: int, transpose_rhs: bool = False, ro
             return tiles, policy, cost
     kind = "swiglu" if fusion.num_acc == 2 else "transposed" if transpose_rhs else "gmm"
     big, small = FORWARD_TILES[kind]
+    if ov is None and kind == "gmm" and WIDE_SMALL_MIN_ROWS < rows_per_group <= ONE_TILE_ROW_MAX_ROWS:
+        return (_for_itemsize(big, itemsize),), "big", cost
     if kind in WIDE_SMALL and rows_per_group >= WIDE_SMALL_MIN_ROWS:
         small = WIDE_SMALL[kind]
     return (_for_itemsize(big, itemsize), _for_itemsize(small, itemsize)), policy, cost
