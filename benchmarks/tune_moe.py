@@ -32,6 +32,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks import flops as W  # noqa: E402
 from benchmarks import moe as B  # noqa: E402
 from benchmarks import timing  # noqa: E402
 from benchmarks.tune_run import TuneRun  # noqa: E402
@@ -256,8 +257,11 @@ class _null:
         return False
 
 
-def large(models, tokens, peers: bool):
-    policies = {"default": None, "big": Tiling(policy="big"), "small": Tiling(policy="small")}
+def large(models, tokens, peers: bool, backward: bool = False):
+    """Forward (or, with ``backward``, forward + all gradients) of the layer at T >= 512."""
+    policies = {"default": None} if backward else {"default": None, "big": Tiling(policy="big"),
+                                                   "small": Tiling(policy="small")}
+    wrap = B._fwd_bwd if backward else (lambda f: f)
     for model in models:
         E, k, D, F = MODELS[model]
         wg, wu, wd = B._weights(E, D, F, jnp.bfloat16)
@@ -265,12 +269,13 @@ def large(models, tokens, peers: bool):
         for T in tokens:  # torch first, before JAX's pool grows with ragged_dot's temporaries
             x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
             active = B._active_experts(x, rw, k)
-            rows[T] = row = dict(model=model, T=T, active=active, floor_ms=round(_floor_ms(active * 3 * D * F * 2), 4))
+            rows[T] = row = dict(model=model, T=T, active=active, backward=backward,
+                                 floor_ms=round(_floor_ms(active * 3 * D * F * 2), 4))
             if peers:
                 from benchmarks import peers_torch
                 from benchmarks.peers import router_bias
                 try:
-                    t = peers_torch.time_moe(T, D, F, E, k, jnp.bfloat16, router_bias(E, "uniform"))
+                    t = peers_torch.time_moe(T, D, F, E, k, jnp.bfloat16, router_bias(E, "uniform"), backward=backward)
                     row["torch_ms"] = round(t.ms, 4)
                 except Exception as e:  # noqa: BLE001
                     row["torch_error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -283,20 +288,24 @@ def large(models, tokens, peers: bool):
             row = rows[T]
             x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
             args = (x, rw, wg, wu, wd)
+            if backward:
+                args = args + (timing.random_normal(5, (T, D), jnp.float32),)
             for name, tiling in policies.items():
                 if name != "default" and model != "mixtral-8x7b":
                     continue
                 try:
                     with gmm_plan.override(tiling) if tiling else _null():
-                        f = jax.jit(functools.partial(B._ours(None), top_k=k)).lower(*args).compile()
+                        f = jax.jit(wrap(functools.partial(B._ours(None), top_k=k))).lower(*args).compile()
                     row[f"ours_{name}_ms"], _ = _t(f, args)
                 except Exception as e:  # noqa: BLE001
                     row[f"ours_{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             try:
-                row["ragged_dot_ms"], _ = _t(jax.jit(functools.partial(B.ragged_dot_moe, top_k=k)), args)
+                row["ragged_dot_ms"], _ = _t(jax.jit(wrap(functools.partial(B.ragged_dot_moe, top_k=k))), args)
             except Exception as e:  # noqa: BLE001
                 row["ragged_dot_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             ours = row.get("ours_default_ms")
+            if ours and backward:
+                row["tflops"] = round(W.moe_flops(T, D, F, E, k, backward=True) / (ours * 1e-3) / 1e12, 1)
             if ours:
                 row["x_ragged_dot"] = round(row.get("ragged_dot_ms", float("nan")) / ours, 3)
                 row["x_torch"] = round(row.get("torch_ms", float("nan")) / ours, 3)
@@ -318,6 +327,7 @@ def main():
     ap.add_argument("--small-tokens", default="1,32")
     ap.add_argument("--large-tokens", default="512,2048")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--backward", action="store_true", help="large phase: forward + all gradients")
     ap.add_argument("--tiles", default=None, help="comma-separated SMALL_TILES names (and 'default') to sweep")
     a = ap.parse_args()
     RUN.budget_s = a.budget_s
@@ -338,7 +348,8 @@ def main():
     if "mid" in phases:
         RUN.guard("mid", 30)(mid)("tiny" if models == ["tiny"] else "mixtral-8x7b", big[0])
     if "large" in phases:
-        RUN.guard("large", 40)(large)(a.large_models.split(",") if a.large_models else models, big, not a.no_peers)
+        RUN.guard("large", 40)(large)(a.large_models.split(",") if a.large_models else models, big, not a.no_peers,
+                                          a.backward)
     RUN.log(f"done; errors: {len(RUN.report['errors'])}")
 
 
