@@ -224,17 +224,19 @@ def test_gpu_tile_rules():
     from pallas_kernels.common.gmm_plan import GMM, SWIGLU
     from pallas_kernels.triton import gmm as kern
     from pallas_kernels.triton import grouped_matmul as gm
-    tiles, policy, _ = gm.forward_tiles(GMM, 2, rows_per_group=128.0)  # Mixtral T=512: one big-tile row
+    tiles, policy, _ = gm.forward_tiles(GMM, 2, num_rows=1024, num_groups=8)  # Mixtral T=512: one big-tile row
     assert (tiles, policy) == ((kern.BIG,), "big")
-    tiles, policy, _ = gm.forward_tiles(GMM, 2, rows_per_group=64.0)   # Mixtral M=512: split, wide small tile
+    tiles, policy, _ = gm.forward_tiles(GMM, 2, num_rows=512, num_groups=8)   # Mixtral M=512: split, wide small tile
     assert policy == "split" and tiles == (kern.BIG, kern.SMALL_WIDE)
-    assert gm.forward_tiles(GMM, 2, rows_per_group=512.0)[1] == "split"
-    assert gm.forward_tiles(SWIGLU, 2, rows_per_group=128.0)[1] == "split"  # the fused kernel keeps the split
+    assert gm.forward_tiles(GMM, 2, num_rows=4096, num_groups=8)[1] == "split"
+    assert gm.forward_tiles(SWIGLU, 2, num_rows=1024, num_groups=8)[1] == "split"  # the fused kernel keeps the split
     # few rows: 64-column strips where 128 would leave SMs idle, never 32
     assert gm.narrow_for_parallelism(kern.SMALL, 4, 64, 3584, 132).tn == 64     # Qwen2 down, T=1
     assert gm.narrow_for_parallelism(kern.SMALL, 2, 8, 4096, 132).tn == 64      # Mixtral down, T=1
     assert gm.narrow_for_parallelism(kern.SMALL, 1024, 8, 14336, 132).tn == 128  # plenty of items
     assert all(gm.narrow_for_parallelism(kern.SMALL, m, 256, 2048, 132).tn >= 64 for m in (1, 8, 64, 256))
+    # the narrowing reaches the launch's small tile through forward_tiles (Mixtral down at T=1)
+    assert gm.forward_tiles(GMM, 2, num_rows=2, num_groups=8, n=4096)[0][1].tn == 64
 
 
 def test_one_tile_row_rule_matches_reference(kernel_backend):

@@ -102,9 +102,12 @@ def _for_itemsize(t: Tiles, itemsize: int) -> Tiles:
     return t.replace(tk=max(16, t.tk * 2 // itemsize))
 
 
-def forward_tiles(fusion: Fusion, itemsize: int, transpose_rhs: bool = False, rows_per_group: float = 0.0
-                  ) -> tuple[tuple[Tiles, ...], str, gmm_plan.CostModel]:
-    """(big, small) tiles, split policy and cost model; rows_per_group = M / G (static)."""
+def forward_tiles(fusion: Fusion, itemsize: int, transpose_rhs: bool = False, num_rows: int = 0,
+                  num_groups: int = 1, n: int = 0) -> tuple[tuple[Tiles, ...], str, gmm_plan.CostModel]:
+    """(big, small) tiles, split policy and cost model for M = num_rows rows over G = num_groups
+    groups and n output columns (static). Without an override, the split's small tile gets the
+    strip width of :func:`narrow_for_parallelism` (n > 0)."""
+    rows_per_group = num_rows / max(num_groups, 1)
     ov = gmm_plan.current_override()
     policy, cost = "split", gmm_plan.CostModel()
     if ov is not None:
@@ -118,6 +121,8 @@ def forward_tiles(fusion: Fusion, itemsize: int, transpose_rhs: bool = False, ro
         return (_for_itemsize(big, itemsize),), "big", cost
     if kind in WIDE_SMALL and rows_per_group >= WIDE_SMALL_MIN_ROWS:
         small = WIDE_SMALL[kind]
+    if ov is None and n:
+        small = narrow_for_parallelism(small, num_rows, num_groups, n, gmm_kernel.num_sms())
     return (_for_itemsize(big, itemsize), _for_itemsize(small, itemsize)), policy, cost
 
 
@@ -140,9 +145,7 @@ def forward(xs, ws, group_sizes, group_offset, *, fusion: Fusion, transpose_rhs:
     G = ws[0].shape[0]
     N = ws[0].shape[1] if transpose_rhs else ws[0].shape[2]
     itemsize = jnp.dtype(xs[0].dtype).itemsize
-    tiles, policy, cost = forward_tiles(fusion, itemsize, transpose_rhs, M / max(G, 1))
-    if gmm_plan.current_override() is None:
-        tiles = (*tiles[:-1], narrow_for_parallelism(tiles[-1], M, G, N, gmm_kernel.num_sms()))
+    tiles, policy, cost = forward_tiles(fusion, itemsize, transpose_rhs, M, G, N)
     run = dict(fusion=fusion, transpose_rhs=transpose_rhs, out_dtypes=out_dtypes, interpret=interpret)
     sched = dict(num_rows=M, num_groups=G, interpret=interpret)
     if len(tiles) == 1 or policy in ("big", "small"):
