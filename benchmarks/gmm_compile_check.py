@@ -18,14 +18,14 @@ when jax's has none.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
 import jax
 import jax.numpy as jnp
+
+from benchmarks import triton_compile
 
 SMEM_LIMIT = 232448  # bytes of shared memory per block on sm_90
 
@@ -112,15 +112,8 @@ def main(argv=None) -> int:
     out = args.out or tempfile.mkdtemp(prefix="gmm_ttir_")
     os.makedirs(out, exist_ok=True)
     stems = capture(out, args.all)
-    tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_compile.py")
-    r = subprocess.run([args.triton_python, tool, out], capture_output=True, text=True)
-    rows = {}
-    for line in r.stdout.splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        rows[row["kernel"]] = row
+    compiled, r = triton_compile.run(args.triton_python, out)
+    rows = {row["kernel"]: row for row in compiled}
     if not rows:
         print(f"no kernel compiled (needs triton==3.6 in --triton-python): {r.stderr[-600:]}", file=sys.stderr)
         return 2

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from benchmarks import triton_compile  # noqa: E402
 
 SMEM_LIMIT = 232448
 
@@ -106,14 +106,9 @@ def main() -> int:
     out = args.out or tempfile.mkdtemp(prefix="indexed_ttir_")
     os.makedirs(out, exist_ok=True)
     capture(out, args.only)
-    tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_compile.py")
-    r = subprocess.run([args.triton_python, tool, out], capture_output=True, text=True)
+    rows, r = triton_compile.run(args.triton_python, out)
     bad = 0
-    for line in r.stdout.splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for row in rows:
         sass = glob.glob(os.path.join(out, row["kernel"] + ".sass"))
         membar = open(sass[0]).read().count("MEMBAR.ALL.GPU") if sass else None
         err = row.get("error")

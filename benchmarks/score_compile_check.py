@@ -19,9 +19,7 @@ and exits non-zero when a default config does not fit or the model underestimate
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -31,6 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels.triton import block_scores as K  # noqa: E402
+from benchmarks import triton_compile  # noqa: E402
 
 SMEM_LIMIT = K.SMEM_LIMIT
 
@@ -83,14 +82,9 @@ def main(argv=None) -> int:
     out = args.out or tempfile.mkdtemp(prefix="score_ttir_")
     os.makedirs(out, exist_ok=True)
     capture(out, default_cases(args.sweep))
-    tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_compile.py")
-    r = subprocess.run([args.triton_python, tool, out], capture_output=True, text=True)
+    rows, r = triton_compile.run(args.triton_python, out)
     bad = 0
-    for line in r.stdout.splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for row in rows:
         smem = row.get("smem")
         ok = smem is not None and smem <= SMEM_LIMIT and smem <= row["model_smem"] and not row.get("spill_st")
         default = row["kernel"].startswith("default")

@@ -154,12 +154,18 @@ def compile_dir(out_dir: str) -> list[dict]:
     return rows
 
 
-def compile_text(ttir: str, num_warps: int, num_stages: int, work_dir: str, name: str = "kernel") -> dict:
-    """compile_ttir for IR held in memory: written to ``work_dir/name.ttir`` first."""
-    path = os.path.join(work_dir, name + ".ttir")
-    with open(path, "w") as f:
-        f.write(ttir)
-    return compile_ttir(path, dict(num_warps=num_warps, num_stages=num_stages))
+def run(python: str, out_dir: str, timeout: float | None = None) -> tuple[list[dict], subprocess.CompletedProcess]:
+    """Compile ``out_dir`` with this script in interpreter ``python`` (one that has triton);
+    returns the kernels' rows (the JSON lines it printed) and the finished process."""
+    r = subprocess.run([python, os.path.abspath(__file__), out_dir], capture_output=True, text=True,
+                       timeout=timeout)
+    rows = []
+    for line in r.stdout.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows, r
 
 
 if __name__ == "__main__":

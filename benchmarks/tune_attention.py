@@ -1097,10 +1097,8 @@ def phase_evidence():
     except Exception:  # noqa: BLE001
         py = os.environ.get("TRITON_PYTHON", sys.executable)
     try:
-        tool = os.path.join(os.path.dirname(os.path.abspath(ptx.__file__)), "triton_compile.py")
-        p = subprocess.run([py, tool, out], capture_output=True, text=True,
-                           timeout=max(20, min(90, left() - 30)))
-        ev["kernels"] = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+        from benchmarks import triton_compile
+        ev["kernels"], p = triton_compile.run(py, out, timeout=max(20, min(90, left() - 30)))
         ev["compile_tail"] = p.stderr[-1500:]
     except Exception as e:  # noqa: BLE001
         ev["compile_error"] = f"{type(e).__name__}: {e}"[:800]

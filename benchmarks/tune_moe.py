@@ -23,6 +23,7 @@ Phases (each guarded by the budget; JSON rewritten after each, ``$OUT/tune_moe.j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import os
@@ -44,16 +45,21 @@ from sparse_jax.moe.dispatch import expand, plan_dispatch  # noqa: E402
 MODELS = {**B.MODELS, **B.QUICK_MODELS}  # "tiny": the CPU smoke run
 RUN = TuneRun("tune_moe", {"errors": [], "breakdown": [], "tiles": [], "profile": [], "step": [], "mid": [], "large": []})
 
+def _named(*tiles: Tiles) -> dict[str, Tiles]:
+    """Candidates keyed by a short label ("16x64x128w4s4", as the JSON rows and --tiles name them)."""
+    return {f"{t.tm}x{t.tn}x{t.tk}w{t.num_warps}s{t.num_stages}": t for t in tiles}
+
+
+def _overridden(tiling: Tiling | None):
+    """gmm_plan.override(tiling), or no override for None (the shipped defaults)."""
+    return gmm_plan.override(tiling) if tiling else contextlib.nullcontext()
+
+
 # Candidate single tiles for the few-rows launch (policy "small"); "default" = no override.
-SMALL_TILES = {
-    "16x32x256w4s4": Tiles(16, 32, 256, num_warps=4, num_stages=4),
-    "16x64x128w4s4": Tiles(16, 64, 128, num_warps=4, num_stages=4),
-    "16x64x256w4s3": Tiles(16, 64, 256, num_warps=4, num_stages=3),
-    "32x64x128w4s4": Tiles(32, 64, 128, num_warps=4, num_stages=4),
-    "16x128x128w4s4": Tiles(16, 128, 128, num_warps=4, num_stages=4),
-    "32x128x128w4s4": Tiles(32, 128, 128, num_warps=4, num_stages=4),
-    "16x128x64w4s6": Tiles(16, 128, 64, num_warps=4, num_stages=6),
-}
+SMALL_TILES = _named(Tiles(16, 32, 256, num_warps=4, num_stages=4), Tiles(16, 64, 128, num_warps=4, num_stages=4),
+                     Tiles(16, 64, 256, num_warps=4, num_stages=3), Tiles(32, 64, 128, num_warps=4, num_stages=4),
+                     Tiles(16, 128, 128, num_warps=4, num_stages=4), Tiles(32, 128, 128, num_warps=4, num_stages=4),
+                     Tiles(16, 128, 64, num_warps=4, num_stages=6))
 
 
 def _t(fn, args, pipeline=None):
@@ -127,7 +133,7 @@ def tiles(models, tokens, names=None):
                         ("gate_up", lambda xs, a, b, gs: ops.grouped_swiglu(xs, a, b, gs), (xs, wg, wu, gs), 2 * D * F),
                         ("down", lambda h, w, gs: ops.grouped_matmul(h, w, gs), (h, wd, gs), D * F)):
                     try:
-                        with gmm_plan.override(tiling) if tiling else _null():
+                        with _overridden(tiling):
                             f = jax.jit(fn).lower(*args).compile()
                         row[f"{op}_ms"], _ = _t(f, args)
                         row[f"{op}_vs_floor"] = round(row[f"{op}_ms"] / _floor_ms(active * nbytes * 2), 3)
@@ -211,14 +217,9 @@ def step(models, tokens, L=8):
         RUN.save()
 
 
-MID_TILES = {
-    "128x256x64w8s3": Tiles(128, 256, 64, num_warps=8, num_stages=3),
-    "128x128x64w4s4": Tiles(128, 128, 64, num_warps=4, num_stages=4),
-    "128x128x64w8s4": Tiles(128, 128, 64, num_warps=8, num_stages=4),
-    "64x256x64w8s3": Tiles(64, 256, 64, num_warps=8, num_stages=3),
-    "64x128x128w4s4": Tiles(64, 128, 128, num_warps=4, num_stages=4),
-    "128x256x64w8s4": Tiles(128, 256, 64, num_warps=8, num_stages=4),
-}
+MID_TILES = _named(Tiles(128, 256, 64, num_warps=8, num_stages=3), Tiles(128, 128, 64, num_warps=4, num_stages=4),
+                   Tiles(128, 128, 64, num_warps=8, num_stages=4), Tiles(64, 256, 64, num_warps=8, num_stages=3),
+                   Tiles(64, 128, 128, num_warps=4, num_stages=4), Tiles(128, 256, 64, num_warps=8, num_stages=4))
 
 
 def mid(model="mixtral-8x7b", T=512):
@@ -238,7 +239,7 @@ def mid(model="mixtral-8x7b", T=512):
             tiling = None if tile is None else Tiling(forward=tile, policy="big")
             row = dict(model=model, T=T, op=op, tile=name)
             try:
-                with gmm_plan.override(tiling) if tiling else _null():
+                with _overridden(tiling):
                     f = jax.jit(fn).lower(*args).compile()
                 row["ms"], _ = _t(f, args)
                 row["vs_floor"] = round(row["ms"] / _floor_ms(active * nw * D * F * 2), 3)
@@ -249,14 +250,6 @@ def mid(model="mixtral-8x7b", T=512):
         RUN.save()
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
 def large(models, tokens, peers: bool, backward: bool = False):
     """Forward (or, with ``backward``, forward + all gradients) of the layer at T >= 512."""
     policies = {"default": None} if backward else {"default": None, "big": Tiling(policy="big"),
@@ -265,9 +258,9 @@ def large(models, tokens, peers: bool, backward: bool = False):
     for model in models:
         E, k, D, F = MODELS[model]
         wg, wu, wd = B._weights(E, D, F, jnp.bfloat16)
-        rows = {}
+        rows, inputs = {}, {}
         for T in tokens:  # torch first, before JAX's pool grows with ragged_dot's temporaries
-            x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
+            inputs[T] = x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
             active = B._active_experts(x, rw, k)
             rows[T] = row = dict(model=model, T=T, active=active, backward=backward,
                                  floor_ms=round(_floor_ms(active * 3 * D * F * 2), 4))
@@ -286,15 +279,14 @@ def large(models, tokens, peers: bool, backward: bool = False):
             if RUN.left() < 30:
                 return
             row = rows[T]
-            x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
-            args = (x, rw, wg, wu, wd)
+            args = (*inputs[T], wg, wu, wd)
             if backward:
                 args = args + (timing.random_normal(5, (T, D), jnp.float32),)
             for name, tiling in policies.items():
                 if name != "default" and model != "mixtral-8x7b":
                     continue
                 try:
-                    with gmm_plan.override(tiling) if tiling else _null():
+                    with _overridden(tiling):
                         f = jax.jit(wrap(functools.partial(B._ours(None), top_k=k))).lower(*args).compile()
                     row[f"ours_{name}_ms"], _ = _t(f, args)
                 except Exception as e:  # noqa: BLE001
