@@ -7,8 +7,12 @@ Phases (each guarded by the budget; JSON rewritten after each, ``$OUT/tune_moe.j
   dispatch half alone, the gate+up and down grouped matmuls alone, and the weight-read floor.
 * ``tiles`` -- T = 1 / 32: the gate+up and the down matmul under each candidate small tile
   (``gmm_plan.override``), each against its own weight-read floor.
-* ``profile`` -- T = 1: a profiler trace of the pipelined layer; every GPU kernel's
-  median duration and launches per call (where the fixed cost of decode goes).
+* ``profile`` -- ``--profile-tokens`` (default T = 1; with ``--backward`` fwd + all grads): a
+  profiler trace of the pipelined layer; every GPU kernel's duration and launches per call.
+* ``tgrad`` -- fwd+bwd of the layer (``--tgrad-models``, first large T) under each candidate
+  weight-gradient tile (``TGRAD_TILES``).
+* ``variants`` -- Mixtral at the first large T, forward: the layer under fusion / tile /
+  persistence variants beside ragged_dot.
 * ``step`` -- T = 1 / 32: the layer applied ``L`` times inside one jitted loop (as a
   decode step runs its layers: no host dispatch or sync between layers), ours vs
   ragged_dot, per layer; and gate+up fused vs two gmm at T = 1.
@@ -43,7 +47,8 @@ from sparse_jax import moe, ops  # noqa: E402
 from sparse_jax.moe.dispatch import expand, plan_dispatch  # noqa: E402
 
 MODELS = {**B.MODELS, **B.QUICK_MODELS}  # "tiny": the CPU smoke run
-RUN = TuneRun("tune_moe", {"errors": [], "breakdown": [], "tiles": [], "profile": [], "step": [], "mid": [], "large": []})
+RUN = TuneRun("tune_moe", {"errors": [], "breakdown": [], "tiles": [], "profile": [], "step": [], "mid": [], "large": [],
+                                "tgrad": [], "variants": []})
 
 def _named(*tiles: Tiles) -> dict[str, Tiles]:
     """Candidates keyed by a short label ("16x64x128w4s4", as the JSON rows and --tiles name them)."""
@@ -169,26 +174,129 @@ def _gpu_kernels(trace_dir: str, calls: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_call"])
 
 
-def profile(models, T=1, calls=50):
+def _layer_case(model, T, backward):
+    """(jitted layer or its fwd+bwd, args, active experts) for one model at T tokens."""
+    E, k, D, F, (wg, wu, wd), x, rw, active = _setup(model, T)
+    fn = functools.partial(B._ours(None), top_k=k)
+    args = (x, rw, wg, wu, wd)
+    if backward:
+        fn, args = B._fwd_bwd(fn), args + (timing.random_normal(5, (T, D), jnp.float32),)
+    return fn, args, active
+
+
+def profile(models, tokens=(1,), backward=False, calls=50):
     import tempfile
     for model in models:
-        E, k, D, F, (wg, wu, wd), x, rw, active = _setup(model, T)
-        layer = jax.jit(functools.partial(B._ours(None), top_k=k))
-        args = (x, rw, wg, wu, wd)
-        for _ in range(3):
-            jax.block_until_ready(layer(*args))
-        d = tempfile.mkdtemp()
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            out = None
-            for _ in range(calls):
-                out = layer(*args)
-            jax.block_until_ready(out)
-        kernels = _gpu_kernels(d, calls)
-        total = round(sum(r.get("us_per_call", 0.0) for r in kernels), 2)
-        RUN.report["profile"].append(dict(model=model, T=T, kernel_us_per_call=total, kernels=kernels[:40]))
-        RUN.log(f"{model} T={T}: {total} us of kernels per call; top: {kernels[:12]}")
-        del wg, wu, wd
-        gc.collect()
+        for T in tokens:
+            if RUN.left() < 30:
+                return
+            fn, args, _ = _layer_case(model, T, backward)
+            layer = jax.jit(fn)
+            n = calls if T < 512 else 10
+            for _ in range(3):
+                jax.block_until_ready(layer(*args))
+            d = tempfile.mkdtemp()
+            with jax.profiler.trace(d, create_perfetto_trace=True):
+                out = None
+                for _ in range(n):
+                    out = layer(*args)
+                jax.block_until_ready(out)
+            kernels = _gpu_kernels(d, n)
+            total = round(sum(r.get("us_per_call", 0.0) for r in kernels), 2)
+            RUN.report["profile"].append(dict(model=model, T=T, backward=backward, kernel_us_per_call=total,
+                                              kernels=kernels[:40]))
+            RUN.log(f"{model} T={T} backward={backward}: {total} us of kernels per call; top: {kernels[:14]}")
+            del args, layer
+            gc.collect()
+            RUN.save()
+
+
+# Weight-gradient tiles to sweep at few rows per group (tgrad phase; FEW_ROWS is the default there).
+TGRAD_TILES = _named(Tiles(32, 128, 128, num_warps=4, num_stages=4), Tiles(32, 256, 128, num_warps=8, num_stages=3),
+                     Tiles(32, 128, 256, num_warps=8, num_stages=3), Tiles(32, 256, 256, num_warps=8, num_stages=2),
+                     Tiles(16, 128, 128, num_warps=4, num_stages=4), Tiles(32, 64, 128, num_warps=4, num_stages=4),
+                     Tiles(32, 128, 64, num_warps=4, num_stages=4), Tiles(64, 128, 128, num_warps=8, num_stages=3))
+
+
+def tgrad(models, tokens):
+    """fwd+bwd of the layer with each candidate weight-gradient tile (Tiling.transposed)."""
+    for model in models:
+        for T in tokens:
+            fn, args, _ = _layer_case(model, T, True)
+            for name, t in [("default", None), *TGRAD_TILES.items()]:
+                if RUN.left() < 20:
+                    return
+                row = dict(model=model, T=T, tgmm_tile=name)
+                try:
+                    with _overridden(None if t is None else Tiling(transposed=t)):
+                        f = jax.jit(fn).lower(*args).compile()
+                    row["fwd_bwd_ms"], _ = _t(f, args)
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                RUN.report["tgrad"].append(row)
+                RUN.log(row)
+            del args
+            gc.collect()
+            RUN.save()
+
+
+@contextlib.contextmanager
+def _patched(module, **values):
+    old = {k: getattr(module, k) for k in values}
+    for k, v in values.items():
+        setattr(module, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(module, k, v)
+
+
+def variants(model="mixtral-8x7b", T=512):
+    """Layer-level forward under tile and fusion variants (the 3x-ragged_dot goal at T = 512)."""
+    from pallas_kernels.triton import grouped_matmul as tgm
+    big = Tiles(128, 256, 64, num_warps=8, num_stages=3)
+    cases = {
+        "default": contextlib.nullcontext,
+        "fused_swiglu": lambda: _patched(tgm, SWIGLU_FUSED_MAX_ROWS=128),
+        "fused_swiglu_128x256": lambda: contextlib.ExitStack(),  # filled below
+        "big_band4": lambda: gmm_plan.override(Tiling(forward=big.replace(band=4), policy="big")),
+        "big_band16": lambda: gmm_plan.override(Tiling(forward=big.replace(band=16), policy="big")),
+        "big_occ2": lambda: gmm_plan.override(Tiling(forward=big.replace(occupancy=2), policy="big")),
+        "big_persist0": lambda: gmm_plan.override(Tiling(forward=big.replace(occupancy=0), policy="big")),
+        "128x128x64w4s4": lambda: gmm_plan.override(Tiling(forward=Tiles(128, 128, 64, num_warps=4, num_stages=4),
+                                                           policy="big")),
+    }
+
+    def fused_big():
+        st = contextlib.ExitStack()
+        st.enter_context(_patched(tgm, SWIGLU_FUSED_MAX_ROWS=128,
+                                  FORWARD_TILES={**tgm.FORWARD_TILES, "swiglu": (big.replace(num_stages=2),
+                                                                                tgm.FORWARD_TILES["swiglu"][1])}))
+        return st
+    cases["fused_swiglu_128x256"] = fused_big
+    fn, args, active = _layer_case(model, T, False)
+    for name, ctx in cases.items():
+        if RUN.left() < 15:
+            return
+        row = dict(model=model, T=T, variant=name)
+        try:
+            with ctx():
+                f = jax.jit(fn).lower(*args).compile()
+            row["ms"], _ = _t(f, args)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        RUN.report["variants"].append(row)
+        RUN.log(row)
+    try:
+        row = dict(model=model, T=T, variant="ragged_dot")
+        E, k = MODELS[model][:2]
+        row["ms"], _ = _t(jax.jit(functools.partial(B.ragged_dot_moe, top_k=k)), args)
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    RUN.report["variants"].append(row)
+    RUN.log(row)
+    RUN.save()
 
 
 def step(models, tokens, L=8):
@@ -320,6 +428,8 @@ def main():
     ap.add_argument("--large-tokens", default="512,2048")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--backward", action="store_true", help="large phase: forward + all gradients")
+    ap.add_argument("--profile-tokens", default="1")
+    ap.add_argument("--tgrad-models", default="qwen2-57b-a14b")
     ap.add_argument("--tiles", default=None, help="comma-separated SMALL_TILES names (and 'default') to sweep")
     a = ap.parse_args()
     RUN.budget_s = a.budget_s
@@ -334,7 +444,11 @@ def main():
     if "tiles" in phases:
         RUN.guard("tiles", 40)(tiles)(models, small, a.tiles.split(",") if a.tiles else None)
     if "profile" in phases:
-        RUN.guard("profile", 30)(profile)(models)
+        RUN.guard("profile", 30)(profile)(models, [int(t) for t in a.profile_tokens.split(",")], a.backward)
+    if "tgrad" in phases:
+        RUN.guard("tgrad", 30)(tgrad)(a.tgrad_models.split(","), big[:1])
+    if "variants" in phases:
+        RUN.guard("variants", 30)(variants)("tiny" if models == ["tiny"] else "mixtral-8x7b", big[0])
     if "step" in phases:
         RUN.guard("step", 30)(step)(models, small)
     if "mid" in phases:
