@@ -66,7 +66,10 @@ def cases(all_candidates: bool):
     out = [("gmm fwd+bwd bf16", *vjp_gmm(bf), True), ("gmm fwd+bwd f32", *vjp_gmm(jnp.float32), True),
            ("swiglu fwd+bwd bf16", vjp_swiglu, (x, w, w, gs, ct), True),
            ("gmm fwd+bwd bf16 256 experts", vjp_deepseek,
-            (S((M, 7168), bf), S((256, 7168, 2048), bf), S((256,), i32), S((M, 2048), bf)), True)]
+            (S((M, 7168), bf), S((256, 7168, 2048), bf), S((256,), i32), S((M, 2048), bf)), True),
+           ("swiglu fwd+bwd bf16 32 rows/group", vjp_swiglu,  # Qwen2-MoE at T=512: few-rows tgmm, two operands
+            (S((2048, 3584), bf), S((64, 3584, 2560), bf), S((64, 3584, 2560), bf), S((64,), i32),
+             S((2048, 2560), bf)), True)]
     if all_candidates:
         from benchmarks import tune_gmm
         for t in tune_gmm.BIG_CANDIDATES + tune_gmm.SMALL_CANDIDATES:

@@ -261,6 +261,23 @@ def test_swiglu_default_path_lowers_to_its_kernels():
     assert launches(256, 1024) == 6   # narrow F: (schedule + big + small) per gmm
 
 
+def test_swiglu_weight_gradients_split_at_few_rows():
+    """Few rows per group: one weight-gradient launch per operand (a shared launch spilled and ran
+    2.5x slower per byte on the H100); many rows: dW_gate and dW_up share one launch."""
+    S = jax.ShapeDtypeStruct
+
+    def tgmm_launches(M):
+        def fn(x, a, b, g, ct):
+            _, pull = jax.vjp(lambda x, a, b: sparse_jax.grouped_swiglu(x, a, b, g, backend="triton"), x, a, b)
+            return pull(ct)
+        text = _compat.export(fn, "cuda", S((M, 64), jnp.bfloat16), S((8, 64, 256), jnp.bfloat16),
+                              S((8, 64, 256), jnp.bfloat16), S((8,), jnp.int32),
+                              S((M, 256), jnp.bfloat16)).mlir_module()
+        return text.count("tgmm_1_"), text.count("tgmm_2_")
+    few, many = tgmm_launches(8 * 32), tgmm_launches(8 * 128)
+    assert few[0] > 0 and few[1] == 0 and many[0] == 0 and many[1] > 0, (few, many)
+
+
 # --- adaptive tile height --------------------------------------------------------------------------
 def test_adaptive_tiles_match_reference(kernel_backend):
     """GPU: rows split between a big- and a small-tile launch; TPU: lax.switch over tile heights."""

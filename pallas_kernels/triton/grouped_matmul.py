@@ -44,6 +44,12 @@ WIDE_SMALL_MIN_ROWS = 64
 # several right operands or 4-byte inputs), fewer -> FEW_ROWS (see transposed_tiles).
 TRANSPOSED_TILES = (tgmm_kernel.MANY_ROWS, tgmm_kernel.MANY_ROWS_MULTI, tgmm_kernel.FEW_ROWS)
 TRANSPOSED_MIN_ROWS = 64
+# Below TRANSPOSED_MIN_ROWS rows per group, one launch per right operand. H100 round 4 (tune_moe
+# profile, Qwen2-MoE T=512 fwd+bwd, 32 rows per group): the SwiGLU backward's two-operand launch
+# took 2277 us to write 2.35 GB of dW_gate and dW_up (ptxas: 255 registers, 1052 bytes of spills
+# with FEW_ROWS' two 128x128 accumulators on 4 warps), the one-operand dW_down launch 447 us for
+# 1.17 GB. The shared lhs read it saves is a few MB of L2 traffic.
+TRANSPOSED_SPLIT_FEW_ROWS = True
 # grouped_swiglu's forward: one fused kernel (gate and up from one read of x, SiLU in registers)
 # only at <= 64 mean rows per group with F >= 8192; two gmm + silu*mul otherwise. H100 round 2
 # (fused vs two gmm): Mixtral M=512 (64 rows, F=14336) fused 0.683 vs 0.710 ms -- the 63 MB of g/u/x
@@ -164,14 +170,22 @@ def forward(xs, ws, group_sizes, group_offset, *, fusion: Fusion, transpose_rhs:
 
 
 def transposed(lhs, rhs, group_sizes, group_offset, *, num_groups: int, out_dtype, interpret: bool = False):
-    """lhs [M, K], rhs: tuple of [M, N] -> tuple of [num_groups, K, N]."""
+    """lhs [M, K], rhs: tuple of [M, N] -> tuple of [num_groups, K, N].
+
+    Several right operands share one launch (each lhs tile read once) from
+    TRANSPOSED_MIN_ROWS rows per group; below that the kernel only writes gradients, and
+    one launch per operand is faster (see TRANSPOSED_SPLIT_FEW_ROWS).
+    """
     M = lhs.shape[0]
     ov = gmm_plan.current_override()
+    few = M < TRANSPOSED_MIN_ROWS * num_groups
     if ov is not None and ov.transposed is not None:
         tiles = ov.transposed
     else:
         tiles = transposed_tiles(M, num_groups, len(rhs), jnp.dtype(lhs.dtype).itemsize)
     table = gmm_table.schedule_table(group_sizes, group_offset, num_rows=M, num_groups=num_groups, tm0=1,
                                      interpret=interpret)
-    return tgmm_kernel.transposed(lhs, rhs, table, num_groups=num_groups, tiles=tiles, out_dtype=out_dtype,
-                                  interpret=interpret)
+    run = dict(num_groups=num_groups, tiles=tiles, out_dtype=out_dtype, interpret=interpret)
+    if few and len(rhs) > 1 and TRANSPOSED_SPLIT_FEW_ROWS:
+        return tuple(tgmm_kernel.transposed(lhs, (r,), table, **run)[0] for r in rhs)
+    return tgmm_kernel.transposed(lhs, rhs, table, **run)
