@@ -48,6 +48,7 @@ from pallas_kernels.common.decode_plan import DecodeTiles  # noqa: E402
 from pallas_kernels.common.gmm_plan import Tiles, Tiling  # noqa: E402
 from sparse_jax import moe, ops  # noqa: E402
 from sparse_jax.moe import layer as moe_layer  # noqa: E402
+from sparse_jax.moe import routing as moe_routing  # noqa: E402
 from sparse_jax.moe.dispatch import expand, plan_dispatch  # noqa: E402
 
 MODELS = {**B.MODELS, **B.QUICK_MODELS}  # "tiny": the CPU smoke run
@@ -303,6 +304,9 @@ def variants(model="mixtral-8x7b", T=512):
     RUN.save()
 
 
+ROUTER_PADS = (8, 16)  # routing.ROUTER_MIN_ROWS candidates (step phase, T < 16)
+
+
 def step(models, tokens, L=8):
     for model in models:
         E, k, D, F = MODELS[model]
@@ -316,6 +320,10 @@ def step(models, tokens, L=8):
             row = dict(model=model, T=T, L=L, active=active, floor_ms=round(_floor_ms(active * 3 * D * F * 2), 4))
             for impl, fn in (("ours", B._ours(None)), ("ragged_dot", B.ragged_dot_moe)):
                 row[f"{impl}_step_ms"] = round(_t(jax.jit(B.in_step(functools.partial(fn, top_k=k), L)), args)[0] / L, 4)
+            for pad in ROUTER_PADS if T < 16 else ():
+                with _patched(moe_routing, ROUTER_MIN_ROWS=pad):
+                    f = jax.jit(B.in_step(functools.partial(B._ours(None), top_k=k), L)).lower(*args).compile()
+                row[f"ours_router_pad{pad}_step_ms"] = round(_t(f, args)[0] / L, 4)
             if T <= moe_layer.DECODE_MAX_TOKENS:  # the grouped path at the same T, for comparison
                 with _patched(moe_layer, DECODE_MAX_TOKENS=0):
                     f = jax.jit(B.in_step(functools.partial(B._ours(None), top_k=k), L)).lower(*args).compile()

@@ -76,7 +76,7 @@ def test_triton_split_contractions_match():
     y = kern.down_partials(g, u, w, ids, wd, top_k=k, out_dtype=x.dtype, tiles=tiles, interpret=True)
     assert y.shape[0] > 1, "the test must split F"
     want = decode_plan.experts_by_id(x, w, ids, wg, wu, wd, k)
-    assert_close(y.sum(0), want, tolerance(jnp.float32, interpret=True), "split y")
+    assert_close(y.sum(0), want, tolerance(jnp.float32), "split y")  # interpreted on a GPU: tf32 dots
 
 
 @given(steps=st.integers(1, 500), base=st.integers(1, 2000), sms=st.sampled_from([1, 8, 132]))

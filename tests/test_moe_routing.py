@@ -232,3 +232,18 @@ def test_capacity_formula():
     assert capacity(1, 1, 8, 0.01) == 1
     with pytest.raises(ValueError, match="capacity_factor"):
         capacity(10, 2, 4, 0.0)
+
+
+def test_router_padding_is_exact():
+    """ROUTER_MIN_ROWS pads few tokens with zero rows: the same logits as the plain product."""
+    from sparse_jax.moe import routing
+    x, rw = jax.random.normal(jax.random.key(0), (3, 40)), jax.random.normal(jax.random.key(1), (40, 6))
+    want = routing.router_logits(x, rw)
+    old = routing.ROUTER_MIN_ROWS
+    try:
+        routing.ROUTER_MIN_ROWS = 8
+        got = routing.router_logits(x, rw)
+    finally:
+        routing.ROUTER_MIN_ROWS = old
+    assert got.shape == (3, 6)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
