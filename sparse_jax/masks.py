@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp

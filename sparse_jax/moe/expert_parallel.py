@@ -74,7 +74,6 @@ def _receive_order(recv_counts, pair_capacity: int):
 
     recv_counts int32 [P, El] -> (perm, inverse, local group sizes int32 [El]).
     """
-    El = recv_counts.shape[1]
     incl = jnp.cumsum(recv_counts, axis=1)  # [P, El]
     i = jnp.arange(pair_capacity, dtype=jnp.int32)
     local_expert = jnp.sum(i[None, :, None] >= incl[:, None, :], axis=-1)  # [P, Cp]; El marks padding

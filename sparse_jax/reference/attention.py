@@ -7,12 +7,10 @@ O(chunk x kv_len) forward and backward (compute is dense: O(q_len x kv_len)).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sparse_jax import _block_tables as T
 

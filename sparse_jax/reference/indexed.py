@@ -18,7 +18,6 @@ Semantics (the kernels implement the same):
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
