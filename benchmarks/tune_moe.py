@@ -412,9 +412,10 @@ def large(models, tokens, peers: bool, backward: bool = False):
     wrap = B._fwd_bwd if backward else (lambda f: f)
     for model in models:
         E, k, D, F = MODELS[model]
-        wg, wu, wd = B._weights(E, D, F, jnp.bfloat16)
         rows, inputs = {}, {}
-        for T in tokens:  # torch first, before JAX's pool grows with ragged_dot's temporaries
+        # torch first, before JAX holds this model's weights or grows its pool with ragged_dot's
+        # temporaries (JAX keeps freed memory in its pool; torch hands its cache back below)
+        for T in tokens:
             inputs[T] = x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
             active = B._active_experts(x, rw, k)
             rows[T] = row = dict(model=model, T=T, active=active, backward=backward,
@@ -430,6 +431,7 @@ def large(models, tokens, peers: bool, backward: bool = False):
                 finally:
                     gc.collect()
                     peers_torch.free_memory()
+        wg, wu, wd = B._weights(E, D, F, jnp.bfloat16)
         for T in tokens:
             if RUN.left() < 30:
                 return
