@@ -7,7 +7,8 @@ two assignments is read twice: it pays only where the ids are distinct (one toke
 Kernels: :mod:`pallas_kernels.common.decode_plan` and its per-backend lowerings.
 
 The backward (training at one token is rare) is the VJP of the plan's jnp math, which
-gathers the k experts' weights: exact, not fast.
+gathers each assignment's expert weights: exact, not fast, and O(T k D F) memory -- meant
+for the few tokens this op is for (the layer uses it at T <= ``DECODE_MAX_TOKENS``).
 """
 
 from __future__ import annotations
