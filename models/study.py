@@ -86,6 +86,13 @@ PRESETS = {
                   fractions=(1 / 4, 1 / 16), train_share=0.35,
                   model=(("d_model", 384), ("num_heads", 6), ("num_kv_heads", 2), ("qk_norm", True),
                          ("ffn", C.FFNSpec("dense", 1024)))),
+    # The cpu preset's task and model at 1024 tokens with 32-token blocks, so that the threshold
+    # methods (PBS, XAttention) have blocks to drop; swaps only (no native models).
+    "gpu_long": Preset("gpu_long", "tiny", seq_len=1024, block_size=32, batch_size=32, steps=4000, lr=3e-3, warmup=100,
+                       native_steps=1, eval_batches=8, speed_len=8192, speed_batch=1, dtype="bfloat16",
+                       budget_s=480, mqar_pairs=4, needles=2, vocab=tasks.Vocab(128, 32, 32),
+                       model=(("qk_norm", True),), thresholds=(0.9, 0.7), fractions=(1 / 4, 1 / 16), native=(),
+                       train_share=0.5),
 }
 
 
