@@ -383,6 +383,7 @@ def main(argv=None):
     ap.add_argument("--native-steps", type=int, help="override the natively sparse training steps")
     ap.add_argument("--seq-len", type=int)
     ap.add_argument("--budget-s", type=float)
+    ap.add_argument("--thresholds", help="comma-separated PBS / XAttention thresholds (default: the preset's)")
     ap.add_argument("--out", default=None, help="output dir (default benchmarks/results/study/<preset>)")
     ap.add_argument("--reuse", action="store_true", help="restore the dense model from runs/ instead of training")
     ap.add_argument("--no-progress", action="store_true")
@@ -390,6 +391,8 @@ def main(argv=None):
     p = PRESETS[args.preset]
     changes = {k: v for k, v in (("steps", args.steps), ("native_steps", args.native_steps), ("seq_len", args.seq_len),
                                  ("budget_s", args.budget_s)) if v is not None}
+    if args.thresholds:
+        changes["thresholds"] = tuple(float(t) for t in args.thresholds.split(","))
     p = dataclasses.replace(p, **changes)
     out_dirs = [args.out or os.path.join("benchmarks", "results", "study", p.name)]
     if os.environ.get("OUT"):
