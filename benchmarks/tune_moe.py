@@ -33,6 +33,7 @@ import contextlib
 import functools
 import gc
 import os
+from unittest import mock
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -65,6 +66,11 @@ def _overridden(tiling: Tiling | None):
     return gmm_plan.override(tiling) if tiling else contextlib.nullcontext()
 
 
+def _big_only(tiles: Tiles):
+    """Override: every forward gmm with ``tiles``, no small-tile split."""
+    return gmm_plan.override(Tiling(forward=tiles, policy="big"))
+
+
 # Candidate single tiles for the few-rows launch (policy "small"); "default" = no override.
 SMALL_TILES = _named(Tiles(16, 32, 256, num_warps=4, num_stages=4), Tiles(16, 64, 128, num_warps=4, num_stages=4),
                      Tiles(16, 64, 256, num_warps=4, num_stages=3), Tiles(32, 64, 128, num_warps=4, num_stages=4),
@@ -75,6 +81,22 @@ SMALL_TILES = _named(Tiles(16, 32, 256, num_warps=4, num_stages=4), Tiles(16, 64
 def _t(fn, args, pipeline=None):
     t = timing.time_fn(fn, lambda i: args, warmup=2, iters=10, rotations=1, pipeline=pipeline)
     return round(t.ms, 4), t.batch
+
+
+def _measure(row, key, fn, args, *contexts, error_key=None, per=1):
+    """row[key] = ms of fn(*args) (divided by ``per``), traced and compiled inside ``contexts``
+    (tile overrides, module patches; kernels read them at trace time). A failure is recorded
+    under ``error_key`` (default ``<key>_error``) instead; returns the time or None."""
+    try:
+        with contextlib.ExitStack() as stack:
+            for c in contexts:
+                stack.enter_context(c)
+            f = jax.jit(fn).lower(*args).compile()
+        row[key] = round(_t(f, args)[0] / per, 4)
+        return row[key]
+    except Exception as e:  # noqa: BLE001
+        row[error_key or f"{key}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        return None
 
 
 def _setup(model, T):
@@ -142,13 +164,9 @@ def tiles(models, tokens, names=None):
                 for op, fn, args, nbytes in (
                         ("gate_up", lambda xs, a, b, gs: ops.grouped_swiglu(xs, a, b, gs), (xs, wg, wu, gs), 2 * D * F),
                         ("down", lambda h, w, gs: ops.grouped_matmul(h, w, gs), (h, wd, gs), D * F)):
-                    try:
-                        with _overridden(tiling):
-                            f = jax.jit(fn).lower(*args).compile()
-                        row[f"{op}_ms"], _ = _t(f, args)
-                        row[f"{op}_vs_floor"] = round(row[f"{op}_ms"] / _floor_ms(active * nbytes * 2), 3)
-                    except Exception as e:  # noqa: BLE001
-                        row[f"{op}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    ms = _measure(row, f"{op}_ms", fn, args, _overridden(tiling), error_key=f"{op}_error")
+                    if ms:
+                        row[f"{op}_vs_floor"] = round(ms / _floor_ms(active * nbytes * 2), 3)
                 RUN.report["tiles"].append(row)
                 RUN.log(row)
             RUN.save()
@@ -232,12 +250,7 @@ def tgrad(models, tokens):
                 if RUN.left() < 20:
                     return
                 row = dict(model=model, T=T, tgmm_tile=name)
-                try:
-                    with _overridden(None if t is None else Tiling(transposed=t)):
-                        f = jax.jit(fn).lower(*args).compile()
-                    row["fwd_bwd_ms"], _ = _t(f, args)
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                _measure(row, "fwd_bwd_ms", fn, args, _overridden(None if t is None else Tiling(transposed=t)), error_key="error")
                 RUN.report["tgrad"].append(row)
                 RUN.log(row)
             del args
@@ -245,62 +258,33 @@ def tgrad(models, tokens):
             RUN.save()
 
 
-@contextlib.contextmanager
-def _patched(module, **values):
-    old = {k: getattr(module, k) for k in values}
-    for k, v in values.items():
-        setattr(module, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(module, k, v)
-
-
 def variants(model="mixtral-8x7b", T=512):
     """Layer-level forward under tile and fusion variants (the 3x-ragged_dot goal at T = 512)."""
     from pallas_kernels.triton import grouped_matmul as tgm
     big = Tiles(128, 256, 64, num_warps=8, num_stages=3)
-    cases = {
-        "default": contextlib.nullcontext,
-        "fused_swiglu": lambda: _patched(tgm, SWIGLU_FUSED_MAX_ROWS=128),
-        "fused_swiglu_128x256": lambda: contextlib.ExitStack(),  # filled below
-        "big_band4": lambda: gmm_plan.override(Tiling(forward=big.replace(band=4), policy="big")),
-        "big_band16": lambda: gmm_plan.override(Tiling(forward=big.replace(band=16), policy="big")),
-        "big_occ2": lambda: gmm_plan.override(Tiling(forward=big.replace(occupancy=2), policy="big")),
-        "big_persist0": lambda: gmm_plan.override(Tiling(forward=big.replace(occupancy=0), policy="big")),
-        "128x128x64w4s4": lambda: gmm_plan.override(Tiling(forward=Tiles(128, 128, 64, num_warps=4, num_stages=4),
-                                                           policy="big")),
+    fused = dict(SWIGLU_FUSED_MAX_ROWS=128)
+    fused_big_tiles = {**tgm.FORWARD_TILES, "swiglu": (big.replace(num_stages=2), tgm.FORWARD_TILES["swiglu"][1])}
+    cases = {  # name -> contexts (made fresh per use)
+        "default": lambda: (),
+        "fused_swiglu": lambda: (mock.patch.multiple(tgm, **fused),),
+        "fused_swiglu_128x256": lambda: (mock.patch.multiple(tgm, **fused, FORWARD_TILES=fused_big_tiles),),
+        "big_band4": lambda: (_big_only(big.replace(band=4)),),
+        "big_band16": lambda: (_big_only(big.replace(band=16)),),
+        "big_occ2": lambda: (_big_only(big.replace(occupancy=2)),),
+        "big_persist0": lambda: (_big_only(big.replace(occupancy=0)),),
+        "128x128x64w4s4": lambda: (_big_only(Tiles(128, 128, 64, num_warps=4, num_stages=4)),),
     }
-
-    def fused_big():
-        st = contextlib.ExitStack()
-        st.enter_context(_patched(tgm, SWIGLU_FUSED_MAX_ROWS=128,
-                                  FORWARD_TILES={**tgm.FORWARD_TILES, "swiglu": (big.replace(num_stages=2),
-                                                                                tgm.FORWARD_TILES["swiglu"][1])}))
-        return st
-    cases["fused_swiglu_128x256"] = fused_big
-    fn, args, active = _layer_case(model, T, False)
-    for name, ctx in cases.items():
+    fn, args, _ = _layer_case(model, T, False)
+    k = MODELS[model][1]
+    runs = [(name, fn, make) for name, make in cases.items()]
+    runs.append(("ragged_dot", functools.partial(B.ragged_dot_moe, top_k=k), lambda: ()))
+    for name, f, make in runs:
         if RUN.left() < 15:
             return
         row = dict(model=model, T=T, variant=name)
-        try:
-            with ctx():
-                f = jax.jit(fn).lower(*args).compile()
-            row["ms"], _ = _t(f, args)
-        except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        _measure(row, "ms", f, args, *make(), error_key="error")
         RUN.report["variants"].append(row)
         RUN.log(row)
-    try:
-        row = dict(model=model, T=T, variant="ragged_dot")
-        E, k = MODELS[model][:2]
-        row["ms"], _ = _t(jax.jit(functools.partial(B.ragged_dot_moe, top_k=k)), args)
-    except Exception as e:  # noqa: BLE001
-        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    RUN.report["variants"].append(row)
-    RUN.log(row)
     RUN.save()
 
 
@@ -320,15 +304,15 @@ def step(models, tokens, L=8):
             row = dict(model=model, T=T, L=L, active=active, floor_ms=round(_floor_ms(active * 3 * D * F * 2), 4))
             for impl, fn in (("ours", B._ours(None)), ("ragged_dot", B.ragged_dot_moe)):
                 row[f"{impl}_step_ms"] = round(_t(jax.jit(B.in_step(functools.partial(fn, top_k=k), L)), args)[0] / L, 4)
+            ours = B.in_step(functools.partial(B._ours(None), top_k=k), L)
             for pad in ROUTER_PADS if T < 16 else ():
-                with _patched(moe_routing, ROUTER_MIN_ROWS=pad):
-                    f = jax.jit(B.in_step(functools.partial(B._ours(None), top_k=k), L)).lower(*args).compile()
-                row[f"ours_router_pad{pad}_step_ms"] = round(_t(f, args)[0] / L, 4)
+                _measure(row, f"ours_router_pad{pad}_step_ms", ours, args,
+                         mock.patch.multiple(moe_routing, ROUTER_MIN_ROWS=pad), per=L)
             if T <= moe_layer.DECODE_MAX_TOKENS:  # the grouped path at the same T, for comparison
-                with _patched(moe_layer, DECODE_MAX_TOKENS=0):
-                    f = jax.jit(B.in_step(functools.partial(B._ours(None), top_k=k), L)).lower(*args).compile()
-                row["ours_grouped_step_ms"] = round(_t(f, args)[0] / L, 4)
-                row["ours_grouped_vs_floor"] = round(row["ours_grouped_step_ms"] / row["floor_ms"], 3)
+                ms = _measure(row, "ours_grouped_step_ms", ours, args, mock.patch.multiple(moe_layer, DECODE_MAX_TOKENS=0),
+                              per=L)
+                if ms:
+                    row["ours_grouped_vs_floor"] = round(ms / row["floor_ms"], 3)
             row["vs_floor"] = round(row["ours_step_ms"] / row["floor_ms"], 3)
             RUN.report["step"].append(row)
             RUN.log(row)
@@ -358,13 +342,10 @@ def decode(models, programs_per_sm=(2, 4, 8)):
                 if RUN.left() < 15:
                     return
                 row = dict(model=model, tiles=name, programs_per_sm=pps, floor_ms=round(floor, 4))
-                try:
-                    with _patched(moe_decode, TILES=t), _patched(decode_plan, PROGRAMS_PER_SM=pps):
-                        f = jax.jit(ops.experts_by_id).lower(*args).compile()
-                    row["ms"], _ = _t(f, args)
-                    row["vs_floor"] = round(row["ms"] / floor, 3)
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                ms = _measure(row, "ms", ops.experts_by_id, args, mock.patch.multiple(moe_decode, TILES=t),
+                              mock.patch.multiple(decode_plan, PROGRAMS_PER_SM=pps), error_key="error")
+                if ms:
+                    row["vs_floor"] = round(ms / floor, 3)
                 RUN.report["decode"].append(row)
                 RUN.log(row)
         del wg, wu, wd
@@ -391,15 +372,11 @@ def mid(model="mixtral-8x7b", T=512):
         for op, (fn, args, nw) in ops_.items():
             if RUN.left() < 15:
                 return
-            tiling = None if tile is None else Tiling(forward=tile, policy="big")
             row = dict(model=model, T=T, op=op, tile=name)
-            try:
-                with _overridden(tiling):
-                    f = jax.jit(fn).lower(*args).compile()
-                row["ms"], _ = _t(f, args)
-                row["vs_floor"] = round(row["ms"] / _floor_ms(active * nw * D * F * 2), 3)
-            except Exception as e:  # noqa: BLE001
-                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            tiling = None if tile is None else Tiling(forward=tile, policy="big")
+            ms = _measure(row, "ms", fn, args, _overridden(tiling), error_key="error")
+            if ms:
+                row["vs_floor"] = round(ms / _floor_ms(active * nw * D * F * 2), 3)
             RUN.report["mid"].append(row)
             RUN.log(row)
         RUN.save()
@@ -442,16 +419,10 @@ def large(models, tokens, peers: bool, backward: bool = False):
             for name, tiling in policies.items():
                 if name != "default" and model != "mixtral-8x7b":
                     continue
-                try:
-                    with _overridden(tiling):
-                        f = jax.jit(wrap(functools.partial(B._ours(None), top_k=k))).lower(*args).compile()
-                    row[f"ours_{name}_ms"], _ = _t(f, args)
-                except Exception as e:  # noqa: BLE001
-                    row[f"ours_{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            try:
-                row["ragged_dot_ms"], _ = _t(jax.jit(wrap(functools.partial(B.ragged_dot_moe, top_k=k))), args)
-            except Exception as e:  # noqa: BLE001
-                row["ragged_dot_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                _measure(row, f"ours_{name}_ms", wrap(functools.partial(B._ours(None), top_k=k)), args,
+                         _overridden(tiling), error_key=f"ours_{name}_error")
+            _measure(row, "ragged_dot_ms", wrap(functools.partial(B.ragged_dot_moe, top_k=k)), args,
+                     error_key="ragged_dot_error")
             ours = row.get("ours_default_ms")
             if ours and backward:
                 row["tflops"] = round(W.moe_flops(T, D, F, E, k, backward=True) / (ours * 1e-3) / 1e12, 1)
