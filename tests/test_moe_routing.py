@@ -234,16 +234,13 @@ def test_capacity_formula():
         capacity(10, 2, 4, 0.0)
 
 
-def test_router_padding_is_exact():
+def test_router_padding_is_exact(monkeypatch):
     """ROUTER_MIN_ROWS pads few tokens with zero rows: the same logits as the plain product."""
     from sparse_jax.moe import routing
     x, rw = jax.random.normal(jax.random.key(0), (3, 40)), jax.random.normal(jax.random.key(1), (40, 6))
+    monkeypatch.setattr(routing, "ROUTER_MIN_ROWS", 0)
     want = routing.router_logits(x, rw)
-    old = routing.ROUTER_MIN_ROWS
-    try:
-        routing.ROUTER_MIN_ROWS = 8
-        got = routing.router_logits(x, rw)
-    finally:
-        routing.ROUTER_MIN_ROWS = old
+    monkeypatch.setattr(routing, "ROUTER_MIN_ROWS", 8)
+    got = routing.router_logits(x, rw)
     assert got.shape == (3, 6)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)

@@ -88,10 +88,9 @@ def router_logits(x, router_weights):
                          f"router_weights {tuple(router_weights.shape)}")
     dtype = jnp.promote_types(x.dtype, router_weights.dtype)
     T = x.shape[0]
-    if 0 < T < ROUTER_MIN_ROWS:  # zero rows: a matrix product instead of XLA's matrix-vector reduction
-        xp = jnp.pad(x.astype(dtype), ((0, ROUTER_MIN_ROWS - T), (0, 0)))
-        return jnp.dot(xp, router_weights.astype(dtype), preferred_element_type=jnp.float32)[:T]
-    return jnp.dot(x.astype(dtype), router_weights.astype(dtype), preferred_element_type=jnp.float32)
+    pad = ROUTER_MIN_ROWS - T if 0 < T < ROUTER_MIN_ROWS else 0  # a matrix product, not XLA's matvec reduction
+    xp = jnp.pad(x.astype(dtype), ((0, pad), (0, 0)))
+    return jnp.dot(xp, router_weights.astype(dtype), preferred_element_type=jnp.float32)[:T]
 
 
 def check_route_args(num_experts: int, top_k, scoring, bias, num_groups, topk_groups, jitter, rng) -> None:
