@@ -26,13 +26,14 @@ from sparse_jax import _compat
 TILES = DecodeTiles(tn=512, tk=512)
 
 
-def _masked(row, w, k0, K):
-    """Zero the contraction positions >= K of row [1, tk] and w [tk, tn] (ragged last block)."""
+def _masked(row, ws, k0, K):
+    """Zero the contraction positions >= K of row [1, tk] and of each w [tk, tn] in ``ws``
+    (ragged last block)."""
     if K % row.shape[1] == 0:
-        return row, w
+        return row, ws
     kr = k0 + lax.broadcasted_iota(jnp.int32, row.shape, 1)
-    kw = k0 + lax.broadcasted_iota(jnp.int32, w.shape, 0)
-    return jnp.where(kr < K, row, 0), jnp.where(kw < K, w, 0)
+    kw = k0 + lax.broadcasted_iota(jnp.int32, ws[0].shape, 0)
+    return jnp.where(kr < K, row, 0), [jnp.where(kw < K, w, 0) for w in ws]
 
 
 def gate_up(x, ids, w_gate, w_up, *, top_k: int, tiles: DecodeTiles = TILES, interpret=False):
@@ -50,8 +51,7 @@ def gate_up(x, ids, w_gate, w_up, *, top_k: int, tiles: DecodeTiles = TILES, int
             g_acc[...] = jnp.zeros_like(g_acc)
             u_acc[...] = jnp.zeros_like(u_acc)
 
-        xr, wg = _masked(x_ref[...], wg_ref[...], kb * tk, D)
-        _, wu = _masked(x_ref[...], wu_ref[...], kb * tk, D)
+        xr, (wg, wu) = _masked(x_ref[...], [wg_ref[...], wu_ref[...]], kb * tk, D)
         g_acc[...] += jnp.dot(xr, wg, preferred_element_type=jnp.float32)
         u_acc[...] += jnp.dot(xr, wu, preferred_element_type=jnp.float32)
 
@@ -91,7 +91,7 @@ def down(h, weights, ids, w_down, *, top_k: int, tiles: DecodeTiles = TILES, int
         def _zero():
             acc[...] = jnp.zeros_like(acc)
 
-        hr, wd = _masked(h_ref[...], wd_ref[...], fb * tf, F)
+        hr, (wd,) = _masked(h_ref[...], [wd_ref[...]], fb * tf, F)
         acc[...] += w_ref[t * top_k + j] * jnp.dot(hr, wd, preferred_element_type=jnp.float32)
 
         @pl.when((j == top_k - 1) & (fb == nf - 1))

@@ -132,10 +132,15 @@ def forward_tiles(fusion: Fusion, itemsize: int, transpose_rhs: bool = False, nu
     return (_for_itemsize(big, itemsize), _for_itemsize(small, itemsize)), policy, cost
 
 
+def _few_rows(num_rows: int, num_groups: int) -> bool:
+    """Fewer than TRANSPOSED_MIN_ROWS mean rows per group: the weight gradient only writes."""
+    return num_rows < TRANSPOSED_MIN_ROWS * num_groups
+
+
 def transposed_tiles(num_rows: int, num_groups: int, num_rhs: int, itemsize: int) -> Tiles:
     """The weight-gradient kernel's tiles by mean rows per group and number of right operands."""
     many, many_multi, few = TRANSPOSED_TILES
-    if num_rows < TRANSPOSED_MIN_ROWS * num_groups:
+    if _few_rows(num_rows, num_groups):
         t = few
     elif itemsize <= 2:
         t = many if num_rhs == 1 else many_multi
@@ -178,7 +183,6 @@ def transposed(lhs, rhs, group_sizes, group_offset, *, num_groups: int, out_dtyp
     """
     M = lhs.shape[0]
     ov = gmm_plan.current_override()
-    few = M < TRANSPOSED_MIN_ROWS * num_groups
     if ov is not None and ov.transposed is not None:
         tiles = ov.transposed
     else:
@@ -186,6 +190,6 @@ def transposed(lhs, rhs, group_sizes, group_offset, *, num_groups: int, out_dtyp
     table = gmm_table.schedule_table(group_sizes, group_offset, num_rows=M, num_groups=num_groups, tm0=1,
                                      interpret=interpret)
     run = dict(num_groups=num_groups, tiles=tiles, out_dtype=out_dtype, interpret=interpret)
-    if few and len(rhs) > 1 and TRANSPOSED_SPLIT_FEW_ROWS:
+    if len(rhs) > 1 and TRANSPOSED_SPLIT_FEW_ROWS and _few_rows(M, num_groups):
         return tuple(tgmm_kernel.transposed(lhs, (r,), table, **run)[0] for r in rhs)
     return tgmm_kernel.transposed(lhs, rhs, table, **run)
