@@ -53,6 +53,15 @@ def _answers(result) -> str:
             + " (binomial noise: about 0.5/sqrt(n)).")
 
 
+def _warm_start(result: dict) -> str:
+    stages = result.get("warm_start") or []
+    if isinstance(stages, dict):  # results written before chains
+        stages = [stages]
+    return "".join(f"{'first' if i == 0 else 'then'} at {w['seq_len']} tokens for {w['steps']} steps "
+                   f"({w['seconds']:.0f} s, the {w['preset']} preset), " for i, w in enumerate(stages)) + (
+                       "then " if stages else "")
+
+
 def markdown(result: dict) -> str:
     p, env = result["preset"], result["env"]
     dense = result["dense_training"]
@@ -62,7 +71,7 @@ def markdown(result: dict) -> str:
         f"Device: {env['device']} · backend `{env['backend']}` · jax {env['jax']} · total {result['seconds']:.0f} s",
         "",
         f"A dense {p['size']} Llama-style model ({dense['params']:,} params) was trained on MQAR + needle retrieval "
-        f"at {p['seq_len']} tokens for {dense['steps']} steps ({dense['seconds']:.0f} s; final answer loss "
+        f"{_warm_start(result)}at {p['seq_len']} tokens for {dense['steps']} steps ({dense['seconds']:.0f} s; final answer loss "
         f"{dense['final_loss']:.3f}); its attention was then swapped for each method below, weights unchanged. "
         f"Density counts computed (query block, key block) pairs of {p['block_size']} tokens relative to causal "
         f"attention, averaged over layers and eval batches (indexed/DSA: attended (query, key) pairs, token level). "

@@ -43,13 +43,14 @@ def with_options(spec: AttentionSpec, **options) -> AttentionSpec:
 
 
 def swap_variants(seq_len: int, block_size: int, *, thresholds=(0.95, 0.9, 0.8, 0.6),
-                  fractions=(1 / 2, 1 / 4, 1 / 8)) -> list[Variant]:
+                  fractions=(1 / 2, 1 / 4, 1 / 8), segment_size: int | None = None) -> list[Variant]:
     """Every available variant at ``seq_len`` with ``block_size`` tables, ordered round-robin
     over the families (dense first).
 
     Static masks use windows / chunks of ``fraction * seq_len`` (at least one block);
     threshold methods use ``thresholds``; budgeted methods keep ``fraction`` of the blocks
-    (top-k) or of the keys (vertical-slash, indexed).
+    (top-k) or of the keys (vertical-slash, indexed). PBS permutes within ``segment_size``
+    tokens (default: 4 blocks, at most a quarter of the sequence).
     """
     nb = -(-seq_len // block_size)
     sizes = sorted({max(block_size, int(seq_len * f) // block_size * block_size) for f in fractions}, reverse=True)
@@ -61,7 +62,9 @@ def swap_variants(seq_len: int, block_size: int, *, thresholds=(0.95, 0.9, 0.8, 
     for w in sizes:
         out.append(Variant("sinks", f"window={w},sinks={block_size}",
                            AttentionSpec("block_sparse", mask=("sinks", w, block_size))))
-    segment = min(4 * block_size, max(block_size, seq_len // 4 // block_size * block_size))
+    segment = segment_size or min(4 * block_size, max(block_size, seq_len // 4 // block_size * block_size))
+    if segment % block_size:
+        raise ValueError(f"segment_size={segment} must be a multiple of block_size={block_size}")
     for t in thresholds:
         out.append(Variant("pbs", f"threshold={t}", AttentionSpec(
             "permuted", options=dict(threshold=t, segment_size=segment))))

@@ -252,3 +252,31 @@ def test_study_evaluation_reports_accuracy_and_density():
     assert row["answers"] == {"mqar": 4, "needle": 2}
     want = sj.create_block_mask(lm.build_mask(spec.mask), None, None, 32, 32, 8).density / 0.625
     assert row["density_vs_causal"] == pytest.approx(want)
+
+
+def test_study_warm_start_continues_the_shorter_model(tmp_path, monkeypatch):
+    import dataclasses
+
+    from models import study
+
+    monkeypatch.chdir(tmp_path)  # train_dense checkpoints under ./runs/study/<preset>
+    short = dataclasses.replace(study.PRESETS["cpu"], name="short", seq_len=32, block_size=8, batch_size=2, steps=2,
+                                mqar_pairs=2, needles=1, vocab=VOCAB)
+    init, _, _ = study.train_dense(short, "xla", reuse=False, progress=False, time_limit_s=60)
+    longer = dataclasses.replace(short, name="longer", seq_len=64, lr=1e-9, warm_start="short")
+    model, hist, notes = study.train_dense(longer, "xla", reuse=False, progress=False, time_limit_s=60, init=init)
+    assert hist["steps"] == 2 and not notes
+    for a, b in zip(jax.tree.leaves(nnx.state(init, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param))):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-6)
+    fresh = lm.DecoderLM(study.model_config(longer, "xla"), rngs=nnx.Rngs(0))
+    assert any(not np.allclose(np.asarray(a), np.asarray(b)) for a, b in zip(
+        jax.tree.leaves(nnx.state(fresh, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def test_study_variants_segment_size():
+    from models import study_variants
+
+    pbs = [v for v in study_variants.swap_variants(4096, 128, segment_size=1024) if v.family == "pbs"]
+    assert pbs and all(v.spec.kwargs["segment_size"] == 1024 for v in pbs)
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        study_variants.swap_variants(4096, 128, segment_size=1000)
