@@ -9,15 +9,13 @@ Phases (each guarded by the budget; JSON rewritten after each, ``$OUT/tune_moe.j
   (``gmm_plan.override``), each against its own weight-read floor.
 * ``profile`` -- ``--profile-tokens`` (default T = 1; with ``--backward`` fwd + all grads): a
   profiler trace of the pipelined layer; every GPU kernel's duration and launches per call.
-* ``decode`` -- T = 1: ``ops.experts_by_id`` (the layer's one-token path) under decode tiles
-  and programs per SM, against the k experts' weight floor.
 * ``tgrad`` -- fwd+bwd of the layer (``--tgrad-models``, first large T) under each candidate
   weight-gradient tile (``TGRAD_TILES``).
 * ``variants`` -- Mixtral at the first large T, forward: the layer under fusion / tile /
   persistence variants beside ragged_dot.
 * ``step`` -- T = 1 / 32: the layer applied ``L`` times inside one jitted loop (as a
   decode step runs its layers: no host dispatch or sync between layers), ours vs
-  ragged_dot, per layer; at T = 1 also the grouped path (``DECODE_MAX_TOKENS`` = 0).
+  ragged_dot, per layer; ours also per call (one layer per jitted call, calls pipelined).
 * ``mid`` -- Mixtral T = 512: the gate+up (fused / two gmm) and down matmuls under
   candidate tiles and policies (the 3x-ragged_dot goal needs ~1.05x the weight floor).
 * ``large`` -- T >= 512: ours (default, and the tile policies) vs ragged_dot vs the torch
@@ -45,16 +43,14 @@ from benchmarks import moe as B  # noqa: E402
 from benchmarks import timing  # noqa: E402
 from benchmarks.tune_run import TuneRun  # noqa: E402
 from pallas_kernels.common import gmm_plan  # noqa: E402
-from pallas_kernels.common.decode_plan import DecodeTiles  # noqa: E402
 from pallas_kernels.common.gmm_plan import Tiles, Tiling  # noqa: E402
 from sparse_jax import moe, ops  # noqa: E402
-from sparse_jax.moe import layer as moe_layer  # noqa: E402
 from sparse_jax.moe import routing as moe_routing  # noqa: E402
 from sparse_jax.moe.dispatch import expand, plan_dispatch  # noqa: E402
 
 MODELS = {**B.MODELS, **B.QUICK_MODELS}  # "tiny": the CPU smoke run
 RUN = TuneRun("tune_moe", {"errors": [], "breakdown": [], "tiles": [], "profile": [], "step": [], "mid": [], "large": [],
-                                "tgrad": [], "variants": [], "decode": []})
+                                "tgrad": [], "variants": []})
 
 def _named(*tiles: Tiles) -> dict[str, Tiles]:
     """Candidates keyed by a short label ("16x64x128w4s4", as the JSON rows and --tiles name them)."""
@@ -308,46 +304,10 @@ def step(models, tokens, L=8):
             for pad in ROUTER_PADS if T < 16 else ():
                 _measure(row, f"ours_router_pad{pad}_step_ms", ours, args,
                          mock.patch.multiple(moe_routing, ROUTER_MIN_ROWS=pad), per=L)
-            if T <= moe_layer.DECODE_MAX_TOKENS:  # the grouped path at the same T, for comparison
-                ms = _measure(row, "ours_grouped_step_ms", ours, args, mock.patch.multiple(moe_layer, DECODE_MAX_TOKENS=0),
-                              per=L)
-                if ms:
-                    row["ours_grouped_vs_floor"] = round(ms / row["floor_ms"], 3)
+            _measure(row, "ours_call_ms", functools.partial(B._ours(None), top_k=k), args)  # one layer per call
             row["vs_floor"] = round(row["ours_step_ms"] / row["floor_ms"], 3)
             RUN.report["step"].append(row)
             RUN.log(row)
-        del wg, wu, wd
-        gc.collect()
-        RUN.save()
-
-
-DECODE_TILES = {"tn128tk64w4s4": DecodeTiles(128, 64, 4, 4), "tn128tk128w4s3": DecodeTiles(128, 128, 4, 3),
-                "tn64tk128w4s4": DecodeTiles(64, 128, 4, 4), "tn256tk64w8s3": DecodeTiles(256, 64, 8, 3),
-                "tn128tk64w4s6": DecodeTiles(128, 64, 4, 6), "tn128tk32w4s8": DecodeTiles(128, 32, 4, 8),
-                "tn64tk64w2s6": DecodeTiles(64, 64, 2, 6)}
-
-
-def decode(models, programs_per_sm=(2, 4, 8)):
-    """T = 1: ops.experts_by_id alone (fixed routing) under decode tiles x programs per SM, vs its
-    floor (the k experts' weights at the copy rate)."""
-    from pallas_kernels.common import decode_plan
-    from pallas_kernels.triton import moe_decode
-    for model in models:
-        E, k, D, F, (wg, wu, wd), x, rw, active = _setup(model, 1)
-        r = moe.route(moe.router_logits(x, rw), k)
-        args = (x, r.weights, r.expert_ids, wg, wu, wd)
-        floor = _floor_ms(k * 3 * D * F * 2)
-        for name, t in DECODE_TILES.items():
-            for pps in programs_per_sm:
-                if RUN.left() < 15:
-                    return
-                row = dict(model=model, tiles=name, programs_per_sm=pps, floor_ms=round(floor, 4))
-                ms = _measure(row, "ms", ops.experts_by_id, args, mock.patch.multiple(moe_decode, TILES=t),
-                              mock.patch.multiple(decode_plan, PROGRAMS_PER_SM=pps), error_key="error")
-                if ms:
-                    row["vs_floor"] = round(ms / floor, 3)
-                RUN.report["decode"].append(row)
-                RUN.log(row)
         del wg, wu, wd
         gc.collect()
         RUN.save()
@@ -465,8 +425,6 @@ def main():
         RUN.guard("tiles", 40)(tiles)(models, small, a.tiles.split(",") if a.tiles else None)
     if "profile" in phases:
         RUN.guard("profile", 30)(profile)(models, [int(t) for t in a.profile_tokens.split(",")], a.backward)
-    if "decode" in phases:
-        RUN.guard("decode", 30)(decode)(models)
     if "tgrad" in phases:
         RUN.guard("tgrad", 30)(tgrad)(a.tgrad_models.split(","), big[:1])
     if "variants" in phases:

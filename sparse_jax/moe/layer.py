@@ -28,29 +28,16 @@ def shared_expert_ffn(x, w_gate, w_up, w_down):
     return jnp.dot(h, w_down, preferred_element_type=f32)
 
 
-# Up to this many tokens the experts run by id (ops.experts_by_id: two launches, each
-# assignment streams its expert) instead of sort -> grouped matmuls -> combine (~20 launches).
-# At one token the k ids are distinct, so no expert is read twice; at two or more, ids repeat
-# (Mixtral: 2 tokens x top-2 of 8) and the grouped path reads each expert once. H100 (notes,
-# round 4): inside a decode step it ties the grouped path (within 1-3 %); it saves launches per call.
-DECODE_MAX_TOKENS = 1
-
-
 def routed_experts(x, weights, expert_ids, w_gate, w_up, w_down, *, kept=None, num_rows=None,
                    backend=None, interpret=False):
     """y[t] = sum_j weights[t, j] * SwiGLU_{expert_ids[t, j]}(x[t]) -> float32 [T, D].
 
     x [T, D]; weights float [T, k]; expert_ids int32 [T, k] in [0, E) (unchecked:
     traced); kept bool [T, k] or None; num_rows (static) cuts the sorted buffer to
-    that many rows (>= the kept assignments). The building block of the layer; at
-    T <= DECODE_MAX_TOKENS the decode path.
+    that many rows (>= the kept assignments). The building block of the layer.
     """
     E = w_gate.shape[0]
     k = expert_ids.shape[1]
-    if x.shape[0] <= DECODE_MAX_TOKENS:
-        if kept is not None:
-            weights, expert_ids = jnp.where(kept, weights, 0.0), jnp.where(kept, expert_ids, 0)
-        return ops.experts_by_id(x, weights, expert_ids, w_gate, w_up, w_down, backend=backend, interpret=interpret)
     plan = plan_dispatch(expert_ids, E, kept=kept, num_rows=num_rows)
     xs = expand(x, plan, k)
     h = ops.grouped_swiglu(xs, w_gate, w_up, plan.group_sizes, backend=backend, interpret=interpret)

@@ -1,4 +1,3 @@
 """Public ops: validation, backend dispatch, custom VJPs."""
 from sparse_jax.ops.attention import block_sparse_attention
 from sparse_jax.ops.grouped_matmul import grouped_matmul, grouped_matmul_t, grouped_swiglu
-from sparse_jax.ops.moe_decode import experts_by_id
