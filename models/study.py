@@ -108,9 +108,9 @@ PRESETS = {
                      native=(), train_share=0.6, segment_size=1024, warm_start="gpu_long",
                      families=("dense", "sinks", "pbs", "xattention", "topk", "vertical_slash")),
     # The same at 32768 tokens (the top of that range), continuing the gpu_8k model.
-    "gpu_32k": Preset("gpu_32k", "tiny", seq_len=32768, block_size=128, batch_size=2, steps=8000, lr=1e-3,
+    "gpu_32k": Preset("gpu_32k", "tiny", seq_len=32768, block_size=128, batch_size=2, steps=12000, lr=1e-3,
                       warmup=100, native_steps=1, eval_batches=384, speed_len=32768, speed_batch=1,
-                      dtype="bfloat16", budget_s=570, mqar_pairs=4, needles=2, vocab=tasks.Vocab(128, 32, 32),
+                      dtype="bfloat16", budget_s=575, mqar_pairs=4, needles=2, vocab=tasks.Vocab(128, 32, 32),
                       model=(("qk_norm", True),), thresholds=(0.9, 0.8, 0.7, 0.5), fractions=(1 / 16,),
                       native=(), train_share=0.5, segment_size=1024, warm_start="gpu_8k",
                       families=("dense", "sinks", "pbs", "xattention")),
