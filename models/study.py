@@ -295,7 +295,7 @@ def train_dense(p: Preset, backend: str, *, reuse: bool, progress: bool, time_li
         model = lm.DecoderLM(model, rngs=nnx.Rngs(0))
         missing = lm.transfer_weights(init, model)
         if missing:
-            raise ValueError(f"warm start: {p.name} has parameters the {init.cfg} model lacks: {missing}")
+            raise ValueError(f"warm start: the {p.name} model has parameters the warm-start model lacks: {missing}")
     res = T.train(model, tasks.Mixture(tuple(eval_tasks(p).values())), train_config(p, progress), ckpt_dir=ckpt,
                   desc=f"dense {p.seq_len}", time_limit_s=time_limit_s)
     notes = []
