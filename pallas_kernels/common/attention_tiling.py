@@ -206,3 +206,16 @@ def attention_flops(num_pairs, head_dim: int, head_dim_v: int | None = None) -> 
 
 def log2e() -> float:
     return math.log2(math.e)
+
+
+def row_delta(o, do, lse, dlse=None):
+    """float32 [B, H, S]: FlashAttention-2's ``delta_i = sum_d o_id do_id`` minus the lse
+    cotangent (o, do [B, S, H, Dv]; lse, dlse float32 [B, H, S] or None).
+
+    With a loss that also reads lse, dL/ds_ij = p_ij (dp_ij - delta_i + dlse_i): the kernels'
+    ``p (dp - delta)`` with delta shifted. Rows with no allowed key (lse = -inf) ignore dlse.
+    """
+    delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32))
+    if dlse is None:
+        return delta
+    return delta - jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import attention_tiling as tiling_lib
 from pallas_kernels.common import coarse_tables
 from pallas_kernels.tpu import attention_bwd, attention_fwd, configs, cost_model
 from pallas_kernels.tpu import attention_tiles as at
@@ -116,15 +117,15 @@ def forward(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap
 
 
 def backward(q, k, v, o, lse, do, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap,
-             segments_everywhere, interpret):
+             segments_everywhere, interpret, dlse=None):
     """See ``sparse_jax/ops/attention.py``: -> (dq, dk, dv) in the dtypes of q, k, v."""
     P = problem(q, k, v, block_mask, q_seg, q_pos, kv_pos, scale=scale, softcap=softcap,
                 segments_everywhere=segments_everywhere)
     params = interpret_params(interpret)
     B, G, Hkv, Sq = P.batch, P.group, P.num_kv_heads, P.q_len
-    # delta_i = sum_d o_id * do_id (FlashAttention-2); rows with no allowed key have lse = -inf:
-    # +inf makes exp(s - lse) = 0 there instead of exp(-inf + inf) = NaN.
-    delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32))
+    # Rows with no allowed key have lse = -inf: +inf makes exp(s - lse) = 0 there instead of
+    # exp(-inf + inf) = NaN.
+    delta = tiling_lib.row_delta(o, do, lse, dlse)
     stats = [x.reshape(B, Hkv, G, Sq) for x in (jnp.where(lse == -jnp.inf, jnp.inf, lse), delta)]
     coarse_q, rows, vmem_q = plan("dq", P, block_mask, interpret=interpret)
     dq = attention_bwd.call_dq(P, coarse_q, rows, q, k, v, do, *stats,

@@ -131,7 +131,7 @@ def forward(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap
 
 
 def backward_inputs(q, k, v, o, lse, do, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap,
-                    segments_everywhere, kv_permutation=None):
+                    segments_everywhere, kv_permutation=None, dlse=None):
     """(problem, sanitized permutation or None, dQ-kernel inputs, dK/dV-kernel inputs) of a
     backward pass: the row statistics (head-major [B, Hq, Sq] like lse) and tables the two
     kernels read. ``benchmarks/tune_attention.py`` times the kernels separately with these."""
@@ -139,7 +139,7 @@ def backward_inputs(q, k, v, o, lse, do, block_mask, q_seg, kv_seg, q_pos, kv_po
     P = problem(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, scale=scale, softcap=softcap,
                 segments_everywhere=segments_everywhere, kv_permutation=perm)
     do = do.astype(q.dtype)
-    delta = jnp.einsum("bqhd,bqhd->bhq", o.astype(jnp.float32), do.astype(jnp.float32)).reshape(-1)
+    delta = tiling_lib.row_delta(o, do, lse, dlse).reshape(-1)
     lse2 = jnp.where(jnp.isfinite(lse), lse * blk.LOG2E, jnp.inf).reshape(-1)
     ops = dict(q=_operand(P, q, P.head_dim), k=_operand(P, k, P.head_dim), v=_operand(P, v, P.head_dim_v),
                do=_operand(P, do, P.head_dim_v), lse2=lse2, delta=delta)
@@ -148,11 +148,11 @@ def backward_inputs(q, k, v, o, lse, do, block_mask, q_seg, kv_seg, q_pos, kv_po
 
 
 def backward(q, k, v, o, lse, do, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap,
-             segments_everywhere, interpret, kv_permutation=None, config: BwdConfig | None = None):
-    """(dq, dk, dv) shaped and typed like (q, k, v)."""
+             segments_everywhere, interpret, kv_permutation=None, config: BwdConfig | None = None, dlse=None):
+    """(dq, dk, dv) shaped and typed like (q, k, v); ``dlse`` float32 [B, Hq, Sq] or None."""
     P, perm, dq_inputs, dkdv_inputs = backward_inputs(
         q, k, v, o, lse, do, block_mask, q_seg, kv_seg, q_pos, kv_pos, scale=scale, softcap=softcap,
-        segments_everywhere=segments_everywhere, kv_permutation=kv_permutation)
+        segments_everywhere=segments_everywhere, kv_permutation=kv_permutation, dlse=dlse)
     cfg = config or attention_configs.backward_config(
         P.head_dim_pad, q.dtype, masked=P.mask is not None or P.has_segments or P.has_perm)
     if cfg.fused_dq:

@@ -5,13 +5,16 @@ Kernel backends implement two functions in ``pallas_kernels.<lowering>.block_spa
     forward(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap,
             segments_everywhere, interpret) -> (o [B, Sq, Hq, Dv] q.dtype, lse f32 [B, Hq, Sq])
     backward(q, k, v, o, lse, do, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale,
-             softcap, segments_everywhere, interpret) -> (dq, dk, dv)
+             softcap, segments_everywhere, interpret, dlse=None) -> (dq, dk, dv)
 
 with q_seg/kv_seg int32 [B, Sq]/[B, Skv] or None (segment ids: the mask's document
 ids, or explicit ``segment_ids`` which then also apply to full blocks when
 ``segments_everywhere``), q_pos/kv_pos int32 [B, S] or None (positions the mask
 is evaluated at), lse in natural log and -inf for rows with no allowed key
 (whose output is 0). The block mask's H is 1, Hkv (one table per group) or Hq.
+lse is differentiable: its cotangent ``dlse`` shifts FlashAttention-2's row term
+``delta`` (:func:`pallas_kernels.common.attention_tiling.row_delta`), so partial
+attentions can be merged through their lse with exact gradients.
 """
 
 from __future__ import annotations
@@ -76,9 +79,9 @@ def _attention_fwd(static, q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, kv
 
 def _attention_bwd(static, res, cts):
     q, k, v, o, lse, block_mask, q_seg, kv_seg, q_pos, kv_pos, kv_perm = res
-    do, _ = cts  # the lse output is treated as non-differentiable
+    do, dlse = cts  # dlse: zeros unless the caller's loss reads lse (e.g. merged attention partials)
     dq, dk, dv = static.kernel.backward(q, k, v, o, lse, do, block_mask, q_seg, kv_seg, q_pos, kv_pos,
-                                        **_kernel_kwargs(static, kv_perm))
+                                        dlse=dlse, **_kernel_kwargs(static, kv_perm))
     return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -145,7 +148,8 @@ def block_sparse_attention(q, k, v, block_mask: BlockMask, *, scale: float | Non
       q_positions, kv_positions: int [B, S] / [S]: positions the mask function is
         evaluated at inside partial blocks (default the indices; for permuted layouts).
       softcap: logits -> softcap * tanh(logits / softcap) (Gemma-2 style).
-      return_lse: also return the log-sum-exp float32 [B, Hq, Sq] (-inf for empty rows).
+      return_lse: also return the log-sum-exp float32 [B, Hq, Sq] (-inf for empty rows);
+        differentiable (gradients flow through it as through o).
       backend: "triton", "mosaic_tpu", "xla" or None (see :mod:`sparse_jax.backends`).
       interpret: run the Pallas kernel in interpret mode (CPU).
       kv_permutation: int [B, Hkv, Skv] (or [Hkv, Skv] / [Skv]): logical key position j of
