@@ -19,6 +19,8 @@ after each):
      XAttention (scores + selection + kernel) up to 64K. Model: plan + density x dense kernel.
      ``--prefill-taus 0.9 0.7``: the first tau gets every stage, the others only the end-to-end
      total (tau is traced, so they reuse its compile; their density is in the quality table).
+     ``--estimate``: PBS with the dropped-block estimate end to end at every tau, and the
+     estimate kernel alone on the first tau's plan.
   quality: density and recall (mean softmax mass kept per row, exact: the softmax of every
      sampled query block against all keys) for segment sizes x taus, with and without key
      permutation, at 32K (all query blocks) and 128K (48 sampled query blocks); the plan time
@@ -54,6 +56,7 @@ from benchmarks.tune_run import TuneRun  # noqa: E402
 from pallas_kernels.triton import block_scores as K  # noqa: E402
 from sparse_jax import permutation as perm_lib  # noqa: E402
 from sparse_jax import selection as sel  # noqa: E402
+from sparse_jax.ops import dropped_blocks as dropped_lib  # noqa: E402
 from sparse_jax.ops import permuted_attention as pa  # noqa: E402
 from sparse_jax.selection import scores as scores_lib  # noqa: E402
 
@@ -193,6 +196,19 @@ def prefill_one(s):
             q, k, v, block_size=blk, segment_size=seg, threshold=t, **kw))
         r["total_ms"] = ms(tot, (q, k, v, jnp.float32(tau)), it)
         r["total_ms_by_tau"] = {str(t): ms(tot, (q, k, v, jnp.float32(t)), it) for t in ARGS.prefill_taus[1:]}
+        if ARGS.estimate:  # PBS + the dropped-block estimate, end to end, and the estimate alone
+            tot_e = jax.jit(lambda q, k, v, t, seg=seg: sj.permuted_block_sparse_attention(
+                q, k, v, block_size=blk, segment_size=seg, threshold=t, estimate_dropped=True, **kw))
+            r["total_estimate_ms_by_tau"] = {str(t): ms(tot_e, (q, k, v, jnp.float32(t)), it)
+                                             for t in ARGS.prefill_taus}
+            qf = perm_lib.fold_heads(q, hkv)
+            kf, vf = perm_lib.permute_heads(k, plan.kv_permutation), perm_lib.permute_heads(v, plan.kv_permutation)
+            dropped = dropped_lib.dropped_blocks(plan.block_mask)
+            f_est = jax.jit(lambda q, k, v, dr: dropped_lib.dropped_block_attention(q, k, v, dr, block_size=blk, **kw))
+            r["estimate_kernel_ms"] = ms(f_est, (qf, kf, vf, dropped), it)
+            r["estimate_dropped_share"] = float(jnp.mean(dropped))
+            log(f"S={s} seg={seg} estimate kernel {r['estimate_kernel_ms']:.2f} ms; PBS + estimate by tau: "
+                + ", ".join(f"{t_}: {v_:.2f}" for t_, v_ in r["total_estimate_ms_by_tau"].items()))
         r["total_online_model_ms"] = stages["plan"] + r["attend_online_ms"]
         r["plan_share"] = stages["plan"] / r["total_ms"]
         r["model_ms"] = stages["plan"] + r["density"] * row["dense_ms"]
@@ -414,6 +430,8 @@ def main():
     p.add_argument("--taus", type=float, nargs="+", default=[0.7, 0.8, 0.9, 0.95])
     p.add_argument("--prefill-taus", type=float, nargs="+", default=[0.9],
                    help="prefill thresholds: the first gets every stage timed, the others only the end-to-end total")
+    p.add_argument("--estimate", action="store_true",
+                   help="prefill: also time PBS with estimate_dropped=True at every --prefill-taus value")
     p.add_argument("--phases", default="correctness,prefill,quality,sweep")
     ARGS = p.parse_args()
     RUN.budget_s = ARGS.budget_s

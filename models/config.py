@@ -12,7 +12,7 @@ kind                layer                                                     sp
 ==================  ========================================================  ==========================
 ``dense``           ``DenseAttention`` (causal)                               options: implementation
 ``block_sparse``    ``BlockSparseAttention`` with a static mask               mask
-``permuted``        ``PermutedBlockSparseAttention`` (PBS-Attn)               options: segment_size, threshold
+``permuted``        ``PermutedBlockSparseAttention`` (PBS-Attn)               options: segment_size, threshold, ...
 ``dynamic``         ``DynamicSparseAttention`` (xattention / topk / v-slash)  options: selection, ...
 ``indexed``         ``IndexedSparseAttention`` (DeepSeek sparse attention)    options
 ``nsa``             ``NativeSparseAttention``                                 options

@@ -106,14 +106,14 @@ PRESETS = {
                      budget_s=570, mqar_pairs=4, needles=2, vocab=tasks.Vocab(128, 32, 32),
                      model=(("qk_norm", True),), thresholds=(0.9, 0.8, 0.7, 0.5), fractions=(1 / 4, 1 / 16),
                      native=(), train_share=0.6, segment_size=1024, warm_start="gpu_long",
-                     families=("dense", "sinks", "pbs", "xattention", "topk", "vertical_slash")),
+                     families=("dense", "sinks", "pbs", "pbs_estimate", "xattention", "topk", "vertical_slash")),
     # The same at 32768 tokens (the top of that range), continuing the gpu_8k model.
     "gpu_32k": Preset("gpu_32k", "tiny", seq_len=32768, block_size=128, batch_size=2, steps=12000, lr=1e-3,
                       warmup=100, native_steps=1, eval_batches=384, speed_len=32768, speed_batch=1,
                       dtype="bfloat16", budget_s=575, mqar_pairs=4, needles=2, vocab=tasks.Vocab(128, 32, 32),
                       model=(("qk_norm", True),), thresholds=(0.9, 0.8, 0.7, 0.5), fractions=(1 / 16,),
                       native=(), train_share=0.5, segment_size=1024, warm_start="gpu_8k",
-                      families=("dense", "sinks", "pbs", "xattention")),
+                      families=("dense", "sinks", "pbs", "pbs_estimate", "xattention")),
 }
 
 
@@ -444,16 +444,23 @@ def main(argv=None):
     ap.add_argument("--native-steps", type=int, help="override the natively sparse training steps")
     ap.add_argument("--seq-len", type=int)
     ap.add_argument("--budget-s", type=float)
+    ap.add_argument("--eval-batches", type=int, help="override the eval batches per variant (more: less noise)")
     ap.add_argument("--thresholds", help="comma-separated PBS / XAttention thresholds (default: the preset's)")
+    ap.add_argument("--families", help="comma-separated variant families to swap in (default: the preset's)")
     ap.add_argument("--out", default=None, help="output dir (default benchmarks/results/study/<preset>)")
     ap.add_argument("--reuse", action="store_true", help="restore the dense model from runs/ instead of training")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
     changes = {k: v for k, v in (("steps", args.steps), ("native_steps", args.native_steps), ("seq_len", args.seq_len),
-                                 ("budget_s", args.budget_s)) if v is not None}
+                                 ("budget_s", args.budget_s), ("eval_batches", args.eval_batches)) if v is not None}
     if args.thresholds:
         changes["thresholds"] = tuple(float(t) for t in args.thresholds.split(","))
+    if args.families:
+        changes["families"] = tuple(f.strip() for f in args.families.split(","))
+        unknown = set(changes["families"]) - set(study_variants.FAMILY_LAYERS)
+        if unknown:
+            raise SystemExit(f"unknown families {sorted(unknown)}; choose from {sorted(study_variants.FAMILY_LAYERS)}")
     p = dataclasses.replace(p, **changes)
     out_dirs = [args.out or os.path.join("benchmarks", "results", "study", p.name)]
     if os.environ.get("OUT"):

@@ -19,6 +19,7 @@ FAMILY_LAYERS = {
     "chunked": "BlockSparseAttention",
     "sinks": "BlockSparseAttention",
     "pbs": "PermutedBlockSparseAttention",
+    "pbs_estimate": "PermutedBlockSparseAttention",  # PBS + the dropped-block estimate
     "xattention": "DynamicSparseAttention",
     "topk": "DynamicSparseAttention",
     "vertical_slash": "DynamicSparseAttention",
@@ -68,6 +69,9 @@ def swap_variants(seq_len: int, block_size: int, *, thresholds=(0.95, 0.9, 0.8, 
     for t in thresholds:
         out.append(Variant("pbs", f"threshold={t}", AttentionSpec(
             "permuted", options=dict(threshold=t, segment_size=segment))))
+    for t in thresholds:
+        out.append(Variant("pbs_estimate", f"threshold={t}", AttentionSpec(
+            "permuted", options=dict(threshold=t, segment_size=segment, estimate_dropped=True))))
     for t in thresholds:
         out.append(Variant("xattention", f"threshold={t}", AttentionSpec(
             "dynamic", options=dict(selection="xattention", threshold=t, stride=min(8, block_size)))))

@@ -276,7 +276,10 @@ def test_study_warm_start_continues_the_shorter_model(tmp_path, monkeypatch):
 def test_study_variants_segment_size():
     from models import study_variants
 
-    pbs = [v for v in study_variants.swap_variants(4096, 128, segment_size=1024) if v.family == "pbs"]
+    variants = study_variants.swap_variants(4096, 128, segment_size=1024)
+    pbs = [v for v in variants if v.family == "pbs"]
     assert pbs and all(v.spec.kwargs["segment_size"] == 1024 for v in pbs)
+    est = [v for v in variants if v.family == "pbs_estimate"]
+    assert [v.knob for v in est] == [v.knob for v in pbs] and all(v.spec.kwargs["estimate_dropped"] for v in est)
     with pytest.raises(ValueError, match="multiple of block_size"):
         study_variants.swap_variants(4096, 128, segment_size=1000)

@@ -117,7 +117,7 @@ def test_no_future_key_and_forced_blocks(permute_queries):
     assert not np.any(allowed & ~c), "a future key was computed"
     same_seg = (np.arange(s)[:, None] // seg) == (np.arange(s)[None, :] // seg)
     assert np.all(allowed[..., same_seg & c]), "the diagonal segment must be computed in full"
-    assert np.all(allowed[..., :, 0]), "the block holding token 0 must be computed"
+    assert np.all(allowed[..., :, :bs][..., c[:, :bs]]), "the first block (the sink) must be computed whole"
     assert float(aux.density) < 0.75  # pruned something
     # The output is exactly attention restricted to those pairs.
     want = ref.dense_attention(q, k, v, jnp.asarray(allowed))
@@ -144,7 +144,9 @@ def test_permutation_sorts_segments_by_importance():
     imp = np.asarray(aux.importance)
     kp = np.asarray(aux.kv_permutation)
     for h in range(hkv):  # within each segment the first permuted key is the segment's most important one
-        for a in range(0, s, seg):
+        np.testing.assert_array_equal(kp[0, h, :bs], np.arange(bs))  # the sink block is pinned
+        assert kp[0, h, bs] == bs + np.argmax(imp[0, h, bs:seg])
+        for a in range(seg, s, seg):
             assert kp[0, h, a] == a + np.argmax(imp[0, h, a:a + seg])
 
 

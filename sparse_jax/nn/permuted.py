@@ -19,6 +19,8 @@ class PermutedBlockSparseAttention(AttentionBase):
       permute_queries: also sort queries inside segments.
       gqa: how a kv head's query heads share tables ("union", "mean", "per_head").
       max_kv_blocks: static cap on selected blocks per row (None: no cap).
+      estimate_dropped: add each skipped block back as its mean key and value
+        (:mod:`sparse_jax.ops.dropped_blocks`; ~1/block_size of dense attention's work).
 
     Selection runs under ``jit`` on every call (it is data-dependent) and is not
     differentiated; gradients reach q, k, v. ``segment_ids`` are not supported.
@@ -26,7 +28,8 @@ class PermutedBlockSparseAttention(AttentionBase):
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int | None = None, head_dim: int | None = None,
                  *, segment_size: int = 256, threshold: float = 0.9, block_size: int = 128,
-                 permute_queries: bool = False, gqa: str = "union", max_kv_blocks: int | None = None, **kwargs):
+                 permute_queries: bool = False, gqa: str = "union", max_kv_blocks: int | None = None,
+                 estimate_dropped: bool = False, **kwargs):
         super().__init__(d_model, num_heads, num_kv_heads, head_dim, **kwargs)
         if block_size <= 0 or segment_size <= 0 or segment_size % block_size:
             raise ValueError(f"segment_size ({segment_size}) must be a positive multiple of block_size ({block_size})")
@@ -36,6 +39,7 @@ class PermutedBlockSparseAttention(AttentionBase):
             raise ValueError(f"gqa must be one of {GQA_MODES}; got {gqa!r}")
         self.segment_size, self.threshold, self.block_size = int(segment_size), float(threshold), int(block_size)
         self.permute_queries, self.gqa, self.max_kv_blocks = bool(permute_queries), gqa, max_kv_blocks
+        self.estimate_dropped = bool(estimate_dropped)
 
     def attend(self, q, k, v, *, positions, segment_ids):
         if segment_ids is not None:
@@ -43,7 +47,7 @@ class PermutedBlockSparseAttention(AttentionBase):
         o, aux = permuted_block_sparse_attention(
             q, k, v, block_size=self.block_size, segment_size=self.segment_size, threshold=self.threshold,
             causal=True, permute_queries=self.permute_queries, return_aux=True, gqa=self.gqa,
-            max_kv_blocks=self.max_kv_blocks, scale=self.scale, softcap=self.softcap, backend=self.backend,
-            interpret=self.interpret)
+            max_kv_blocks=self.max_kv_blocks, estimate_dropped=self.estimate_dropped, scale=self.scale,
+            softcap=self.softcap, backend=self.backend, interpret=self.interpret)
         self.record(aux.density)
         return o

@@ -34,10 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_jax import backends
 from sparse_jax import block_mask as bm_lib
 from sparse_jax import permutation as perm_lib
 from sparse_jax.block_mask import BlockMask
 from sparse_jax.ops.attention import block_sparse_attention
+from sparse_jax.ops import dropped_blocks as dropped_lib
 from sparse_jax.selection import scores as scores_lib
 from sparse_jax.selection import tables as tables_lib
 from sparse_jax.selection import threshold as thr
@@ -254,7 +256,14 @@ def pbs_plan(q, k, *, block_size: int = 128, segment_size: int = 256, threshold=
     else:
         importance = jnp.zeros((b, hkv, s), jnp.float32)
     if permute_keys:
-        kperm = perm_lib.segment_permutation(importance, segment_size)  # [B, Hkv, S]
+        key = importance
+        if force_first:
+            # The sink stays whole: the first block's keys keep their slots, so the forced block
+            # is the original first block. Sorted in with the rest, the keys that only the last
+            # queries ignore (an MQAR prompt's pairs, a system prompt) scatter into tail blocks
+            # of segment 0 that the threshold then drops.
+            key = importance.at[..., :min(block_size, s)].set(jnp.inf)
+        kperm = perm_lib.segment_permutation(key, segment_size)  # [B, Hkv, S]
     else:
         kperm = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, hkv, s))
     qperm = None
@@ -267,14 +276,27 @@ def pbs_plan(q, k, *, block_size: int = 128, segment_size: int = 256, threshold=
                   block_mask=tables, importance=importance)
 
 
+def _with_dropped_estimate(q, k, v, o, lse, tables, *, kv_permutation, scale, softcap, backend, interpret):
+    """(o, lse) of the sparse kernel merged with :func:`~sparse_jax.ops.dropped_blocks.dropped_block_attention`
+    over the blocks ``tables`` skip (same layout as the kernel call; o back in q's dtype)."""
+    est_backend = backends.XLA if backend == backends.MOSAIC_TPU else backend
+    oc, lc = dropped_lib.dropped_block_attention(
+        q, k, v, dropped_lib.dropped_blocks(tables), block_size=tables.block_size, scale=scale, softcap=softcap,
+        kv_permutation=kv_permutation, backend=est_backend, interpret=interpret)
+    o, lse = dropped_lib.merge_attention(o, lse, oc, lc)
+    return o.astype(q.dtype), lse
+
+
 def pbs_attend(q, k, v, plan: PBSAux, *, causal: bool = True, online_permutation: bool = False,
                scale: float | None = None, softcap: float | None = None, return_lse: bool = False,
-               backend: str | None = None, interpret=False):
+               estimate_dropped: bool = False, backend: str | None = None, interpret=False):
     """The kernel stage of PBS: attention on the permuted layout a :func:`pbs_plan` describes.
 
     Physical path: gather K/V per kv head into the head-folded layout; online path: pass
     the permutation to the kernel. Output [B, S, Hq, Dv] in the original order (and the
     log-sum-exp float32 [B, Hq, S] over the computed pairs with ``return_lse``).
+    ``estimate_dropped``: add every skipped block back as its mean key and value
+    (:mod:`sparse_jax.ops.dropped_blocks`); lse then covers those pseudo-keys too.
     """
     if online_permutation and not _has_kv_permutation_keyword():
         raise NotImplementedError("online_permutation needs sparse_jax.block_sparse_attention(..., kv_permutation=); "
@@ -287,7 +309,11 @@ def pbs_attend(q, k, v, plan: PBSAux, *, causal: bool = True, online_permutation
     kw = dict(scale=scale, softcap=softcap, backend=backend, interpret=interpret, return_lse=True)
     if online_permutation and qperm is None:
         # Unfolded: q in place, K/V read through the permutation, tables per (b, head).
-        o, lse = block_sparse_attention(q, k, v, _unfold_tables(tables, b), kv_permutation=kperm, **kw)
+        unfolded = _unfold_tables(tables, b)
+        o, lse = block_sparse_attention(q, k, v, unfolded, kv_permutation=kperm, **kw)
+        if estimate_dropped:
+            o, lse = _with_dropped_estimate(q, k, v, o, lse, unfolded, kv_permutation=kperm, scale=scale,
+                                            softcap=softcap, backend=backend, interpret=interpret)
         return (o, lse) if return_lse else o
     kperm_f = kperm.reshape(b * hkv, s)
     qperm_f = None if qperm is None else qperm.reshape(b * hkv, s)
@@ -299,6 +325,9 @@ def pbs_attend(q, k, v, plan: PBSAux, *, causal: bool = True, online_permutation
         kf, vf = perm_lib.permute_heads(k, kperm), perm_lib.permute_heads(v, kperm)
         extra = dict(kv_positions=kperm_f if causal else None, q_positions=qperm_f if causal else None)
     of, lse = block_sparse_attention(qf, kf, vf, tables, **extra, **kw)  # [N, S, G, Dv], [N, G, S]
+    if estimate_dropped:
+        of, lse = _with_dropped_estimate(qf, kf, vf, of, lse, tables, kv_permutation=extra.get("kv_permutation"),
+                                         scale=scale, softcap=softcap, backend=backend, interpret=interpret)
     lse = jnp.swapaxes(lse, 1, 2)[..., None]  # [N, S, G, 1]: rows like the output's
     if qperm_f is not None:
         of = perm_lib.unpermute_rows(of, qperm_f)
@@ -316,7 +345,7 @@ def permuted_block_sparse_attention(q, k, v, *, block_size: int = 128, segment_s
                                     importance_rows: int | None = None, force_first: bool = True,
                                     permute_keys: bool = True, scale: float | None = None,
                                     softcap: float | None = None, return_lse: bool = False,
-                                    backend: str | None = None, interpret=False):
+                                    estimate_dropped: bool = False, backend: str | None = None, interpret=False):
     """Permuted block-sparse attention for self-attention prefill.
 
     Args:
@@ -339,17 +368,22 @@ def permuted_block_sparse_attention(q, k, v, *, block_size: int = 128, segment_s
         head, the union of its heads' selections), "mean" or "per_head".
       max_kv_blocks: static cap on selected (non-diagonal-segment) blocks per row.
       importance_rows: queries used for the importance (default ``block_size``: the last block).
-      force_first: keep the block that holds token 0 (the attention sink).
+      force_first: keep the first ``block_size`` keys (the attention sink) in place and
+        always compute their block.
       permute_keys: False keeps keys in place (the same selection without permutation).
       scale: logit scale (default 1/sqrt(D)); softcap: as in block_sparse_attention.
       return_lse: also return the float32 [B, Hq, S] log-sum-exp over the computed pairs
         (exp(lse_sparse - lse_dense) is the softmax mass each row kept).
+      estimate_dropped: put every skipped block back as one pseudo-key (its mean key with
+        logit + log(rows), its mean value; :mod:`sparse_jax.ops.dropped_blocks`): keeps the
+        mass of attention spread thinly over many dropped blocks, at ~1/block_size of dense
+        attention's work. Exact when logits are constant inside each block.
       backend / interpret: as in :func:`sparse_jax.block_sparse_attention`.
 
     Returns:
       o [B, S, Hq, Dv] in q's dtype, then lse if asked, then the aux record if asked.
-      Gradients flow to q, k, v through the gathers and the kernel; the selection itself
-      (and the lse output) is treated as a constant.
+      Gradients flow to q, k, v through the gathers and the kernel (and the estimate); the
+      selection itself is treated as a constant.
     """
     block_size, segment_size = _check(q, k, v, block_size, segment_size, threshold)
     if gqa not in thr.GQA_MODES:
@@ -359,7 +393,8 @@ def permuted_block_sparse_attention(q, k, v, *, block_size: int = 128, segment_s
                     max_kv_blocks=max_kv_blocks, importance_rows=importance_rows, force_first=force_first,
                     scale=scale)
     out = pbs_attend(q, k, v, plan, causal=causal, online_permutation=online_permutation, scale=scale,
-                     softcap=softcap, return_lse=return_lse, backend=backend, interpret=interpret)
+                     softcap=softcap, return_lse=return_lse, estimate_dropped=estimate_dropped, backend=backend,
+                     interpret=interpret)
     out = out if isinstance(out, tuple) else (out,)
     if return_aux:
         out = out + (plan,)
