@@ -135,7 +135,10 @@ def evaluate(model, task, *, batches: int = 4, batch_size: int = 32, seed: int =
 
 # -- checkpoints ------------------------------------------------------------------------------
 def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+    """Restore targets placed on this process's first device: without a sharding orbax would
+    reuse the saving machine's (a checkpoint written on a GPU would not load on a CPU)."""
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=here), tree)
 
 
 def checkpoint_manager(directory: str, tc: TrainConfig | None = None) -> ocp.CheckpointManager:
@@ -162,7 +165,7 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, model, optimizer=None, step:
         raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
     model_state = nnx.state(model)
     items = dict(model=ocp.args.StandardRestore(_abstract(model_state.to_pure_dict())),
-                 data_key=ocp.args.StandardRestore(),
+                 data_key=ocp.args.StandardRestore(_abstract({"key": jax.random.key_data(jax.random.key(0))})),
                  meta=ocp.args.JsonRestore())
     if optimizer is not None:
         opt_state = nnx.state(optimizer)
