@@ -203,7 +203,7 @@ def prefill_one(s):
                                              for t in ARGS.prefill_taus}
             qf = perm_lib.fold_heads(q, hkv)
             kf, vf = perm_lib.permute_heads(k, plan.kv_permutation), perm_lib.permute_heads(v, plan.kv_permutation)
-            dropped = dropped_lib.dropped_blocks(plan.block_mask)
+            dropped = dropped_lib.dropped_block_table(plan.block_mask)
             f_est = jax.jit(lambda q, k, v, dr: dropped_lib.dropped_block_attention(q, k, v, dr, block_size=blk, **kw))
             r["estimate_kernel_ms"] = ms(f_est, (qf, kf, vf, dropped), it)
             r["estimate_dropped_share"] = float(jnp.mean(dropped))

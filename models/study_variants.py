@@ -21,6 +21,7 @@ FAMILY_LAYERS = {
     "pbs": "PermutedBlockSparseAttention",
     "pbs_estimate": "PermutedBlockSparseAttention",  # PBS + the dropped-block estimate
     "xattention": "DynamicSparseAttention",
+    "xattention_estimate": "DynamicSparseAttention",  # XAttention + the dropped-block estimate
     "topk": "DynamicSparseAttention",
     "vertical_slash": "DynamicSparseAttention",
     "indexed": "IndexedSparseAttention",
@@ -75,6 +76,10 @@ def swap_variants(seq_len: int, block_size: int, *, thresholds=(0.95, 0.9, 0.8, 
     for t in thresholds:
         out.append(Variant("xattention", f"threshold={t}", AttentionSpec(
             "dynamic", options=dict(selection="xattention", threshold=t, stride=min(8, block_size)))))
+    for t in thresholds:
+        out.append(Variant("xattention_estimate", f"threshold={t}", AttentionSpec(
+            "dynamic", options=dict(selection="xattention", threshold=t, stride=min(8, block_size),
+                                    estimate_dropped=True))))
     for f in fractions:
         k = max(2, int(nb * f))
         out.append(Variant("topk", f"blocks={k}",

@@ -141,16 +141,16 @@ def test_merge_equals_attention_over_the_union():
     assert np.all(np.asarray(o)[:, 48:] == 0)
 
 
-def test_dropped_blocks_are_the_skipped_visible_ones():
+def test_dropped_block_table_is_the_skipped_visible_blocks():
     s, bs = 128, 32
     sel = np.zeros((1, 1, 4, 4), bool)
     sel[..., 3, 0] = sel[..., 2, 2] = True
     bm = sj.BlockMask.from_block_bool(sel, s, s, block_size=bs, mask_fn=masks.causal)
     want = np.tril(np.ones((4, 4), bool), -1)  # strictly below the diagonal: fully visible
     want[3, 0] = False
-    np.testing.assert_array_equal(np.asarray(db.dropped_blocks(bm))[0, 0], want)
+    np.testing.assert_array_equal(np.asarray(db.dropped_block_table(bm))[0, 0], want)
     dense = sj.create_block_mask(masks.causal, None, None, s, s, block_size=bs)
-    assert not np.asarray(db.dropped_blocks(dense)).any()
+    assert not np.asarray(db.dropped_block_table(dense)).any()
 
 
 def test_bad_inputs_raise():
@@ -221,3 +221,35 @@ def test_pbs_estimate_on_kernel_matches_xla(kernel_backend):
         assert_close(got[0], want[0], tol[0], f"forward, online={on}")
         for name, a, w in zip("qkv", got[1:], want[1:]):
             assert_close(a, w, tol[1], f"d{name}, online={on}")
+
+
+def test_estimate_is_exact_for_any_block_mask_when_blocks_are_flat():
+    """add_dropped_estimate on a causal BlockMask with random blocks (diagonal kept), keys equal
+    inside every kv block: equals dense causal attention (what XAttention's layer uses)."""
+    b, s, hq, hkv, d, bs = 1, 160, 4, 2, 16, 32
+    q, v = randn(50, (b, s, hq, d)) * 2.0, randn(51, (b, s, hkv, d))
+    k = _segment_constant_keys(52, b, s, hkv, d, bs)
+    sel = np.random.default_rng(53).random((1, hq, 5, 5)) < 0.3
+    sel[..., np.arange(5), np.arange(5)] = True
+    bm = sj.BlockMask.from_block_bool(sel, s, s, block_size=bs, mask_fn=masks.causal)
+    o, lse = sj.block_sparse_attention(q, k, v, bm, backend="xla", return_lse=True)
+    got, _ = db.add_dropped_estimate(q, k, v, o, lse, bm, backend="xla")
+    want = sj.reference.dense_attention(q, k, v, jnp.tril(jnp.ones((s, s), bool))[None, None])
+    assert_close(got, want, 1e-5, "sparse + estimate vs dense causal")
+    assert not np.allclose(np.asarray(o), np.asarray(want), atol=1e-3)
+
+
+def test_dynamic_layer_with_the_estimate():
+    from flax import nnx
+    from sparse_jax.nn import DynamicSparseAttention
+
+    def layer(est):
+        return DynamicSparseAttention(32, 4, 2, selection="topk", num_blocks=2, block_size=32, estimate_dropped=est,
+                                      backend="xla", rngs=nnx.Rngs(0))
+
+    x = randn(60, (1, 192, 32))
+    plain, est = layer(False)(x), layer(True)(x)
+    assert np.isfinite(np.asarray(est)).all()
+    assert not np.allclose(np.asarray(plain), np.asarray(est), atol=1e-4)  # blocks were dropped and put back
+    with pytest.raises(ValueError, match="segment_ids"):
+        layer(True)(x, segment_ids=jnp.zeros((1, 192), jnp.int32))

@@ -6,7 +6,7 @@ import jax
 
 from sparse_jax import selection as sel_lib
 from sparse_jax.nn.attention_base import AttentionBase
-from sparse_jax.ops import block_sparse_attention
+from sparse_jax.ops import add_dropped_estimate, block_sparse_attention
 
 SELECTIONS = ("xattention", "topk", "vertical_slash")
 GQA_MODES = ("per_head", "union", "mean")
@@ -23,6 +23,8 @@ class DynamicSparseAttention(AttentionBase):
       block_size: square block of the tables.
       max_kv_blocks: static cap on blocks per row for "xattention" (None: no cap).
       gqa: "per_head", "union" or "mean" (see :mod:`sparse_jax.selection`).
+      estimate_dropped: add each skipped block back as its mean key and value
+        (:mod:`sparse_jax.ops.dropped_blocks`); not with ``segment_ids``.
 
     The selection is not differentiated (q and k enter it through ``stop_gradient``);
     gradients reach q, k, v through the kernel. ``segment_ids`` AND a document mask in.
@@ -32,7 +34,7 @@ class DynamicSparseAttention(AttentionBase):
                  *, selection: str = "xattention", block_size: int = 128, threshold: float = 0.9, stride: int = 8,
                  max_kv_blocks: int | None = None, num_blocks: int | None = None, pooling: str = "mean",
                  vertical_size: int | None = None, slash_size: int | None = None, last_q: int = 64,
-                 gqa: str = "per_head", **kwargs):
+                 gqa: str = "per_head", estimate_dropped: bool = False, **kwargs):
         super().__init__(d_model, num_heads, num_kv_heads, head_dim, **kwargs)
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}; got {selection!r}")
@@ -45,6 +47,7 @@ class DynamicSparseAttention(AttentionBase):
         if selection == "xattention" and block_size % stride:
             raise ValueError(f"block_size ({block_size}) must be a multiple of stride ({stride})")
         self.selection, self.block_size, self.gqa = selection, int(block_size), gqa
+        self.estimate_dropped = bool(estimate_dropped)
         if selection == "xattention":
             self.options = dict(threshold=float(threshold), stride=int(stride), max_kv_blocks=max_kv_blocks)
         elif selection == "topk":
@@ -66,5 +69,10 @@ class DynamicSparseAttention(AttentionBase):
     def attend(self, q, k, v, *, positions, segment_ids):
         bm = self.select(q, k)
         self.record(bm.density)
-        return block_sparse_attention(q, k, v, bm, scale=self.scale, segment_ids=segment_ids, softcap=self.softcap,
-                                      backend=self.backend, interpret=self.interpret)
+        kw = dict(scale=self.scale, softcap=self.softcap, backend=self.backend, interpret=self.interpret)
+        if not self.estimate_dropped:
+            return block_sparse_attention(q, k, v, bm, segment_ids=segment_ids, **kw)
+        if segment_ids is not None:  # a block's mean key would mix documents
+            raise ValueError("estimate_dropped does not take segment_ids")
+        o, lse = block_sparse_attention(q, k, v, bm, return_lse=True, **kw)
+        return add_dropped_estimate(q, k, v, o, lse, bm, **kw)[0]

@@ -1,4 +1,5 @@
 """Public ops: validation, backend dispatch, custom VJPs."""
 from sparse_jax.ops.attention import block_sparse_attention
 from sparse_jax.ops.grouped_matmul import grouped_matmul, grouped_matmul_t, grouped_swiglu
-from sparse_jax.ops.dropped_blocks import dropped_block_attention, dropped_blocks, merge_attention
+from sparse_jax.ops.dropped_blocks import (add_dropped_estimate, dropped_block_attention, dropped_block_table,
+                                           merge_attention)

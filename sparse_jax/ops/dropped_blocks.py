@@ -22,7 +22,7 @@ from sparse_jax._block_tables import EMPTY, FULL
 from sparse_jax.reference import dropped_blocks as ref
 from sparse_jax.selection.tables import static_classes
 
-__all__ = ["dropped_block_attention", "dropped_blocks", "merge_attention"]
+__all__ = ["add_dropped_estimate", "dropped_block_attention", "dropped_block_table", "merge_attention"]
 
 merge_attention = ref.merge_attention
 
@@ -54,7 +54,7 @@ def _check(q, k, v, dropped, block_size, kv_permutation):
     return bq, bk
 
 
-def dropped_blocks(block_mask):
+def dropped_block_table(block_mask):
     """bool [B|1, H|1, nQb, nKb]: the blocks a :class:`~sparse_jax.BlockMask` skips although
     its mask would let every pair in them through (FULL under the mask, not in the tables):
     the blocks whose mass :func:`dropped_block_attention` can estimate. Square blocks only."""
@@ -122,3 +122,17 @@ def dropped_block_attention(q, k, v, dropped, *, block_size=128, scale: float | 
         raise ValueError(f"backend 'triton' needs a query block divisible by 16 for the dropped-block "
                          f"estimate; got {bq} (use backend='xla')")
     return _estimate((bq, bk), scale, softcap, bool(interpret), kernel, q, k, v, dropped, kv_permutation)
+
+
+def add_dropped_estimate(q, k, v, o, lse, block_mask, *, kv_permutation=None, scale: float | None = None,
+                         softcap: float | None = None, backend: str | None = None, interpret: bool = False):
+    """A block-sparse attention's (o [B, Sq, Hq, Dv], lse float32 [B, Hq, Sq]) over ``block_mask``
+    merged with :func:`dropped_block_attention` over :func:`dropped_block_table` of it (same q/k/v
+    layout as the kernel call). Returns (o in q's dtype, lse). Mosaic TPU runs the estimate on
+    the xla reference."""
+    est_backend = backends.XLA if backend == backends.MOSAIC_TPU else backend
+    oc, lc = dropped_block_attention(q, k, v, dropped_block_table(block_mask), block_size=block_mask.block_size,
+                                     scale=scale, softcap=softcap, kv_permutation=kv_permutation,
+                                     backend=est_backend, interpret=interpret)
+    o, lse = merge_attention(o, lse, oc, lc)
+    return o.astype(q.dtype), lse

@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_jax import backends
 from sparse_jax import block_mask as bm_lib
 from sparse_jax import permutation as perm_lib
 from sparse_jax.block_mask import BlockMask
@@ -276,17 +275,6 @@ def pbs_plan(q, k, *, block_size: int = 128, segment_size: int = 256, threshold=
                   block_mask=tables, importance=importance)
 
 
-def _with_dropped_estimate(q, k, v, o, lse, tables, *, kv_permutation, scale, softcap, backend, interpret):
-    """(o, lse) of the sparse kernel merged with :func:`~sparse_jax.ops.dropped_blocks.dropped_block_attention`
-    over the blocks ``tables`` skip (same layout as the kernel call; o back in q's dtype)."""
-    est_backend = backends.XLA if backend == backends.MOSAIC_TPU else backend
-    oc, lc = dropped_lib.dropped_block_attention(
-        q, k, v, dropped_lib.dropped_blocks(tables), block_size=tables.block_size, scale=scale, softcap=softcap,
-        kv_permutation=kv_permutation, backend=est_backend, interpret=interpret)
-    o, lse = dropped_lib.merge_attention(o, lse, oc, lc)
-    return o.astype(q.dtype), lse
-
-
 def pbs_attend(q, k, v, plan: PBSAux, *, causal: bool = True, online_permutation: bool = False,
                scale: float | None = None, softcap: float | None = None, return_lse: bool = False,
                estimate_dropped: bool = False, backend: str | None = None, interpret=False):
@@ -312,8 +300,8 @@ def pbs_attend(q, k, v, plan: PBSAux, *, causal: bool = True, online_permutation
         unfolded = _unfold_tables(tables, b)
         o, lse = block_sparse_attention(q, k, v, unfolded, kv_permutation=kperm, **kw)
         if estimate_dropped:
-            o, lse = _with_dropped_estimate(q, k, v, o, lse, unfolded, kv_permutation=kperm, scale=scale,
-                                            softcap=softcap, backend=backend, interpret=interpret)
+            o, lse = dropped_lib.add_dropped_estimate(q, k, v, o, lse, unfolded, kv_permutation=kperm, scale=scale,
+                                                      softcap=softcap, backend=backend, interpret=interpret)
         return (o, lse) if return_lse else o
     kperm_f = kperm.reshape(b * hkv, s)
     qperm_f = None if qperm is None else qperm.reshape(b * hkv, s)
@@ -326,8 +314,9 @@ def pbs_attend(q, k, v, plan: PBSAux, *, causal: bool = True, online_permutation
         extra = dict(kv_positions=kperm_f if causal else None, q_positions=qperm_f if causal else None)
     of, lse = block_sparse_attention(qf, kf, vf, tables, **extra, **kw)  # [N, S, G, Dv], [N, G, S]
     if estimate_dropped:
-        of, lse = _with_dropped_estimate(qf, kf, vf, of, lse, tables, kv_permutation=extra.get("kv_permutation"),
-                                         scale=scale, softcap=softcap, backend=backend, interpret=interpret)
+        of, lse = dropped_lib.add_dropped_estimate(qf, kf, vf, of, lse, tables,
+                                                   kv_permutation=extra.get("kv_permutation"), scale=scale,
+                                                   softcap=softcap, backend=backend, interpret=interpret)
     lse = jnp.swapaxes(lse, 1, 2)[..., None]  # [N, S, G, 1]: rows like the output's
     if qperm_f is not None:
         of = perm_lib.unpermute_rows(of, qperm_f)
