@@ -234,8 +234,14 @@ def test_xattention_causal_forced_and_sparse_on_structured_input(sq, skv):
     _check_causal_and_forced(bm, sq, skv, 32)
     assert bm.density < 0.9 * causal_dense(sq, skv).mean()  # it does prune
     # Kept mass (by its own scores) reaches the threshold in every row.
-    kept = np.where(np.asarray(bm.block_classes()) > 0, np.asarray(s), 0).sum(-1)
-    assert np.all(kept >= 0.9 - 1e-5)
+    cls, sc = np.asarray(bm.block_classes()), np.asarray(s)
+    kept = np.where(cls > 0, sc, 0).sum(-1)
+    bad = np.argwhere(kept < 0.9 - 1e-5)
+    # Seen only compiled on an H100 under 8 xdist workers (rows keeping 0.19 of their mass),
+    # never alone: the message carries what the next occurrence needs to be traced.
+    assert not len(bad), "rows below the threshold [b, h, q block]: " + "; ".join(
+        f"{tuple(r)} kept {kept[tuple(r)]:.4f} classes {cls[tuple(r)].tolist()} scores "
+        f"{np.round(sc[tuple(r)], 4).tolist()} row sum {sc[tuple(r)].sum():.4f}" for r in bad[:4])
 
 
 def test_selectors_jit_vmap_deterministic():
