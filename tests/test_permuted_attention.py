@@ -274,3 +274,21 @@ def test_pbs_lowers_for_accelerators(platform, backend):
     # XLA for seconds at 32K); the only cumsum left is the threshold's, over float scores.
     import re
     assert not re.findall(r"@cumsum\w*\(%arg0: tensor<[0-9x]*x(?:i1|i32)>", exp.mlir_module())
+
+
+@pytest.mark.parametrize("platform,backend", [("cuda", "triton"), ("tpu", "mosaic_tpu")])
+def test_pbs_with_the_estimate_lowers_fwd_and_bwd(platform, backend):
+    """estimate_dropped: the Triton estimate kernel on cuda, the xla estimate beside the Mosaic
+    kernels on tpu; forward and backward."""
+    from sparse_jax import _compat
+    q = jax.ShapeDtypeStruct((1, 512, 4, 64), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)
+
+    def loss(q, k, v):
+        o = raw(q, k, v, block_size=128, segment_size=256, threshold=0.5, estimate_dropped=True, backend=backend)
+        return jnp.sum(o.astype(jnp.float32))
+
+    exp = _compat.export(jax.grad(loss, argnums=(0, 1, 2)), platform, q, k, k)
+    text = exp.mlir_module()
+    if platform == "cuda":
+        assert "dropped_block_estimate" in text
