@@ -258,9 +258,8 @@ def pbs_plan(q, k, *, block_size: int = 128, segment_size: int = 256, threshold=
         key = importance
         if force_first:
             # The sink stays whole: the first block's keys keep their slots, so the forced block
-            # is the original first block. Sorted in with the rest, the keys that only the last
-            # queries ignore (an MQAR prompt's pairs, a system prompt) scatter into tail blocks
-            # of segment 0 that the threshold then drops.
+            # is the original first block (sorted in with the rest, the sink's keys that the last
+            # queries ignore would leave it for tail blocks the threshold may drop).
             key = importance.at[..., :min(block_size, s)].set(jnp.inf)
         kperm = perm_lib.segment_permutation(key, segment_size)  # [B, Hkv, S]
     else:
@@ -366,7 +365,8 @@ def permuted_block_sparse_attention(q, k, v, *, block_size: int = 128, segment_s
       estimate_dropped: put every skipped block back as one pseudo-key (its mean key with
         logit + log(rows), its mean value; :mod:`sparse_jax.ops.dropped_blocks`): keeps the
         mass of attention spread thinly over many dropped blocks, at ~1/block_size of dense
-        attention's work. Exact when logits are constant inside each block.
+        attention's work. Exact when logits are constant inside each block; the permutation
+        makes dropped blocks homogeneous, which is where it helps (notes: pbs_attention.md).
       backend / interpret: as in :func:`sparse_jax.block_sparse_attention`.
 
     Returns:
