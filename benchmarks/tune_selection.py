@@ -26,6 +26,8 @@ after each):
      permutation, at 32K (all query blocks) and 128K (48 sampled query blocks); the plan time
      of each segment size at 128K; the modelled 128K end-to-end time for each point.
   sweep: score-kernel launch configs at S=32K (TFLOP/s of the causal antidiagonal GEMM).
+  estimate_quality (not in the default phases): whole-sequence output error and recall of PBS
+     with and without ``estimate_dropped`` at ``--estimate-sizes`` x ``--estimate-taus``.
 
 Writes ``$OUT/tune_selection.json`` (OUT defaults to /tmp) and prints compact tables last.
 """
@@ -232,6 +234,31 @@ def prefill_one(s):
         log(f"S={s} XAttention: {row['xattention']}")
 
 
+@guard("estimate_quality", need_s=30)
+def estimate_quality():
+    """Output error and recall of PBS with and without the dropped-block estimate (synthetic LLM
+    mix, segment 1024, whole-sequence comparison against dense causal attention)."""
+    c = shape_cfg()
+    sizes = (1024,) if ARGS.smoke else tuple(ARGS.estimate_sizes)
+    taus = tuple(ARGS.estimate_taus)
+    for s in sizes:
+        if left() < 20 + s / 2048:
+            log(f"skip estimate quality S={s}: budget")
+            break
+        q, k, v = bench_sel.synthetic_case(0, s, c["hq"], c["hkv"], c["d"], jnp.bfloat16)
+        methods = [m for m in bench_sel.default_methods(c["block"], 128 if ARGS.smoke else 1024, "triton",
+                                                        ARGS.smoke, s, taus=taus)
+                   if m.family in ("pbs", "pbs_estimate")]
+        rows = bench_sel.evaluate_qk(q, k, v, name=f"synthetic S={s}", block_size=c["block"],
+                                     segment_size=128 if ARGS.smoke else 1024, methods=methods, backend="triton",
+                                     interpret=ARGS.smoke)
+        REPORT.setdefault("estimate_quality", []).extend(rows)
+        for r in rows:
+            log(f"S={s} {r['method']} tau {r['param']}: density {r['density']:.3f} out_err {r['out_err']:.4f} "
+                f"recall {r['recall_mean']:.3f}")
+        save()
+
+
 @guard("prefill", need_s=40)
 def prefill():
     sizes = (512, 1024) if ARGS.smoke else tuple(ARGS.sizes)
@@ -432,6 +459,9 @@ def main():
                    help="prefill thresholds: the first gets every stage timed, the others only the end-to-end total")
     p.add_argument("--estimate", action="store_true",
                    help="prefill: also time PBS with estimate_dropped=True at every --prefill-taus value")
+    p.add_argument("--estimate-sizes", type=int, nargs="+", default=[32768, 65536],
+                   help="estimate_quality phase: lengths (whole-sequence output error vs dense)")
+    p.add_argument("--estimate-taus", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
     p.add_argument("--phases", default="correctness,prefill,quality,sweep")
     ARGS = p.parse_args()
     RUN.budget_s = ARGS.budget_s
@@ -441,7 +471,8 @@ def main():
     REPORT["meta"] = dict(timing.environment(), budget_s=ARGS.budget_s, smoke=ARGS.smoke, args=vars(ARGS))
     log(f"devices: {jax.devices()}")
     phases = ARGS.phases.split(",")
-    for name, fn in (("correctness", correctness), ("prefill", prefill), ("quality", quality), ("sweep", score_sweep)):
+    for name, fn in (("correctness", correctness), ("prefill", prefill), ("quality", quality), ("sweep", score_sweep),
+                     ("estimate_quality", estimate_quality)):
         if name in phases:
             fn()
     save()
