@@ -56,12 +56,18 @@ class Grid:
         return hi - lo + 1
 
 
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """Cached arrays are shared by every caller: read-only, so a mutation raises at once."""
+    a.setflags(write=False)
+    return a
+
+
 @functools.lru_cache(maxsize=64)
 def causal_blocks(grid: Grid) -> np.ndarray:
     """bool [nQb, nKb]: the block holds at least one (q, kv) pair with kv <= q."""
     q_lo, q_hi = grid.q_range()
     kv_lo, _ = grid.kv_range()
-    return kv_lo[None, :] <= q_hi[:, None]
+    return _frozen(kv_lo[None, :] <= q_hi[:, None])
 
 
 @functools.lru_cache(maxsize=64)
@@ -69,7 +75,7 @@ def local_blocks(grid: Grid) -> np.ndarray:
     """bool [nQb, nKb]: kv blocks holding some query's own position (the diagonal)."""
     q_lo, q_hi = grid.q_range()
     kv_lo, kv_hi = grid.kv_range()
-    return (kv_lo[None, :] <= q_hi[:, None]) & (kv_hi[None, :] >= q_lo[:, None])
+    return _frozen((kv_lo[None, :] <= q_hi[:, None]) & (kv_hi[None, :] >= q_lo[:, None]))
 
 
 @functools.lru_cache(maxsize=64)
@@ -77,7 +83,7 @@ def sink_blocks(grid: Grid) -> np.ndarray:
     """bool [nQb, nKb]: the first kv block (attention sinks live there)."""
     out = np.zeros((grid.nq, grid.nk), bool)
     out[:, 0] = True
-    return out
+    return _frozen(out)
 
 
 def allowed_blocks(grid: Grid, causal: bool) -> np.ndarray:

@@ -36,7 +36,9 @@ def causal_mask_for(grid: geo.Grid):
 def _classes_cached(q_len: int, kv_len: int, block: int, mask) -> np.ndarray:
     everything = np.ones((1, 1, -(-q_len // block), -(-kv_len // block)), bool)
     bm = BlockMask.from_block_bool(everything, q_len, kv_len, block, mask)  # host path (numpy)
-    return np.asarray(bm.block_classes())[0, 0].astype(np.int8)
+    out = np.asarray(bm.block_classes())[0, 0].astype(np.int8)
+    out.setflags(write=False)  # shared by every caller of the cache
+    return out
 
 
 def static_classes(q_len: int, kv_len: int, block: int, mask) -> np.ndarray:
