@@ -240,18 +240,17 @@ def estimate_quality():
     mix, segment 1024, whole-sequence comparison against dense causal attention)."""
     c = shape_cfg()
     sizes = (1024,) if ARGS.smoke else tuple(ARGS.estimate_sizes)
+    seg = 128 if ARGS.smoke else 1024
     taus = tuple(ARGS.estimate_taus)
     for s in sizes:
         if left() < 20 + s / 2048:
             log(f"skip estimate quality S={s}: budget")
             break
         q, k, v = bench_sel.synthetic_case(0, s, c["hq"], c["hkv"], c["d"], jnp.bfloat16)
-        methods = [m for m in bench_sel.default_methods(c["block"], 128 if ARGS.smoke else 1024, "triton",
-                                                        ARGS.smoke, s, taus=taus)
+        methods = [m for m in bench_sel.default_methods(c["block"], seg, "triton", ARGS.smoke, s, taus=taus)
                    if m.family in ("pbs", "pbs_estimate")]
-        rows = bench_sel.evaluate_qk(q, k, v, name=f"synthetic S={s}", block_size=c["block"],
-                                     segment_size=128 if ARGS.smoke else 1024, methods=methods, backend="triton",
-                                     interpret=ARGS.smoke)
+        rows = bench_sel.evaluate_qk(q, k, v, name=f"synthetic S={s}", block_size=c["block"], segment_size=seg,
+                                     methods=methods, backend="triton", interpret=ARGS.smoke)
         REPORT.setdefault("estimate_quality", []).extend(rows)
         for r in rows:
             log(f"S={s} {r['method']} tau {r['param']}: density {r['density']:.3f} out_err {r['out_err']:.4f} "

@@ -128,7 +128,6 @@ def test_merge_equals_attention_over_the_union():
     sel = np.random.default_rng(23).random((1, h, 4, 4)) < 0.5
     sel[:, :, 1] = True  # query block 1: everything in part one, nothing in part two
     sel[:, :, 2] = False
-    part = [sj.BlockMask.from_block_bool(x, s, s, block_size=bs) for x in (sel, ~sel)]
     allowed = np.ones((1, h, 4, 4), bool)
     allowed[:, :, 3] = False  # query block 3 empty in both
     part = [sj.BlockMask.from_block_bool(x & allowed, s, s, block_size=bs) for x in (sel, ~sel)]

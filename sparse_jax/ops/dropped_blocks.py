@@ -60,7 +60,7 @@ def dropped_block_table(block_mask):
     the blocks whose mass :func:`dropped_block_attention` can estimate. Square blocks only."""
     bq, bk = block_mask.block_size
     if bq != bk:
-        raise ValueError(f"dropped_blocks needs square blocks; got {block_mask.block_size}")
+        raise ValueError(f"dropped_block_table needs square blocks; got {block_mask.block_size}")
     visible = static_classes(block_mask.q_len, block_mask.kv_len, bq, block_mask.mask) == FULL
     return jnp.asarray(visible) & (jnp.asarray(block_mask.block_classes()) == EMPTY)
 
@@ -97,8 +97,8 @@ def dropped_block_attention(q, k, v, dropped, *, block_size=128, scale: float | 
     Args:
       q: [B, Sq, Hq, D]; k: [B, Skv, Hkv, D]; v: [B, Skv, Hkv, Dv] (one float dtype).
       dropped: bool [B|1, 1|Hkv|Hq, nQb, nKb]: the (query block, kv block) pairs to estimate,
-        typically ``candidates & (block_mask.block_classes() == 0)`` for blocks that would be
-        fully visible. Constant (no gradient).
+        typically :func:`dropped_block_table` of the sparse kernel's BlockMask. Constant (no
+        gradient).
       block_size: int or (bq, bkv), the tables' blocks.
       scale, softcap: as in :func:`sparse_jax.block_sparse_attention`.
       kv_permutation: int32 [B, Hkv, Skv] or None: blocks of a permuted key layout
