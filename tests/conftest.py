@@ -97,3 +97,29 @@ def assert_close(x, ref, tol, what=""):
 def randn(key, shape, dtype=jnp.float32, scale=1.0):
     return (scale * jax.random.normal(jax.random.key(key) if isinstance(key, int) else key, shape,
                                       jnp.float32)).astype(dtype)
+
+
+@pytest.fixture(autouse=True)
+def _sync_after_test():
+    """``SPARSE_JAX_SYNC_AFTER_TEST=1``: wait for every live device array after each test, so no
+    kernel of one test still runs while the next compiles and loads its executables (a
+    diagnostic for order-dependent GPU failures; off by default)."""
+    yield
+    if os.environ.get("SPARSE_JAX_SYNC_AFTER_TEST") == "1":
+        for a in jax.live_arrays():
+            a.block_until_ready()
+
+
+@pytest.fixture(autouse=True)
+def _bounds_check_kernels():
+    """``SPARSE_JAX_BOUNDS_CHECK=1``: run each test with every interpret-mode kernel access
+    bounds-checked (:mod:`tests.pallas_bounds_check`); a lane outside its ref fails the test.
+    Slow (caches are cleared per test); for sweeps, not CI."""
+    if os.environ.get("SPARSE_JAX_BOUNDS_CHECK") != "1":
+        yield
+        return
+    from tests.pallas_bounds_check import bounds_checked
+    with bounds_checked() as found:
+        yield
+        jax.effects_barrier()
+    assert not found, "out-of-bounds kernel accesses:\n" + "\n".join(str(f) for f in found[:8])

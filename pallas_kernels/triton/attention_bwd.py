@@ -163,8 +163,9 @@ def _atomic_add_rows(ref, base, rel, valid, value, d: int, interpret: bool):
     idx = ((base + rel)[:, None], cols[None, :])
     if mask is None:
         plgpu.atomic_add(ref, idx, value)
-    elif interpret:  # the interpreter has no masked atomics: add zeros (masked rows never alias valid ones)
-        plgpu.atomic_add(ref, idx, jnp.where(mask, value, 0.0))
+    elif interpret:  # the interpreter has no masked atomics: masked lanes add zeros to a row inside ref
+        rows, cc = jnp.clip(base + rel, 0, ref.shape[0] - 1), jnp.clip(cols, 0, ref.shape[1] - 1)
+        plgpu.atomic_add(ref, (rows[:, None], cc[None, :]), jnp.where(mask, value, 0.0))
     else:
         plgpu.atomic_add(ref, idx, value, mask=jnp.broadcast_to(mask, value.shape))
 
