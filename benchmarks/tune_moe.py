@@ -270,10 +270,20 @@ def variants(model="mixtral-8x7b", T=512):
         "big_persist0": lambda: (_big_only(big.replace(occupancy=0)),),
         "128x128x64w4s4": lambda: (_big_only(Tiles(128, 128, 64, num_warps=4, num_stages=4)),),
     }
+    # Round 7: more weight bytes in flight per SM. The default big tile (144 KB of shared memory at
+    # 3 stages) fits one program per SM with two 48 KB stages in flight; 96 KB tiles fit two
+    # (occupancy 2), and 32-deep K steps fit 5-6 stages in the same 144 KB.
+    for t in (Tiles(128, 128, 64, num_warps=8, num_stages=3, occupancy=2),
+              Tiles(128, 128, 64, num_warps=4, num_stages=3, occupancy=2),
+              Tiles(128, 128, 32, num_warps=4, num_stages=6, occupancy=2),
+              Tiles(128, 256, 32, num_warps=8, num_stages=6), Tiles(128, 256, 32, num_warps=8, num_stages=5)):
+        cases[str(t)] = functools.partial(lambda t: (_big_only(t),), t)
+    cases["default_again"] = lambda: ()
     fn, args, _ = _layer_case(model, T, False)
     k = MODELS[model][1]
     runs = [(name, fn, make) for name, make in cases.items()]
-    runs.append(("ragged_dot", functools.partial(B.ragged_dot_moe, top_k=k), lambda: ()))
+    ragged = ("ragged_dot", functools.partial(B.ragged_dot_moe, top_k=k), lambda: ())
+    runs = [ragged, *runs, ragged]  # the peer first and last: its spread in this process
     for name, f, make in runs:
         if RUN.left() < 15:
             return
