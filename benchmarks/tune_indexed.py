@@ -292,7 +292,10 @@ def block_timings():
     z = suite.sizes(ARGS.smoke)
     B, Sq, D, dtype = z["B"], z["Sq"], z["D"], z["dtype"]
     Skv, n, bs = z["Skvs"][0], z["n_blocks"], z["block"]
-    for Hq, Hkv in z["block_heads"]:
+    heads = z["block_heads"]
+    if ARGS.block_heads:
+        heads = tuple(tuple(int(x) for x in pair.split(":")) for pair in ARGS.block_heads.split(","))
+    for Hq, Hkv in heads:
         G = Hq // Hkv
         pairs = float(B * Sq * Hq * n * bs)
         lists = {"random": suite.random_blocks(jax.random.key(Hq), B, Sq, Hkv, n, Skv, bs, q_offset=Skv - Sq),
@@ -427,16 +430,19 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--budget-s", type=float, default=270.0)
     p.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, Pallas interpret mode")
+    p.add_argument("--phases", default="correctness,token,block,indexer,sweep")
+    p.add_argument("--block-heads", default=None,
+                   help="block phase's (Hq:Hkv) pairs, e.g. '64:1,128:1' (default: the suite's (64:4, 32:8))")
     ARGS = p.parse_args()
     RUN.budget_s = ARGS.budget_s
     REPORT["meta"].update(environment=timing.environment(), smoke=ARGS.smoke, budget_s=ARGS.budget_s)
     if not ARGS.smoke and jax.default_backend() != "gpu":
         raise SystemExit("tune_indexed.py needs a GPU (or --smoke)")
-    correctness()
-    token_timings()
-    block_timings()
-    indexer_timings()
-    sweep()
+    phases = ARGS.phases.split(",")
+    for name, fn in (("correctness", correctness), ("token", token_timings), ("block", block_timings),
+                     ("indexer", indexer_timings), ("sweep", sweep)):
+        if name in phases:
+            fn()
     REPORT["meta"]["total_s"] = round(RUN.elapsed(), 1)
     RUN.save()
     print(f"\n== tune_indexed round 2 ({REPORT['meta']['total_s']} s; JSON: {os.path.join(RUN.out, 'tune_indexed.json')})")
