@@ -171,6 +171,8 @@ def correctness():
         ("block G=4 query T=8 (default tile)", 4, 2, "query", None),
         ("block G=16 query T=4 (default tile)", 16, 1, "query", None),
         ("block G=2 kv", 2, 2, "kv", None),
+        ("block G=64 query T=1 (round-7 launch)", 64, 1, "query", 1),
+        ("block G=128 query T=1 (round-7 launch)", 128, 1, "query", 1),
     ]
     for i, (name, G, Hkv, order, T) in enumerate(block_cases):
         if not phase_open("correctness", 8):
@@ -425,6 +427,61 @@ def sweep():
             REPORT["errors"].append(f"sweep BN={bn} w={w}: {type(e).__name__}: {e}"[:300])
 
 
+# ------------------------------------------------------------------------------ 6. block-list launch sweep
+# Round 7: query-major block lists at G = 64 / 128 (DSA-size groups, 16 x 64-token blocks) reached
+# 53-59 % of the dense kernel on the round-1 launch rule (BN=64, 4 warps, 2 stages at M=64); the
+# token kernel's best launch at the same M differed (BN=32). (BN, warps, stages) forward,
+# (bwd_BN, bwd_warps) backward; None = the shipped rule.
+BLOCK_FWD = (None, (32, 4, 2), (32, 4, 3), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 2))
+BLOCK_BWD = (None, (32, 4), (64, 8), (32, 8))
+
+
+@guarded("block_sweep")
+def block_sweep():
+    z = suite.sizes(ARGS.smoke)
+    B, Sq, D, dtype = z["B"], z["Sq"], z["D"], z["dtype"]
+    Skv, n, bs = z["Skvs"][0], z["n_blocks"], z["block"]
+    heads = ((64, 1), (128, 1)) if not ARGS.block_heads else tuple(
+        tuple(int(x) for x in pair.split(":")) for pair in ARGS.block_heads.split(","))
+    for Hq, Hkv in heads:
+        idx = suite.random_blocks(jax.random.key(Hq), B, Sq, Hkv, n, Skv, bs, q_offset=Skv - Sq)
+        pairs = float(B * Sq * Hq * n * bs)
+
+        def make(i, backward=False):
+            x = (rnd(10 * i, (B, Sq, Hq, D), dtype), rnd(10 * i + 1, (B, Skv, Hkv, D), dtype),
+                 rnd(10 * i + 2, (B, Skv, Hkv, D), dtype), idx)
+            return x + ((rnd(10 * i + 3, (B, Sq, Hq, D), dtype),) if backward else ())
+
+        bm = sj.create_block_mask(sj.masks.full, None, None, Sq, Sq, block_size=128)
+        for backward in (False, True):  # the dense kernel at the same heads, for the ratio
+            dense = lambda q, k, v: sj.block_sparse_attention(q, k, v, bm, **kw_backend())  # noqa: E731
+            fn = jax.jit(dense) if not backward else jax.jit(lambda q, k, v, do: jax.vjp(dense, q, k, v)[1](do))
+            mk = lambda i, b=backward: tuple(rnd(10 * i + j, (B, Sq, Hq if j in (0, 3) else Hkv, D), dtype)  # noqa: E731
+                                             for j in range(4 if b else 3))
+            ms, _ = bench(fn, mk)
+            tf = suite.pair_flops(float(B * Hq * Sq * Sq), D, D, backward) / ms / 1e9
+            REPORT.setdefault("block_sweep", []).append(dict(impl="block_sparse_dense", Hq=Hq, Hkv=Hkv, S=Sq,
+                                                             backward=backward, ms=ms, tflops=tf))
+            ROWS.append(("bsweep", f"dense G={Hq // Hkv} {'fwd+bwd' if backward else 'fwd'}", f"{ms:.3f} ms",
+                         f"{tf:.0f} TF/s"))
+        runs = [(False, None if c is None else dict(BN=c[0], num_warps=c[1], num_stages=c[2])) for c in BLOCK_FWD]
+        runs += [(True, None if c is None else dict(bwd_BN=c[0], bwd_warps=c[1])) for c in BLOCK_BWD]
+        for backward, cfg in runs:
+            if not phase_open("block_sweep", 8):
+                return
+            row = dict(Hq=Hq, Hkv=Hkv, Skv=Skv, backward=backward, config=cfg)
+            try:
+                fn = attention_fn("block", backward, cfg, block_size=bs, loop_order="query", query_tile=1)
+                row["ms"], row["spread"] = bench(fn, lambda i: make(i, backward), iters=5 if backward else None)
+                row["tflops"] = suite.pair_flops(pairs, D, D, backward) / row["ms"] / 1e9
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            REPORT.setdefault("block_sweep", []).append(row)
+            ROWS.append(("bsweep", f"G={Hq // Hkv} {'fwd+bwd' if backward else 'fwd'} {cfg or 'default'}",
+                         f"{row.get('ms', float('nan')):.3f} ms", f"{row.get('tflops', 0):.0f} TF/s"
+                         + (f" ERR {row['error'][:80]}" if "error" in row else "")))
+
+
 def main():
     global ARGS
     p = argparse.ArgumentParser()
@@ -440,7 +497,7 @@ def main():
         raise SystemExit("tune_indexed.py needs a GPU (or --smoke)")
     phases = ARGS.phases.split(",")
     for name, fn in (("correctness", correctness), ("token", token_timings), ("block", block_timings),
-                     ("indexer", indexer_timings), ("sweep", sweep)):
+                     ("indexer", indexer_timings), ("sweep", sweep), ("block_sweep", block_sweep)):
         if name in phases:
             fn()
     REPORT["meta"]["total_s"] = round(RUN.elapsed(), 1)

@@ -345,6 +345,15 @@ def test_bad_inputs_raise_at_trace_time():
     for bad in (3, 0, 32):
         with pytest.raises(ValueError, match="query_tile"):
             sj.indexed_attention(q, k, k, idx, query_tile=bad, backend="xla")
+    # A tile past the Triton kernel's rows per program (shared memory) is refused at trace time.
+    sd = jax.ShapeDtypeStruct
+    big = (sd((1, 8, 128, 16), jnp.bfloat16), sd((1, 64, 1, 16), jnp.bfloat16), sd((1, 64, 1, 16), jnp.bfloat16))
+    blocks = jnp.zeros((1, 8, 1, 2), jnp.int32)
+    with pytest.raises(ValueError, match="rows per program"):
+        jax.eval_shape(lambda q, k, v: sj.indexed_block_attention(q, k, v, blocks, block_size=16, query_tile=8,
+                                                                  loop_order="query", backend="triton"), *big)
+    jax.eval_shape(lambda q, k, v: sj.indexed_block_attention(q, k, v, blocks, block_size=16, query_tile=4,
+                                                              loop_order="query", backend="triton"), *big)
 
 
 # ---------------------------------------------------------------------------------- lowering

@@ -119,6 +119,15 @@ def _config(geo: _Geometry, backward: bool):
         if backward:
             return overridden("bwd_BN", 32), overridden("bwd_warps", 4), overridden("bwd_stages", 2)
         return overridden("BN", 32), overridden("num_warps", 4), overridden("num_stages", 2)
+    # H100 round 7 (tune_indexed block_sweep; 16 x 64-token blocks, Skv=32K, D=Dv=128, one token per
+    # program): block lists at G=64 and G=128 ran fastest with the token lists' BN=32 / 4 warps forward
+    # (0.523 vs 0.539 ms at G=64; 0.990 vs 1.160 ms at G=128), and backward with BN=32 / 4 warps at
+    # M=64 (fwd+bwd 2.80 vs 5.40 ms) and BN=64 / 8 warps at M=128 (4.76 vs 5.64 ms).
+    if geo.span > 1 and geo.T == 1 and width == 128 and geo.M in (64, 128):
+        if backward:
+            bn, warps = (32, 4) if geo.M == 64 else (64, 8)
+            return overridden("bwd_BN", bn), overridden("bwd_warps", warps), overridden("bwd_stages", 2)
+        return overridden("BN", 32), overridden("num_warps", 4), overridden("num_stages", 2)
     bn = 64 if width <= 256 else 32
     if backward:
         bn = 32  # BN=64 spills at D=128 (ptxas sm_90a: dK, dV [BN, D] f32 live with dQ); H100 round 1: 1.6x
@@ -279,8 +288,18 @@ def _list_args(tiles: common.TileLists, lst):
     return [lst, lst], [tiles.idx, tiles.bits]
 
 
+# Rows per query-major program (T tokens x Gp padded heads). H100 round 7: G=128 at T=8 (1024 rows)
+# asked for 328 KB of shared memory (the SM has 227 KB) and failed at run time; 512 rows compiled.
+MAX_TILE_ROWS = 512
+
+
 def _tiles(lists, span, G, query_tile):
     T = default_query_tile(G, span) if query_tile is None else int(query_tile)
+    rows = T * max(common.next_pow2(G), 16 // T)
+    if rows > MAX_TILE_ROWS:
+        raise ValueError(f"query_tile={T} with {G} query heads per kv head gives {rows} rows per program; the "
+                         f"Triton kernel takes at most {MAX_TILE_ROWS} (query_tile <= "
+                         f"{max(1, MAX_TILE_ROWS // common.next_pow2(G))} here)")
     return common.tile_lists(lists, T)
 
 
