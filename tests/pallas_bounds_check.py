@@ -34,7 +34,8 @@ from jax._src.state import indexing
 
 from sparse_jax import _compat
 
-# primitive name -> how to read (ref, transforms, mask) from the discharge rule's arguments
+# Ref-access primitives whose discharge rules get wrapped (state get/swap/addupdate, Pallas masked
+# load/store, Triton atomics, our relaxed atomic add).
 _KINDS = ("get", "swap", "addupdate", "masked_load", "masked_swap", "atomic_rmw", "atomic_add_relaxed")
 
 
