@@ -98,11 +98,16 @@ class _Geometry:
         return self.T * self.Gp
 
 
+def _padded_group(G: int, T: int) -> int:
+    """MMA rows per token of a query-major program (power of two; T * Gp >= 16, a Triton dot's minimum)."""
+    return max(common.next_pow2(G), 16 // T)
+
+
 def _geometry(q, k, v, tiles: common.TileLists, span, causal, scale):
     B, Sq, Hq, D = q.shape
     Skv, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G, T = Hq // Hkv, tiles.T
-    Gp = max(common.next_pow2(G), 16 // T)  # a Triton dot needs M >= 16
+    Gp = _padded_group(G, T)
     return _Geometry(G=G, Gp=Gp, T=T, D=D, Dv=Dv, Dp=max(16, common.next_pow2(D)),
                      Dvp=max(16, common.next_pow2(Dv)), n=tiles.idx.shape[-1], Sq=Sq, Hkv=Hkv, span=span,
                      n_units=Skv if span == 1 else common.cdiv(Skv, span), kv_len=Skv, causal=causal, scale=scale)
@@ -295,7 +300,7 @@ MAX_TILE_ROWS = 512
 
 def _tiles(lists, span, G, query_tile):
     T = default_query_tile(G, span) if query_tile is None else int(query_tile)
-    rows = T * max(common.next_pow2(G), 16 // T)
+    rows = T * _padded_group(G, T)
     if rows > MAX_TILE_ROWS:
         raise ValueError(f"query_tile={T} with {G} query heads per kv head gives {rows} rows per program; the "
                          f"Triton kernel takes at most {MAX_TILE_ROWS} (query_tile <= "
