@@ -289,15 +289,50 @@ def token_timings():
 
 
 # ------------------------------------------------------------------------------ 3. block lists
+def _block_heads(default):
+    """(Hq, Hkv) pairs of the block phases: ``--block-heads`` ('64:1,128:1') or ``default``."""
+    if not ARGS.block_heads:
+        return default
+    return tuple(tuple(int(x) for x in pair.split(":")) for pair in ARGS.block_heads.split(","))
+
+
+def _dense_baselines(section, label, Hq, Hkv, z):
+    """Our dense kernel and cuDNN at S = Sq with the same heads, forward and fwd+bwd (the
+    ratios' denominators and the peer, from the same process): {(impl, backward): TF/s}."""
+    B, S, D, dtype = z["B"], z["Sq"], z["D"], z["dtype"]
+    bm = sj.create_block_mask(sj.masks.full, None, None, S, S, block_size=128)
+    base = lambda q, k, v: sj.block_sparse_attention(q, k, v, bm, **kw_backend())  # noqa: E731
+    cud = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")  # noqa: E731
+
+    def make(i, backward):
+        return tuple(rnd(10 * i + j, (B, S, Hq if j in (0, 3) else Hkv, D), dtype) for j in range(4 if backward else 3))
+
+    dense = {}
+    for backward in (False, True):
+        for impl, f in (("block_sparse_dense", base), ("cudnn", cud)):
+            if (impl == "cudnn" and ARGS.smoke) or not phase_open(section, 6):
+                continue
+            fn = jax.jit(f) if not backward else jax.jit(lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do))
+            try:  # a failing baseline must not cost the indexed timings
+                ms, _ = bench(fn, lambda i, b=backward: make(i, b))
+            except Exception as e:  # noqa: BLE001
+                REPORT["errors"].append(f"{section} baseline {impl}: {type(e).__name__}: {e}"[:600])
+                continue
+            tf = suite.pair_flops(float(B * Hq * S * S), D, D, backward) / ms / 1e9
+            dense[(impl, backward)] = tf
+            REPORT.setdefault(section, []).append(dict(impl=impl, Hq=Hq, Hkv=Hkv, S=S, backward=backward, ms=ms,
+                                                       tflops=tf))
+            ROWS.append((label, f"{impl} S={S} Hq={Hq}/Hkv={Hkv} {'fwd+bwd' if backward else 'fwd'}",
+                         f"{ms:.3f} ms", f"{tf:.0f} TF/s"))
+    return dense
+
+
 @guarded("block")
 def block_timings():
     z = suite.sizes(ARGS.smoke)
     B, Sq, D, dtype = z["B"], z["Sq"], z["D"], z["dtype"]
     Skv, n, bs = z["Skvs"][0], z["n_blocks"], z["block"]
-    heads = z["block_heads"]
-    if ARGS.block_heads:
-        heads = tuple(tuple(int(x) for x in pair.split(":")) for pair in ARGS.block_heads.split(","))
-    for Hq, Hkv in heads:
+    for Hq, Hkv in _block_heads(z["block_heads"]):
         G = Hq // Hkv
         pairs = float(B * Sq * Hq * n * bs)
         lists = {"random": suite.random_blocks(jax.random.key(Hq), B, Sq, Hkv, n, Skv, bs, q_offset=Skv - Sq),
@@ -308,31 +343,12 @@ def block_timings():
         reuse = {name: {T: suite.tile_reuse(idx, T) for T in sorted({T_def, T_big})} for name, idx in lists.items()}
         REPORT["block"].append(dict(Hq=Hq, Hkv=Hkv, tile_reuse=reuse))
 
-        def make(i, backward=False, S=Skv, Sqq=Sq, idx=None):
-            x = (rnd(10 * i, (B, Sqq, Hq, D), dtype), rnd(10 * i + 1, (B, S, Hkv, D), dtype),
-                 rnd(10 * i + 2, (B, S, Hkv, D), dtype)) + ((idx,) if idx is not None else ())
-            return x + ((rnd(10 * i + 3, (B, Sqq, Hq, D), dtype),) if backward else ())
+        def make(i, backward=False, idx=None):
+            x = (rnd(10 * i, (B, Sq, Hq, D), dtype), rnd(10 * i + 1, (B, Skv, Hkv, D), dtype),
+                 rnd(10 * i + 2, (B, Skv, Hkv, D), dtype)) + ((idx,) if idx is not None else ())
+            return x + ((rnd(10 * i + 3, (B, Sq, Hq, D), dtype),) if backward else ())
 
-        dense = {}
-        for backward in (False, True):
-            S = Sq
-            bm = sj.create_block_mask(sj.masks.full, None, None, S, S, block_size=128)
-            base = lambda q, k, v: sj.block_sparse_attention(q, k, v, bm, **kw_backend())
-            cud = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-            for impl, f in (("block_sparse_dense", base), ("cudnn", cud)):
-                if (impl == "cudnn" and ARGS.smoke) or not phase_open("block", 6):
-                    continue
-                fn = jax.jit(f) if not backward else jax.jit(lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do))
-                try:  # a failing baseline must not cost the indexed timings
-                    ms, _ = bench(fn, lambda i: make(i, backward, S=S, Sqq=S))
-                except Exception as e:  # noqa: BLE001
-                    REPORT["errors"].append(f"block baseline {impl}: {type(e).__name__}: {e}"[:600])
-                    continue
-                tf = suite.pair_flops(float(B * Hq * S * S), D, D, backward) / ms / 1e9
-                dense[(impl, backward)] = tf
-                REPORT["block"].append(dict(impl=impl, Hq=Hq, Hkv=Hkv, S=S, backward=backward, ms=ms, tflops=tf))
-                ROWS.append(("block", f"{impl} S={S} Hq={Hq}/Hkv={Hkv} {'fwd+bwd' if backward else 'fwd'}",
-                             f"{ms:.3f} ms", f"{tf:.0f} TF/s"))
+        dense = _dense_baselines("block", "block", Hq, Hkv, z)
         # (selection, loop order, query tile, with backward too)
         variants = [("random", "query", 1, True, None), ("random", "query", T_def, True, None),
                     ("random", "kv", None, True, None), ("correlated", "query", 1, False, None),
@@ -441,9 +457,7 @@ def block_sweep():
     z = suite.sizes(ARGS.smoke)
     B, Sq, D, dtype = z["B"], z["Sq"], z["D"], z["dtype"]
     Skv, n, bs = z["Skvs"][0], z["n_blocks"], z["block"]
-    heads = ((64, 1), (128, 1)) if not ARGS.block_heads else tuple(
-        tuple(int(x) for x in pair.split(":")) for pair in ARGS.block_heads.split(","))
-    for Hq, Hkv in heads:
+    for Hq, Hkv in _block_heads(((64, 1), (128, 1))):
         idx = suite.random_blocks(jax.random.key(Hq), B, Sq, Hkv, n, Skv, bs, q_offset=Skv - Sq)
         pairs = float(B * Sq * Hq * n * bs)
 
@@ -452,18 +466,7 @@ def block_sweep():
                  rnd(10 * i + 2, (B, Skv, Hkv, D), dtype), idx)
             return x + ((rnd(10 * i + 3, (B, Sq, Hq, D), dtype),) if backward else ())
 
-        bm = sj.create_block_mask(sj.masks.full, None, None, Sq, Sq, block_size=128)
-        for backward in (False, True):  # the dense kernel at the same heads, for the ratio
-            dense = lambda q, k, v: sj.block_sparse_attention(q, k, v, bm, **kw_backend())  # noqa: E731
-            fn = jax.jit(dense) if not backward else jax.jit(lambda q, k, v, do: jax.vjp(dense, q, k, v)[1](do))
-            mk = lambda i, b=backward: tuple(rnd(10 * i + j, (B, Sq, Hq if j in (0, 3) else Hkv, D), dtype)  # noqa: E731
-                                             for j in range(4 if b else 3))
-            ms, _ = bench(fn, mk)
-            tf = suite.pair_flops(float(B * Hq * Sq * Sq), D, D, backward) / ms / 1e9
-            REPORT.setdefault("block_sweep", []).append(dict(impl="block_sparse_dense", Hq=Hq, Hkv=Hkv, S=Sq,
-                                                             backward=backward, ms=ms, tflops=tf))
-            ROWS.append(("bsweep", f"dense G={Hq // Hkv} {'fwd+bwd' if backward else 'fwd'}", f"{ms:.3f} ms",
-                         f"{tf:.0f} TF/s"))
+        dense = _dense_baselines("block_sweep", "bsweep", Hq, Hkv, z)
         runs = [(False, None if c is None else dict(BN=c[0], num_warps=c[1], num_stages=c[2])) for c in BLOCK_FWD]
         runs += [(True, None if c is None else dict(bwd_BN=c[0], bwd_warps=c[1])) for c in BLOCK_BWD]
         for backward, cfg in runs:
@@ -474,12 +477,16 @@ def block_sweep():
                 fn = attention_fn("block", backward, cfg, block_size=bs, loop_order="query", query_tile=1)
                 row["ms"], row["spread"] = bench(fn, lambda i: make(i, backward), iters=5 if backward else None)
                 row["tflops"] = suite.pair_flops(pairs, D, D, backward) / row["ms"] / 1e9
+                for impl in ("block_sparse_dense", "cudnn"):
+                    row[f"vs_{impl}"] = row["tflops"] / dense.get((impl, backward), float("nan"))
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
             REPORT.setdefault("block_sweep", []).append(row)
             ROWS.append(("bsweep", f"G={Hq // Hkv} {'fwd+bwd' if backward else 'fwd'} {cfg or 'default'}",
-                         f"{row.get('ms', float('nan')):.3f} ms", f"{row.get('tflops', 0):.0f} TF/s"
-                         + (f" ERR {row['error'][:80]}" if "error" in row else "")))
+                         f"{row.get('ms', float('nan')):.3f} ms",
+                         f"ERR {row['error'][:80]}" if "error" in row else
+                         f"{row['tflops']:.0f} TF/s = {row['vs_block_sparse_dense']:.0%} of our dense, "
+                         f"{row['vs_cudnn']:.0%} of cuDNN"))
 
 
 def main():
@@ -489,7 +496,7 @@ def main():
     p.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, Pallas interpret mode")
     p.add_argument("--phases", default="correctness,token,block,indexer,sweep")
     p.add_argument("--block-heads", default=None,
-                   help="block phase's (Hq:Hkv) pairs, e.g. '64:1,128:1' (default: the suite's (64:4, 32:8))")
+                   help="(Hq:Hkv) pairs of the block and block_sweep phases, e.g. '64:1,128:1' (defaults: the suite's (64:4, 32:8) and (64:1, 128:1))")
     ARGS = p.parse_args()
     RUN.budget_s = ARGS.budget_s
     REPORT["meta"].update(environment=timing.environment(), smoke=ARGS.smoke, budget_s=ARGS.budget_s)
