@@ -17,6 +17,14 @@ import sparse_jax as sj
 from sparse_jax import _compat, masks
 
 
+@pytest.fixture(autouse=True)
+def _triton_forward(monkeypatch):
+    """These cases check the Triton lowering: keep the forward off the Mosaic GPU kernel, which
+    ``auto`` picks on a Hopper host (its own lowering: tests/test_attention_mgpu.py)."""
+    from pallas_kernels.triton import block_sparse_attention as gpu_entry
+    monkeypatch.setenv(gpu_entry.FWD_IMPL_ENV, "triton")
+
+
 def _fwd_bwd(bm, **kw):
     """A loss whose export lowers the forward and both backward kernels."""
 

@@ -160,6 +160,11 @@ def override(fwd: FwdConfig | None = None, bwd: BwdConfig | None = None) -> Iter
         _OVERRIDE.update(saved)
 
 
+def overridden(kind: str) -> bool:
+    """Whether :func:`override` set a ``kind`` ("fwd" / "bwd") config for what is traced now."""
+    return kind in _OVERRIDE
+
+
 def device_family() -> str:
     """'h100'-like family name of the first GPU, or 'generic' (CPU / abstract lowering)."""
     try:

@@ -10,9 +10,14 @@ Implements the interface documented in :mod:`sparse_jax.ops.attention`::
 This module flattens operands and tables into the layout the kernels read
 (``attention_fwd`` / ``attention_bwd``), picks launch configs
 (``attention_configs``) and post-processes (un-permuting dK/dV).
+
+On Hopper the forward runs the Mosaic GPU kernel (:mod:`pallas_kernels.mosaic_gpu.attention_fwd`:
+TMA, warp-specialised) for the problems it takes; see :func:`forward_impl`.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +26,7 @@ from pallas_kernels.common import attention_tiling as tiling_lib
 from pallas_kernels.common import kv_permutation as perm_lib
 from pallas_kernels.triton import attention_blocks as blk
 from pallas_kernels.triton import attention_bwd, attention_configs, attention_fwd
+from pallas_kernels.mosaic_gpu import attention_fwd as mgpu_fwd
 from pallas_kernels.triton.attention_configs import BwdConfig, FwdConfig
 from sparse_jax import masks
 
@@ -110,9 +116,48 @@ def _prepare_perm(kv_permutation, q, k):
     return perm_lib.sanitize(perm_lib.normalize(kv_permutation, B, Hkv, Skv), Skv)
 
 
+FWD_IMPL_ENV = "SPARSE_JAX_GPU_ATTENTION_FWD"
+
+
+def _hopper() -> bool:
+    try:
+        dev = jax.devices("gpu")[0]
+    except RuntimeError:
+        return False
+    return str(getattr(dev, "compute_capability", "0")).split(".")[0] == "9"
+
+
+def forward_impl(q, k, v, block_mask, *, softcap, has_segments: bool, has_perm: bool, interpret: bool,
+                 config) -> str:
+    """'mosaic_gpu' or 'triton': which kernel runs this forward.
+
+    ``SPARSE_JAX_GPU_ATTENTION_FWD`` = ``auto`` (default: Mosaic GPU on Hopper for the
+    problems it takes, else Triton), ``triton`` or ``mosaic_gpu`` (an error when the
+    Mosaic GPU kernel cannot take the problem). Interpret mode and a Triton config (passed,
+    or set by ``attention_configs.override``) always run Triton.
+    """
+    choice = os.environ.get(FWD_IMPL_ENV, "auto")
+    if choice not in ("auto", "triton", "mosaic_gpu"):
+        raise ValueError(f"{FWD_IMPL_ENV}={choice!r}; choose auto, triton or mosaic_gpu")
+    if choice == "triton" or interpret or isinstance(config, FwdConfig) or attention_configs.overridden("fwd"):
+        return "triton"
+    why = mgpu_fwd.unsupported(q, k, v, block_mask, softcap=softcap, has_segments=has_segments,
+                               has_perm=has_perm)
+    if choice == "mosaic_gpu":
+        if why is not None:
+            raise ValueError(f"{FWD_IMPL_ENV}=mosaic_gpu, but the Mosaic GPU forward cannot take {why}")
+        return "mosaic_gpu"
+    return "mosaic_gpu" if why is None and _hopper() else "triton"
+
+
 def forward(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap, segments_everywhere,
-            interpret, kv_permutation=None, config: FwdConfig | None = None):
+            interpret, kv_permutation=None, config: FwdConfig | mgpu_fwd.MgpuFwdConfig | None = None):
     """o [B, Sq, Hq, Dv] (q.dtype), lse float32 [B, Hq, Sq]."""
+    impl = forward_impl(q, k, v, block_mask, softcap=softcap, interpret=interpret, config=config,
+                        has_segments=q_seg is not None, has_perm=kv_permutation is not None)
+    if impl == "mosaic_gpu":
+        return mgpu_fwd.forward(q, k, v, block_mask, q_pos, kv_pos, scale=scale,
+                                config=config if isinstance(config, mgpu_fwd.MgpuFwdConfig) else None)
     perm = _prepare_perm(kv_permutation, q, k)
     P = problem(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, scale=scale, softcap=softcap,
                 segments_everywhere=segments_everywhere, kv_permutation=perm)

@@ -1,0 +1,381 @@
+"""Forward block-sparse FlashAttention on Hopper through Mosaic GPU (Pallas ``plgpu``).
+
+Why a second GPU lowering: Pallas' Triton path has no TMA and no warp specialisation, which
+caps our dense forward at ~0.75x cuDNN. This kernel is FlashAttention-3's structure driven
+by a :class:`~sparse_jax.BlockMask` row:
+
+* one CTA per (query head, 128-row query block = one table row, batch) with three
+  warpgroups: two compute warpgroups of 64 query rows each and one memory warpgroup;
+* the memory warpgroup walks the row's table (full blocks, then partial blocks) and
+  streams K/V blocks into a ring of ``steps`` shared-memory slots by TMA, with one
+  "filled" barrier per slot and buffer and one "consumed" barrier that both compute
+  warpgroups arrive at;
+* each compute warpgroup runs wgmma for S = Q K^T and O += P V with the online softmax
+  in float32 and exp2 (scale·log2 e folded into one multiply), the two warpgroups
+  ping-ponging on a schedule barrier so one's softmax overlaps the other's matmuls;
+* partial blocks evaluate the mask on positions (iota, or ``q_pos`` / ``kv_pos`` rows
+  brought in by TMA beside the block: PBS's permuted keys), full blocks skip it.
+
+Contract (as :mod:`pallas_kernels.triton.attention_fwd`): o [B, Sq, Hq, D] in q's dtype,
+lse float32 [B, Hq, Sq] in natural log, -inf and o = 0 for rows with no allowed key.
+:func:`unsupported` says which problems this kernel does not take (the caller falls back
+to the Triton kernel): it needs bf16/fp16, D = Dv in {64, 128}, 128 x 128
+table blocks that tile Sq and Skv exactly, no softcap, no segment ids or in-kernel
+permutation, and a mask made of bands (causal, windows, :class:`SegmentCausal`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.common import attention_tiling as tiling_lib
+from sparse_jax import masks
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+ROWS_PER_WG = 64  # wgmma's M: query rows per compute warpgroup
+COMPUTE_WGS = 2   # two warpgroups per CTA -> a 128-row table block
+TABLE_BLOCK = (ROWS_PER_WG * COMPUTE_WGS, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuFwdConfig:
+    """Launch parameters. ``steps``: K/V ring depth (shared-memory slots; at D = 128 two fill
+    the 227 KB, a third misses by ~100 bytes); ``reverse``: launch query blocks last-first (heavy causal rows
+    start early, shorter tail); ``grid_order``: "heads_q_batch" launches the query heads of one
+    query block side by side, then the next block, batch last; "heads_batch_q" puts the batch
+    (PBS: the folded kv heads) before the query blocks, so the CTAs resident at once cover
+    every kv head at a few query blocks rather than one kv head at many query blocks whose
+    sparse rows read different K/V blocks (L2 misses); None picks "heads_batch_q" for that
+    folded layout (one kv head, batch > 1), else "heads_q_batch". ``early_table_read``: the
+    memory warpgroup reads step i's table entry before waiting for its slot to drain."""
+
+    steps: int = 2
+    reverse: bool = True
+    grid_order: str | None = None
+    early_table_read: bool = True
+    compute_regs: int = 232
+    memory_regs: int = 40
+
+
+def _positional(mask) -> bool:
+    """True for masks the kernel can evaluate on positions alone (bands and their combinations)."""
+    if mask is None or isinstance(mask, (masks.Full, masks.Band)):
+        return True
+    if isinstance(mask, (masks.And, masks.Or)):
+        return all(_positional(m) for m in mask.masks)
+    return False
+
+
+def unsupported(q, k, v, block_mask, *, softcap, has_segments: bool, has_perm: bool) -> str | None:
+    """Why this kernel cannot run the problem, or None when it can."""
+    B, Sq, Hq, D = q.shape
+    Skv, Dv = k.shape[1], v.shape[3]
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"dtype {q.dtype} (bf16 / fp16 only)"
+    if D != Dv or D not in (64, 128):
+        return f"head dims D={D}, Dv={Dv} (equal, 64 or 128: wider heads overflow shared memory)"
+    if tuple(block_mask.block_size) != TABLE_BLOCK:
+        return f"block size {block_mask.block_size} (needs {TABLE_BLOCK})"
+    if Sq % TABLE_BLOCK[0] or Skv % TABLE_BLOCK[1]:
+        return f"lengths Sq={Sq}, Skv={Skv} (multiples of {TABLE_BLOCK})"
+    if softcap is not None:
+        return "softcap"
+    if has_segments or has_perm:
+        return "segment ids / kv_permutation"
+    if not _positional(block_mask.mask):
+        return f"mask {block_mask.mask!r} (bands only)"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    B: int
+    Sq: int
+    Skv: int
+    Hq: int
+    Hkv: int
+    D: int
+    dtype: object
+    table_batch: int
+    head_map: str
+    max_full: int
+    max_part: int
+    mask: object
+    has_q_pos: bool
+    has_kv_pos: bool
+    scale: float
+    cfg: MgpuFwdConfig
+
+    @property
+    def group(self) -> int:
+        return self.Hq // self.Hkv
+
+    @property
+    def n_q_tiles(self) -> int:
+        return self.Sq // TABLE_BLOCK[0]
+
+
+def _table_coords(S: _Spec, b, h, qt):
+    tb = b if S.table_batch > 1 else 0
+    th = {"shared": 0, "kv": lax.div(h, jnp.int32(S.group)), "q": h}[S.head_map]
+    return tb, th, qt
+
+
+def _row_counts(S: _Spec, refs, tb, th, qt):
+    n_full = refs["full_num"][tb, th, qt] if S.max_full else jnp.int32(0)
+    n_part = refs["num"][tb, th, qt] if S.max_part else jnp.int32(0)
+    return n_full, n_part
+
+
+def _kv_block(S: _Spec, refs, tb, th, qt, i, n_full):
+    """Table entry of step i: full list first, then the partial list (clamped reads)."""
+    if not S.max_part:
+        return refs["full_idx"][tb, th, qt, jnp.minimum(i, S.max_full - 1)]
+    j = jnp.clip(i - n_full, 0, S.max_part - 1)
+    part = refs["idx"][tb, th, qt, j]
+    if not S.max_full:
+        return part
+    full = refs["full_idx"][tb, th, qt, jnp.minimum(i, S.max_full - 1)]
+    return jnp.where(i < n_full, full, part)
+
+
+def _kernel(S: _Spec, names, *refs):
+    n_in = len(names)
+    refs_in = dict(zip(names, refs[:n_in]))
+    o_ref, lse_ref = refs[n_in], refs[n_in + 1]
+    scratch = refs[n_in + 2:]
+    (qo_smem2, k_smem, v_smem, lse_smem2, qpos_smem2, kvpos_smem,
+     k_bar, v_bar, q_bar, pos_bar, k_done, v_done, sched) = scratch
+    cfg, bq, bkv, D, dtype = S.cfg, ROWS_PER_WG, TABLE_BLOCK[1], S.D, S.dtype
+    steps = cfg.steps
+
+    b = lax.axis_index("batch")
+    h = lax.axis_index("heads")
+    qt = lax.axis_index("q_seq")
+    if cfg.reverse:
+        qt = S.n_q_tiles - 1 - qt
+    wg = lax.axis_index("wg")
+    tb, th, _ = _table_coords(S, b, h, qt)
+    n_full, n_part = _row_counts(S, refs_in, tb, th, qt)
+    n = n_full + n_part
+    c = S.scale * LOG2E
+
+    def schedule_barrier():
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(cfg.compute_regs, action="increase")
+        qo_smem = qo_smem2.at[wg]
+        q_base = qt * TABLE_BLOCK[0] + wg * bq
+        plgpu.copy_gmem_to_smem(refs_in["q"].at[b, pl.ds(q_base, bq), h], qo_smem, q_bar.at[wg])
+        if S.has_q_pos:
+            plgpu.copy_gmem_to_smem(refs_in["q_pos"].at[b, pl.ds(q_base, bq)], qpos_smem2.at[wg],
+                                    pos_bar.at[steps + wg])
+        plgpu.barrier_wait(q_bar.at[wg])
+        if S.has_q_pos:
+            plgpu.barrier_wait(pos_bar.at[steps + wg])
+            q_pos = plgpu.load(qpos_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+            q_pos = lax.broadcast_in_dim(q_pos, (bq, bkv), [0])
+        else:
+            q_pos = q_base + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
+
+        m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l_i = plgpu.layout_cast(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc = plgpu.layout_cast(jnp.full((bq, D), 0, jnp.float32), plgpu.Layout.WGMMA)
+
+        @pl.when(n > 0)
+        def _():
+            plgpu.barrier_wait(k_bar.at[0])
+
+        pl.when(wg == 1)(schedule_barrier)
+
+        def step(i, carry, *, masked: bool):
+            acc, m_i, l_i = carry
+            slot = lax.rem(i, jnp.int32(steps))
+
+            def qk_scope(acc_ref):
+                plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+                schedule_barrier()
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk_scope, plgpu.ACC((bq, bkv), jnp.float32))
+            plgpu.barrier_arrive(k_done.at[slot])
+            if masked:
+                if S.has_kv_pos:
+                    plgpu.barrier_wait(pos_bar.at[slot])
+                    kv_pos = plgpu.load(kvpos_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                    kv_pos = lax.broadcast_in_dim(kv_pos, (bq, bkv), [1])
+                else:
+                    blk = _kv_block(S, refs_in, tb, th, qt, i, n_full)
+                    kv_pos = blk * bkv + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1,
+                                                                 layout=plgpu.Layout.WGMMA)
+                allowed = S.mask.evaluate(b, h, q_pos, kv_pos)
+                s = jnp.where(allowed, s, -jnp.inf)
+            m_new = jnp.maximum(m_i, s.max(axis=1) * c)
+            # A row whose every key so far is masked keeps m = -inf; subtract 0 instead so
+            # exp2 gives 0 (not NaN) for it.
+            m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+            alpha = jnp.exp2(m_i - m_ref)
+            p = jnp.exp2(s * c - lax.broadcast_in_dim(m_ref, s.shape, [0]))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l_i = l_i * alpha + p.sum(axis=1)
+            p16 = p.astype(dtype)
+            if D <= 128:
+                acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+            plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(v_bar.at[slot])
+            plgpu.barrier_wait(sched)
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                nxt = i + 1
+
+                @pl.when(nxt < n)
+                def _():
+                    plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(steps))])
+
+            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_done.at[slot])
+            return acc, m_new, l_i
+
+        carry = (acc, m_i, l_i)
+        if S.max_full:
+            carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+        if S.max_part:
+            carry = lax.fori_loop(n_full, n, functools.partial(step, masked=S.mask is not None), carry)
+        acc, m_i, l_i = carry
+        pl.when(wg == 0)(schedule_barrier)
+
+        empty = l_i == 0.0
+        acc = acc / lax.broadcast_in_dim(jnp.where(empty, 1.0, l_i), acc.shape, [0])
+        qo_smem[...] = acc.astype(dtype)
+        lse_smem = lse_smem2.at[wg]
+        lse_smem[...] = jnp.where(empty, -jnp.inf, (m_i + jnp.log2(jnp.where(empty, 1.0, l_i))) * LN2)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(q_base, bq), h])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_base, bq)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(cfg.memory_regs, action="decrease")
+        hkv = lax.div(h, jnp.int32(S.group))
+
+        def fetch_k(blk, slot):
+            rows = (b, pl.ds(blk * bkv, bkv), hkv)
+            plgpu.copy_gmem_to_smem(refs_in["k"].at[rows], k_smem.at[slot], k_bar.at[slot])
+
+        def fetch_v(blk, i, slot):
+            rows = (b, pl.ds(blk * bkv, bkv), hkv)
+            plgpu.copy_gmem_to_smem(refs_in["v"].at[rows], v_smem.at[slot], v_bar.at[slot])
+            if S.has_kv_pos and S.max_part:
+                @pl.when(i >= n_full)
+                def _():
+                    plgpu.copy_gmem_to_smem(refs_in["kv_pos"].at[b, pl.ds(blk * bkv, bkv)],
+                                            kvpos_smem.at[slot], pos_bar.at[slot])
+
+        for s0 in range(steps):
+            @pl.when(s0 < n)
+            def _():
+                blk = _kv_block(S, refs_in, tb, th, qt, jnp.int32(s0), n_full)
+                fetch_k(blk, s0)
+                fetch_v(blk, jnp.int32(s0), s0)
+
+        @pl.loop(0, jnp.maximum(n - steps, 0))
+        def _(j):
+            i = j + steps
+            slot = lax.rem(j, jnp.int32(steps))
+            if cfg.early_table_read:  # the scalar load's latency overlaps the wait
+                blk = _kv_block(S, refs_in, tb, th, qt, i, n_full)
+            plgpu.barrier_wait(k_done.at[slot])
+            if not cfg.early_table_read:
+                blk = _kv_block(S, refs_in, tb, th, qt, i, n_full)
+            fetch_k(blk, slot)
+            plgpu.barrier_wait(v_done.at[slot])
+            fetch_v(blk, i, slot)
+
+
+def _table_inputs(block_mask, S: _Spec) -> dict:
+    out = {}
+    if S.max_full:
+        out["full_num"] = jnp.asarray(block_mask.full_kv_num_blocks, jnp.int32)
+        out["full_idx"] = jnp.asarray(block_mask.full_kv_indices, jnp.int32)
+    if S.max_part:
+        out["num"] = jnp.asarray(block_mask.kv_num_blocks, jnp.int32)
+        out["idx"] = jnp.asarray(block_mask.kv_indices, jnp.int32)
+    return out
+
+
+def forward(q, k, v, block_mask, q_pos, kv_pos, *, scale: float, config: MgpuFwdConfig | None = None):
+    """o [B, Sq, Hq, D] (q.dtype), lse float32 [B, Hq, Sq]; see the module docstring.
+
+    q_pos / kv_pos: int32 [B, Sq] / [B, Skv] or None (the mask is evaluated at the indices).
+    """
+    cfg = config or MgpuFwdConfig()
+    B, Sq, Hq, D = q.shape
+    Skv, Hkv = k.shape[1], k.shape[2]
+    mask = block_mask.mask
+    if isinstance(mask, masks.Full):
+        mask = None
+    bt, bh = block_mask.shape[:2]
+    S = _Spec(B=B, Sq=Sq, Skv=Skv, Hq=Hq, Hkv=Hkv, D=D, dtype=q.dtype, table_batch=bt,
+              head_map=tiling_lib.table_head_map(bh, Hq, Hkv),
+              max_full=block_mask.max_full_kv_blocks, max_part=block_mask.max_kv_blocks, mask=mask,
+              has_q_pos=q_pos is not None and mask is not None,
+              has_kv_pos=kv_pos is not None and mask is not None, scale=float(scale), cfg=cfg)
+    inputs = dict(q=q, k=k, v=v, **_table_inputs(block_mask, S))
+    if S.has_q_pos:
+        inputs["q_pos"] = jnp.asarray(q_pos, jnp.int32)
+    if S.has_kv_pos:
+        inputs["kv_pos"] = jnp.asarray(kv_pos, jnp.int32)
+    names = tuple(inputs)
+    steps, bkv = cfg.steps, TABLE_BLOCK[1]
+    tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    scratch = (
+        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, D), q.dtype, transforms=tiled),   # Q, then O
+        plgpu.SMEM((steps, bkv, D), k.dtype, transforms=tiled),
+        plgpu.SMEM((steps, bkv, D), v.dtype, transforms=tiled),
+        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32),                    # lse
+        # q / kv positions: only when the mask reads them (every buffer costs ~1 KB of alignment,
+        # which decides whether a third K/V slot fits)
+        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.int32) if S.has_q_pos else None,
+        plgpu.SMEM((steps, bkv), jnp.int32) if S.has_kv_pos else None,
+        plgpu.Barrier(num_barriers=steps),                                      # K filled
+        plgpu.Barrier(num_barriers=steps),                                      # V filled
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),                                # Q filled
+        plgpu.Barrier(num_barriers=steps + COMPUTE_WGS) if S.has_q_pos or S.has_kv_pos else None,  # positions
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=steps),            # K consumed
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=steps),            # V consumed
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS),                                # ping-pong schedule
+    )
+    out_type = (jax.ShapeDtypeStruct((B, Sq, Hq, D), q.dtype), jax.ShapeDtypeStruct((B, Hq, Sq), jnp.float32))
+    order = cfg.grid_order or ("heads_batch_q" if Hkv == 1 and B > 1 else "heads_q_batch")
+    if order == "heads_q_batch":
+        grid, grid_names = (Hq, S.n_q_tiles, B), ("heads", "q_seq", "batch")
+    elif order == "heads_batch_q":
+        grid, grid_names = (Hq, B, S.n_q_tiles), ("heads", "batch", "q_seq")
+    else:
+        raise ValueError(f"grid_order {cfg.grid_order!r}; choose heads_q_batch or heads_batch_q")
+    call = plgpu.kernel(
+        functools.partial(_kernel, S, names),
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=grid,
+        grid_names=grid_names,
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )
+    o, lse = call(*inputs.values())
+    return o, lse
