@@ -172,9 +172,12 @@ def test_compiled_matches_reference(env, case):
 
 
 @hopper_only
-def test_compiled_pbs_matches_triton_forward(env):
+@pytest.mark.parametrize("estimate_dropped", [False, True])
+def test_compiled_pbs_matches_triton_forward(env, estimate_dropped):
+    """PBS on the Mosaic GPU forward equals PBS on the Triton forward (same plan), also when the
+    dropped-block estimate merges through the forward's lse."""
     q, k, v = _qkv(S=4096, Hq=8, Hkv=2)
-    kw = dict(block_size=128, segment_size=1024, threshold=0.8)
+    kw = dict(block_size=128, segment_size=1024, threshold=0.8, estimate_dropped=estimate_dropped)
     outs = {}
     for impl in ("triton", "mosaic_gpu"):
         env(impl)
