@@ -124,10 +124,11 @@ class _Spec:
         return self.Sq // TABLE_BLOCK[0]
 
 
-def _table_coords(S: _Spec, b, h, qt):
+def _table_coords(S: _Spec, b, h):
+    """(batch, head) of the table row a CTA of batch b, query head h reads."""
     tb = b if S.table_batch > 1 else 0
     th = {"shared": 0, "kv": lax.div(h, jnp.int32(S.group)), "q": h}[S.head_map]
-    return tb, th, qt
+    return tb, th
 
 
 def _row_counts(S: _Spec, refs, tb, th, qt):
@@ -164,7 +165,7 @@ def _kernel(S: _Spec, names, *refs):
     if cfg.reverse:
         qt = S.n_q_tiles - 1 - qt
     wg = lax.axis_index("wg")
-    tb, th, _ = _table_coords(S, b, h, qt)
+    tb, th = _table_coords(S, b, h)
     n_full, n_part = _row_counts(S, refs_in, tb, th, qt)
     n = n_full + n_part
     c = S.scale * LOG2E
