@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import attention_tiling as tiling_lib
+from pallas_kernels.triton import attention_blocks as blk
 from sparse_jax import masks
 
 LOG2E = math.log2(math.e)
@@ -98,54 +98,40 @@ def unsupported(q, k, v, block_mask, *, softcap, has_segments: bool, has_perm: b
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-    B: int
-    Sq: int
-    Skv: int
-    Hq: int
-    Hkv: int
-    D: int
+    """What the kernel specialises on: the call's :class:`~pallas_kernels.triton.attention_blocks.Problem`
+    (shared with the Triton kernels), the operand dtype and the launch config."""
+
+    P: blk.Problem
     dtype: object
-    table_batch: int
-    head_map: str
-    max_full: int
-    max_part: int
-    mask: object
-    has_q_pos: bool
-    has_kv_pos: bool
-    scale: float
     cfg: MgpuFwdConfig
 
     @property
-    def group(self) -> int:
-        return self.Hq // self.Hkv
-
-    @property
     def n_q_tiles(self) -> int:
-        return self.Sq // TABLE_BLOCK[0]
+        return self.P.q_len // TABLE_BLOCK[0]
 
 
 def _table_coords(S: _Spec, b, h):
     """(batch, head) of the table row a CTA of batch b, query head h reads."""
-    tb = b if S.table_batch > 1 else 0
-    th = {"shared": 0, "kv": lax.div(h, jnp.int32(S.group)), "q": h}[S.head_map]
+    tb = b if S.P.table_batch > 1 else 0
+    th = {"shared": 0, "kv": lax.div(h, jnp.int32(S.P.group)), "q": h}[S.P.table_head_map]
     return tb, th
 
 
 def _row_counts(S: _Spec, refs, tb, th, qt):
-    n_full = refs["full_num"][tb, th, qt] if S.max_full else jnp.int32(0)
-    n_part = refs["num"][tb, th, qt] if S.max_part else jnp.int32(0)
+    n_full = refs["full_num"][tb, th, qt] if S.P.max_full_kv else jnp.int32(0)
+    n_part = refs["num"][tb, th, qt] if S.P.max_kv else jnp.int32(0)
     return n_full, n_part
 
 
 def _kv_block(S: _Spec, refs, tb, th, qt, i, n_full):
     """Table entry of step i: full list first, then the partial list (clamped reads)."""
-    if not S.max_part:
-        return refs["full_idx"][tb, th, qt, jnp.minimum(i, S.max_full - 1)]
-    j = jnp.clip(i - n_full, 0, S.max_part - 1)
+    if not S.P.max_kv:
+        return refs["full_idx"][tb, th, qt, jnp.minimum(i, S.P.max_full_kv - 1)]
+    j = jnp.clip(i - n_full, 0, S.P.max_kv - 1)
     part = refs["idx"][tb, th, qt, j]
-    if not S.max_full:
+    if not S.P.max_full_kv:
         return part
-    full = refs["full_idx"][tb, th, qt, jnp.minimum(i, S.max_full - 1)]
+    full = refs["full_idx"][tb, th, qt, jnp.minimum(i, S.P.max_full_kv - 1)]
     return jnp.where(i < n_full, full, part)
 
 
@@ -156,7 +142,7 @@ def _kernel(S: _Spec, names, *refs):
     scratch = refs[n_in + 2:]
     (qo_smem2, k_smem, v_smem, lse_smem2, qpos_smem2, kvpos_smem,
      k_bar, v_bar, q_bar, pos_bar, k_done, v_done, sched) = scratch
-    cfg, bq, bkv, D, dtype = S.cfg, ROWS_PER_WG, TABLE_BLOCK[1], S.D, S.dtype
+    cfg, bq, bkv, D, dtype = S.cfg, ROWS_PER_WG, TABLE_BLOCK[1], S.P.head_dim, S.dtype
     steps = cfg.steps
 
     b = lax.axis_index("batch")
@@ -168,7 +154,7 @@ def _kernel(S: _Spec, names, *refs):
     tb, th = _table_coords(S, b, h)
     n_full, n_part = _row_counts(S, refs_in, tb, th, qt)
     n = n_full + n_part
-    c = S.scale * LOG2E
+    c = S.P.scale * LOG2E
 
     def schedule_barrier():
         plgpu.barrier_arrive(sched)
@@ -180,11 +166,11 @@ def _kernel(S: _Spec, names, *refs):
         qo_smem = qo_smem2.at[wg]
         q_base = qt * TABLE_BLOCK[0] + wg * bq
         plgpu.copy_gmem_to_smem(refs_in["q"].at[b, pl.ds(q_base, bq), h], qo_smem, q_bar.at[wg])
-        if S.has_q_pos:
+        if S.P.has_q_pos:
             plgpu.copy_gmem_to_smem(refs_in["q_pos"].at[b, pl.ds(q_base, bq)], qpos_smem2.at[wg],
                                     pos_bar.at[steps + wg])
         plgpu.barrier_wait(q_bar.at[wg])
-        if S.has_q_pos:
+        if S.P.has_q_pos:
             plgpu.barrier_wait(pos_bar.at[steps + wg])
             q_pos = plgpu.load(qpos_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
             q_pos = lax.broadcast_in_dim(q_pos, (bq, bkv), [0])
@@ -213,7 +199,7 @@ def _kernel(S: _Spec, names, *refs):
             s = pl.run_scoped(qk_scope, plgpu.ACC((bq, bkv), jnp.float32))
             plgpu.barrier_arrive(k_done.at[slot])
             if masked:
-                if S.has_kv_pos:
+                if S.P.has_kv_pos:
                     plgpu.barrier_wait(pos_bar.at[slot])
                     kv_pos = plgpu.load(kvpos_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                     kv_pos = lax.broadcast_in_dim(kv_pos, (bq, bkv), [1])
@@ -221,7 +207,7 @@ def _kernel(S: _Spec, names, *refs):
                     blk = _kv_block(S, refs_in, tb, th, qt, i, n_full)
                     kv_pos = blk * bkv + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1,
                                                                  layout=plgpu.Layout.WGMMA)
-                allowed = S.mask.evaluate(b, h, q_pos, kv_pos)
+                allowed = S.P.mask.evaluate(b, h, q_pos, kv_pos)
                 s = jnp.where(allowed, s, -jnp.inf)
             m_new = jnp.maximum(m_i, s.max(axis=1) * c)
             # A row whose every key so far is masked keeps m = -inf; subtract 0 instead so
@@ -251,10 +237,10 @@ def _kernel(S: _Spec, names, *refs):
             return acc, m_new, l_i
 
         carry = (acc, m_i, l_i)
-        if S.max_full:
+        if S.P.max_full_kv:
             carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-        if S.max_part:
-            carry = lax.fori_loop(n_full, n, functools.partial(step, masked=S.mask is not None), carry)
+        if S.P.max_kv:
+            carry = lax.fori_loop(n_full, n, functools.partial(step, masked=S.P.mask is not None), carry)
         acc, m_i, l_i = carry
         pl.when(wg == 0)(schedule_barrier)
 
@@ -271,7 +257,7 @@ def _kernel(S: _Spec, names, *refs):
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
         plgpu.set_max_registers(cfg.memory_regs, action="decrease")
-        hkv = lax.div(h, jnp.int32(S.group))
+        hkv = lax.div(h, jnp.int32(S.P.group))
 
         def fetch_k(blk, slot):
             rows = (b, pl.ds(blk * bkv, bkv), hkv)
@@ -280,7 +266,7 @@ def _kernel(S: _Spec, names, *refs):
         def fetch_v(blk, i, slot):
             rows = (b, pl.ds(blk * bkv, bkv), hkv)
             plgpu.copy_gmem_to_smem(refs_in["v"].at[rows], v_smem.at[slot], v_bar.at[slot])
-            if S.has_kv_pos and S.max_part:
+            if S.P.has_kv_pos and S.P.max_kv:
                 @pl.when(i >= n_full)
                 def _():
                     plgpu.copy_gmem_to_smem(refs_in["kv_pos"].at[b, pl.ds(blk * bkv, bkv)],
@@ -309,10 +295,10 @@ def _kernel(S: _Spec, names, *refs):
 
 def _table_inputs(block_mask, S: _Spec) -> dict:
     out = {}
-    if S.max_full:
+    if S.P.max_full_kv:
         out["full_num"] = jnp.asarray(block_mask.full_kv_num_blocks, jnp.int32)
         out["full_idx"] = jnp.asarray(block_mask.full_kv_indices, jnp.int32)
-    if S.max_part:
+    if S.P.max_kv:
         out["num"] = jnp.asarray(block_mask.kv_num_blocks, jnp.int32)
         out["idx"] = jnp.asarray(block_mask.kv_indices, jnp.int32)
     return out
@@ -325,20 +311,14 @@ def forward(q, k, v, block_mask, q_pos, kv_pos, *, scale: float, config: MgpuFwd
     """
     cfg = config or MgpuFwdConfig()
     B, Sq, Hq, D = q.shape
-    Skv, Hkv = k.shape[1], k.shape[2]
-    mask = block_mask.mask
-    if isinstance(mask, masks.Full):
-        mask = None
-    bt, bh = block_mask.shape[:2]
-    S = _Spec(B=B, Sq=Sq, Skv=Skv, Hq=Hq, Hkv=Hkv, D=D, dtype=q.dtype, table_batch=bt,
-              head_map=tiling_lib.table_head_map(bh, Hq, Hkv),
-              max_full=block_mask.max_full_kv_blocks, max_part=block_mask.max_kv_blocks, mask=mask,
-              has_q_pos=q_pos is not None and mask is not None,
-              has_kv_pos=kv_pos is not None and mask is not None, scale=float(scale), cfg=cfg)
+    Hkv = k.shape[2]
+    P = blk.problem(q, k, v, block_mask, None, None, q_pos, kv_pos, scale=scale, softcap=None,
+                    segments_everywhere=False, kv_permutation=None)
+    S = _Spec(P=P, dtype=q.dtype, cfg=cfg)
     inputs = dict(q=q, k=k, v=v, **_table_inputs(block_mask, S))
-    if S.has_q_pos:
+    if S.P.has_q_pos:
         inputs["q_pos"] = jnp.asarray(q_pos, jnp.int32)
-    if S.has_kv_pos:
+    if S.P.has_kv_pos:
         inputs["kv_pos"] = jnp.asarray(kv_pos, jnp.int32)
     names = tuple(inputs)
     steps, bkv = cfg.steps, TABLE_BLOCK[1]
@@ -350,12 +330,12 @@ def forward(q, k, v, block_mask, q_pos, kv_pos, *, scale: float, config: MgpuFwd
         plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32),                    # lse
         # q / kv positions: only when the mask reads them (every buffer costs ~1 KB of alignment,
         # which decides whether a third K/V slot fits)
-        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.int32) if S.has_q_pos else None,
-        plgpu.SMEM((steps, bkv), jnp.int32) if S.has_kv_pos else None,
+        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.int32) if S.P.has_q_pos else None,
+        plgpu.SMEM((steps, bkv), jnp.int32) if S.P.has_kv_pos else None,
         plgpu.Barrier(num_barriers=steps),                                      # K filled
         plgpu.Barrier(num_barriers=steps),                                      # V filled
         plgpu.Barrier(num_barriers=COMPUTE_WGS),                                # Q filled
-        plgpu.Barrier(num_barriers=steps + COMPUTE_WGS) if S.has_q_pos or S.has_kv_pos else None,  # positions
+        plgpu.Barrier(num_barriers=steps + COMPUTE_WGS) if S.P.has_q_pos or S.P.has_kv_pos else None,  # positions
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=steps),            # K consumed
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=steps),            # V consumed
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),                                # ping-pong schedule

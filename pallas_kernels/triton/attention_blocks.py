@@ -29,6 +29,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import attention_tiling as tiling_lib
 from pallas_kernels.common.attention_tiling import BlockTiling, HeadPacking
+from sparse_jax import masks
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -85,6 +86,42 @@ class Problem:
     @property
     def needs_q_meta(self) -> bool:
         return self.mask is not None or self.segments_everywhere
+
+
+def _strip_arrays(mask):
+    """The mask with its array leaves (document ids) replaced by None: kernels pass segment
+    ids to ``Mask.evaluate`` explicitly and must not capture arrays."""
+    if mask is None:
+        return None
+    leaves, tree = jax.tree_util.tree_flatten(mask)
+    return jax.tree_util.tree_unflatten(tree, [None] * len(leaves))
+
+
+def problem(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap, segments_everywhere,
+            kv_permutation) -> Problem:
+    """The static :class:`Problem` of one call (operand shapes, tables, mask, which metadata the kernels read)."""
+    B, Sq, Hq, D = q.shape
+    Skv, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    bt, bh = block_mask.shape[:2]
+    mask = block_mask.mask
+    if isinstance(mask, masks.Full):  # allows every pair: nothing to evaluate in any block
+        mask = None
+    if mask is not None and mask.needs_segments and q_seg is None:
+        raise ValueError("the mask contains a document mask but no segment ids reached the kernel")
+    uses_segments = q_seg is not None and (segments_everywhere or (mask is not None and mask.needs_segments))
+    has_perm = kv_permutation is not None
+    return Problem(
+        batch=B, q_len=Sq, kv_len=Skv, num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D, head_dim_v=Dv,
+        block_q=block_mask.block_size[0], block_kv=block_mask.block_size[1], table_batch=bt, table_heads=bh,
+        table_head_map=tiling_lib.table_head_map(bh, Hq, Hkv),
+        n_q_blocks=block_mask.num_q_blocks, n_kv_blocks=block_mask.num_kv_blocks,
+        max_kv=block_mask.max_kv_blocks, max_full_kv=block_mask.max_full_kv_blocks,
+        max_q=block_mask.max_q_blocks, max_full_q=block_mask.max_full_q_blocks,
+        scale=float(scale), softcap=None if softcap is None else float(softcap), mask=_strip_arrays(mask),
+        has_q_pos=q_pos is not None and mask is not None,
+        has_kv_pos=(kv_pos is not None or has_perm) and mask is not None,
+        has_segments=uses_segments, segments_everywhere=bool(segments_everywhere and uses_segments),
+        kv_meta_heads=Hkv if has_perm else 1, has_perm=has_perm)
 
 
 # -- small integer helpers (shifts instead of divisions for powers of two) -----------------
