@@ -258,13 +258,20 @@ def dense():
                    variants=fwd_variants[:2])
 
 
-def pbs():
-    hq, hkv, d = 32, 8, 128
+PBS_HEADS = dict(hq=32, hkv=8, d=128)
+
+
+def _pbs_cases(phase):
+    """(S, q, k, v, timing iterations) of each ``--pbs-sizes`` length while ``phase`` has budget."""
     for S in ARGS.pbs_sizes:
-        if not RUN.open("pbs", 60):
+        if not RUN.open(phase, 60):
             break
-        q, k, v = bench_sel.synthetic_case(0, S, hq, hkv, d, jnp.bfloat16)
-        it = 3 if S >= 65536 else 5
+        q, k, v = bench_sel.synthetic_case(0, S, PBS_HEADS["hq"], PBS_HEADS["hkv"], PBS_HEADS["d"], jnp.bfloat16)
+        yield S, q, k, v, (3 if S >= 65536 else 5)
+
+
+def pbs():
+    for S, q, k, v, it in _pbs_cases("pbs"):
         row = dict(S=S, segment=1024, ms={})
         REPORT["pbs"].append(row)
         row["ms"]["cudnn_causal"] = ms(jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
@@ -297,12 +304,8 @@ def pbs_stage():
     import dataclasses
     from sparse_jax import permutation as perm_lib
     from sparse_jax.ops import permuted_attention as pa
-    hq, hkv, d = 32, 8, 128
-    for S in ARGS.pbs_sizes:
-        if not RUN.open("pbs_stage", 60):
-            break
-        q, k, v = bench_sel.synthetic_case(0, S, hq, hkv, d, jnp.bfloat16)
-        it = 3 if S >= 65536 else 5
+    hq, hkv, d = PBS_HEADS["hq"], PBS_HEADS["hkv"], PBS_HEADS["d"]
+    for S, q, k, v, it in _pbs_cases("pbs_stage"):
         plan = jax.jit(lambda q, k: pa.pbs_plan(q, k, block_size=128, segment_size=1024, threshold=0.8))(q, k)
         qf = perm_lib.fold_heads(q, hkv)
         kf, vf = perm_lib.permute_heads(k, plan.kv_permutation), perm_lib.permute_heads(v, plan.kv_permutation)
