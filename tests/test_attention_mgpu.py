@@ -13,6 +13,7 @@ import pytest
 
 import sparse_jax as sj
 from pallas_kernels.mosaic_gpu import attention_fwd as mg
+from pallas_kernels.mosaic_gpu import dispatch as mgpu_dispatch
 from pallas_kernels.triton import block_sparse_attention as gpu_entry
 from sparse_jax import _compat, masks
 
@@ -63,7 +64,7 @@ def test_dispatch_rule(env):
     q, k, v = _qkv()
     bm = sj.create_block_mask(masks.causal, None, None, 1024, 1024, 128)
     kw = dict(softcap=None, has_segments=False, has_perm=False, config=None)
-    hopper = gpu_entry._hopper()
+    hopper = mgpu_dispatch.hopper()
     env("auto")
     assert gpu_entry.forward_impl(q, k, v, bm, interpret=False, **kw) == ("mosaic_gpu" if hopper else "triton")
     assert gpu_entry.forward_impl(q, k, v, bm, interpret=True, **kw) == "triton"
@@ -120,7 +121,7 @@ def test_pbs_lowers_with_positions(env, permute_queries):
 
 def test_auto_on_cpu_keeps_triton_lowering(env):
     """Without a Hopper GPU attached, ``auto`` lowers the Triton forward."""
-    if gpu_entry._hopper():
+    if mgpu_dispatch.hopper():
         pytest.skip("a Hopper GPU is attached")
     env("auto")
     q, k, v = _qkv()
@@ -130,7 +131,7 @@ def test_auto_on_cpu_keeps_triton_lowering(env):
 
 
 # -- compiled, on a Hopper GPU ----------------------------------------------------------------------
-hopper_only = pytest.mark.skipif(not gpu_entry._hopper(), reason="needs a Hopper GPU (Mosaic GPU wgmma)")
+hopper_only = pytest.mark.skipif(not mgpu_dispatch.hopper(), reason="needs a Hopper GPU (Mosaic GPU wgmma)")
 
 
 def _rel(x, ref):

@@ -58,13 +58,17 @@ def dense_mask(units, *, Hq, Skv, span=1, causal=True, q_offset=None):
     return mask
 
 
-def check(fn, q, k, v, do, mask, *, tol, scale=None):
+def check(fn, q, k, v, do, mask, *, tol, scale=None, oracle_f32=False):
     """fn(q, k, v) -> (o, lse): compare o, lse (finite pattern too) and dq, dk, dv with the oracle.
 
     Kernel and oracle, forward and backward, are one jitted function: one compilation (most of
-    an interpret-mode test's time) instead of one per eager op.
+    an interpret-mode test's time) instead of one per eager op. ``oracle_f32``: the oracle runs on
+    float32 copies of half-precision inputs (its gradients come back in the inputs' dtype).
     """
-    dense = lambda q, k, v: dense_attention(q, k, v, jnp.asarray(mask), scale=scale, return_lse=True)
+    def dense(q, k, v):
+        if oracle_f32:
+            q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+        return dense_attention(q, k, v, jnp.asarray(mask), scale=scale, return_lse=True)
 
     @jax.jit
     def both(q, k, v, do):

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +35,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.mosaic_gpu import online_softmax as softmax
 from pallas_kernels.triton import attention_blocks as blk
 from sparse_jax import masks
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 ROWS_PER_WG = 64  # wgmma's M: query rows per compute warpgroup
 COMPUTE_WGS = 2   # two warpgroups per CTA -> a 128-row table block
 TABLE_BLOCK = (ROWS_PER_WG * COMPUTE_WGS, 128)
@@ -154,7 +152,7 @@ def _kernel(S: _Spec, names, *refs):
     tb, th = _table_coords(S, b, h)
     n_full, n_part = _row_counts(S, refs_in, tb, th, qt)
     n = n_full + n_part
-    c = S.P.scale * LOG2E
+    c = S.P.scale * softmax.LOG2E
 
     def schedule_barrier():
         plgpu.barrier_arrive(sched)
@@ -177,9 +175,7 @@ def _kernel(S: _Spec, names, *refs):
         else:
             q_pos = q_base + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
 
-        m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l_i = plgpu.layout_cast(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        acc = plgpu.layout_cast(jnp.full((bq, D), 0, jnp.float32), plgpu.Layout.WGMMA)
+        acc, m_i, l_i = softmax.init(bq, D)
 
         @pl.when(n > 0)
         def _():
@@ -209,17 +205,7 @@ def _kernel(S: _Spec, names, *refs):
                                                                  layout=plgpu.Layout.WGMMA)
                 allowed = S.P.mask.evaluate(b, h, q_pos, kv_pos)
                 s = jnp.where(allowed, s, -jnp.inf)
-            m_new = jnp.maximum(m_i, s.max(axis=1) * c)
-            # A row whose every key so far is masked keeps m = -inf; subtract 0 instead so
-            # exp2 gives 0 (not NaN) for it.
-            m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-            alpha = jnp.exp2(m_i - m_ref)
-            p = jnp.exp2(s * c - lax.broadcast_in_dim(m_ref, s.shape, [0]))
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            l_i = l_i * alpha + p.sum(axis=1)
-            p16 = p.astype(dtype)
-            if D <= 128:
-                acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+            p16, acc, m_new, l_i = softmax.update(s, acc, m_i, l_i, c=c, masked=masked, dtype=dtype)
             plgpu.barrier_arrive(sched)
             plgpu.barrier_wait(v_bar.at[slot])
             plgpu.barrier_wait(sched)
@@ -244,11 +230,10 @@ def _kernel(S: _Spec, names, *refs):
         acc, m_i, l_i = carry
         pl.when(wg == 0)(schedule_barrier)
 
-        empty = l_i == 0.0
-        acc = acc / lax.broadcast_in_dim(jnp.where(empty, 1.0, l_i), acc.shape, [0])
-        qo_smem[...] = acc.astype(dtype)
+        o, lse = softmax.finish(acc, m_i, l_i, dtype)
+        qo_smem[...] = o
         lse_smem = lse_smem2.at[wg]
-        lse_smem[...] = jnp.where(empty, -jnp.inf, (m_i + jnp.log2(jnp.where(empty, 1.0, l_i))) * LN2)
+        lse_smem[...] = lse
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(q_base, bq), h])
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_base, bq)])

@@ -17,9 +17,6 @@ TMA, warp-specialised) for the problems it takes; see :func:`forward_impl`.
 
 from __future__ import annotations
 
-import os
-
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common import attention_tiling as tiling_lib
@@ -27,6 +24,7 @@ from pallas_kernels.common import kv_permutation as perm_lib
 from pallas_kernels.triton import attention_blocks as blk
 from pallas_kernels.triton import attention_bwd, attention_configs, attention_fwd
 from pallas_kernels.mosaic_gpu import attention_fwd as mgpu_fwd
+from pallas_kernels.mosaic_gpu import dispatch as mgpu_dispatch
 from pallas_kernels.triton.attention_blocks import problem
 from pallas_kernels.triton.attention_configs import BwdConfig, FwdConfig
 
@@ -84,14 +82,6 @@ def _prepare_perm(kv_permutation, q, k):
 FWD_IMPL_ENV = "SPARSE_JAX_GPU_ATTENTION_FWD"
 
 
-def _hopper() -> bool:
-    try:
-        dev = jax.devices("gpu")[0]
-    except RuntimeError:
-        return False
-    return str(getattr(dev, "compute_capability", "0")).split(".")[0] == "9"
-
-
 def forward_impl(q, k, v, block_mask, *, softcap, has_segments: bool, has_perm: bool, interpret: bool,
                  config) -> str:
     """'mosaic_gpu' or 'triton': which kernel runs this forward.
@@ -101,18 +91,9 @@ def forward_impl(q, k, v, block_mask, *, softcap, has_segments: bool, has_perm: 
     Mosaic GPU kernel cannot take the problem). Interpret mode and a Triton config (passed,
     or set by ``attention_configs.override``) always run Triton.
     """
-    choice = os.environ.get(FWD_IMPL_ENV, "auto")
-    if choice not in ("auto", "triton", "mosaic_gpu"):
-        raise ValueError(f"{FWD_IMPL_ENV}={choice!r}; choose auto, triton or mosaic_gpu")
-    if choice == "triton" or interpret or isinstance(config, FwdConfig) or attention_configs.overridden("fwd"):
-        return "triton"
-    why = mgpu_fwd.unsupported(q, k, v, block_mask, softcap=softcap, has_segments=has_segments,
-                               has_perm=has_perm)
-    if choice == "mosaic_gpu":
-        if why is not None:
-            raise ValueError(f"{FWD_IMPL_ENV}=mosaic_gpu, but the Mosaic GPU forward cannot take {why}")
-        return "mosaic_gpu"
-    return "mosaic_gpu" if why is None and _hopper() else "triton"
+    force = interpret or isinstance(config, FwdConfig) or bool(attention_configs.overridden("fwd"))
+    return mgpu_dispatch.choose(FWD_IMPL_ENV, lambda: mgpu_fwd.unsupported(
+        q, k, v, block_mask, softcap=softcap, has_segments=has_segments, has_perm=has_perm), force_triton=force)
 
 
 def forward(q, k, v, block_mask, q_seg, kv_seg, q_pos, kv_pos, *, scale, softcap, segments_everywhere,

@@ -1,0 +1,351 @@
+"""Forward of block-list attention (NSA's selected branch) on Hopper through Mosaic GPU.
+
+Query-major, one token per warpgroup: a compute warpgroup holds 64 query heads of one token
+(wgmma's M), so the heads of a kv-head group that share the token's block list are the
+MMA rows and every listed block is a contiguous [span, D] K/V slab that TMA copies into
+shared memory, where the Triton kernel gathers it row by row through registers.
+
+Two layouts of the CTA's two compute warpgroups (plus one memory warpgroup):
+
+* ``shared`` (G = Hq / Hkv a multiple of 128, DSA / MLA-size groups): both warpgroups take
+  64 heads each of the *same* token, so each K/V block is loaded once for 128 rows; they
+  ping-pong on a schedule barrier (one's softmax overlaps the other's matmuls), as in
+  :mod:`pallas_kernels.mosaic_gpu.attention_fwd`;
+* ``separate`` (G = 64): each warpgroup takes one of two consecutive tokens with its own
+  list and its own K/V ring; no ping-pong (the two lists may differ in length).
+
+The memory warpgroup walks the lists (``step_keys / span`` blocks per step, one TMA copy
+each) into ``steps``-deep rings. Lists are canonical (:func:`pallas_kernels.common.indexed.canonicalize`
+with ``unique=False``): valid blocks first, ascending, distinct, none starting after the
+query. So every block but the last valid one lies wholly at or before the query and only
+the last step of a row evaluates a mask (unused slots of that step and, causally, keys
+after the query).
+
+Contract (as :mod:`pallas_kernels.triton.indexed_attention`): o [B, Sq, Hq, D] in q's dtype,
+lse float32 [B, Sq, Hq] in natural log; rows with no allowed key give o = 0, lse = -inf.
+:func:`unsupported` lists what the kernel does not take (the caller falls back to Triton).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.common import indexed as common
+from pallas_kernels.mosaic_gpu import online_softmax as softmax
+
+ROWS_PER_WG = 64  # wgmma's M: query heads of one token per compute warpgroup
+COMPUTE_WGS = 2
+SPANS = (32, 64, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuIndexedConfig:
+    """Launch parameters. ``steps``: K/V ring depth per ring; ``step_keys``: keys per pipeline
+    step (a multiple of the block size; None: 128 for the shared layout, 64 for the separate
+    one, whose two rings must fit shared memory together); ``pingpong``: the shared layout's
+    schedule barrier."""
+
+    steps: int = 2
+    step_keys: int | None = None
+    pingpong: bool = True
+    compute_regs: int = 232
+    memory_regs: int = 40
+
+
+_OVERRIDE: contextvars.ContextVar[MgpuIndexedConfig | None] = contextvars.ContextVar("mgpu_indexed_config",
+                                                                                   default=None)
+
+
+@contextlib.contextmanager
+def override(config: MgpuIndexedConfig):
+    """Launch forwards traced inside with ``config`` (tuning; wrap a fresh function: jit caches by
+    function, not by this setting)."""
+    token = _OVERRIDE.set(config)
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def unsupported(q, k, v, *, span: int, query_tile) -> str | None:
+    """Why this kernel cannot run the problem, or None when it can."""
+    Hq, D = q.shape[2:]
+    Skv, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = Hq // Hkv
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"dtype {q.dtype} (bf16 / fp16 only)"
+    if D != Dv or D not in (64, 128):
+        return f"head dims D={D}, Dv={Dv} (equal, 64 or 128)"
+    if G != 64 and G % 128:
+        return f"{G} query heads per kv head (64 or a multiple of 128: a warpgroup's MMA takes 64 heads of one token)"
+    if span not in SPANS:
+        return f"block size {span} (one of {SPANS})"
+    if Skv % span:
+        return f"Skv={Skv} not a multiple of the block size {span}"
+    if query_tile not in (None, 1):
+        return f"query_tile={query_tile} (one token per warpgroup)"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geo:
+    B: int
+    Sq: int
+    Hq: int
+    Hkv: int
+    D: int
+    n: int       # slots per list
+    span: int
+    causal: bool
+    scale: float
+    dtype: object
+    cfg: MgpuIndexedConfig
+
+    @property
+    def G(self):
+        return self.Hq // self.Hkv
+
+    @property
+    def shared(self) -> bool:
+        return self.G % (ROWS_PER_WG * COMPUTE_WGS) == 0
+
+    @property
+    def rings(self) -> int:
+        return 1 if self.shared else COMPUTE_WGS
+
+    @property
+    def step_keys(self) -> int:
+        keys = self.cfg.step_keys or (128 if self.shared else 64)
+        return max(keys, self.span)
+
+    @property
+    def per_step(self) -> int:  # blocks per pipeline step
+        return self.step_keys // self.span
+
+    @property
+    def heads_per_cta(self) -> int:
+        return ROWS_PER_WG * (COMPUTE_WGS if self.shared else 1)
+
+    @property
+    def tokens_per_cta(self) -> int:
+        return 1 if self.shared else COMPUTE_WGS
+
+
+class _Row:
+    """What a compute warpgroup (or the memory warpgroup, for warpgroup ``w``) works on: token
+    ``t`` (``live`` when t < Sq), query heads ``head0 .. head0 + 63``, kv head ``hkv``, and the
+    number of pipeline steps of its list."""
+
+    def __init__(self, g: _Geo, refs, w):
+        b = lax.axis_index("batch")
+        hb = lax.axis_index("heads")
+        tok = lax.axis_index("tok")
+        self.b = b
+        if g.shared:
+            self.t = tok
+            self.head0 = hb * g.heads_per_cta + w * ROWS_PER_WG
+        else:
+            self.t = tok * g.tokens_per_cta + w
+            self.head0 = hb * g.heads_per_cta
+        self.hkv = lax.div(self.head0, jnp.int32(g.G))
+        self.live = self.t < g.Sq
+        self.tc = jnp.minimum(self.t, g.Sq - 1)  # clamped: never address past the arrays
+        self.count = jnp.where(self.live, refs["count"][b, self.tc, self.hkv], 0)
+        self.n_steps = lax.div(self.count + (g.per_step - 1), jnp.int32(g.per_step))
+        self.refs, self.g = refs, g
+
+    def unit(self, slot):
+        """Block id at list ``slot`` (-1 past the row's count); reads are clamped."""
+        s = jnp.minimum(slot, self.g.n - 1)
+        u = self.refs["idx"][self.b, self.tc, self.hkv, s]
+        return jnp.where(slot < self.count, u, -1)
+
+
+def _kernel(g: _Geo, refs_in, o_ref, lse_ref, scratch):
+    (qo_smem2, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_done, v_done, sched) = scratch
+    cfg, bq, bkv, D, steps, per_step, span = g.cfg, ROWS_PER_WG, g.step_keys, g.D, g.cfg.steps, g.per_step, g.span
+    wg = lax.axis_index("wg")
+    c = g.scale * softmax.LOG2E
+    pingpong = g.shared and cfg.pingpong
+
+    def schedule_barrier():
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(cfg.compute_regs, action="increase")
+        row = _Row(g, refs_in, wg)
+        ring = 0 if g.shared else wg
+        n = row.n_steps
+        qo_smem = qo_smem2.at[wg]
+        t_abs = row.t + refs_in["q_off"][row.b]
+
+        @pl.when(row.live)
+        def _():
+            plgpu.copy_gmem_to_smem(refs_in["q"].at[row.b, row.tc, pl.ds(row.head0, bq)], qo_smem, q_bar.at[wg])
+            plgpu.barrier_wait(q_bar.at[wg])
+
+        acc, m_i, l_i = softmax.init(bq, D)
+
+        @pl.when(n > 0)
+        def _():
+            plgpu.barrier_wait(k_bar.at[ring * steps])
+
+        if pingpong:
+            pl.when(wg == 1)(schedule_barrier)
+
+        def step(i, carry, *, masked: bool):
+            acc, m_i, l_i = carry
+            slot = ring * steps + lax.rem(i, jnp.int32(steps))
+
+            def qk_scope(acc_ref):
+                plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+                if pingpong:
+                    schedule_barrier()
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk_scope, plgpu.ACC((bq, bkv), jnp.float32))
+            plgpu.barrier_arrive(k_done.at[slot])
+            if masked:
+                # Block id and first column of each key column, built from array-scalar arithmetic
+                # only (the per-step units are scalars).
+                col = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
+                units = [row.unit(i * per_step + j) for j in range(per_step)]
+                unit, start = col * 0 + units[0], col * 0
+                for j in range(1, per_step):
+                    later = (col >= j * span).astype(jnp.int32)
+                    unit = unit + later * (units[j] - units[j - 1])
+                    start = start + later * span
+                allowed = unit >= 0
+                if g.causal:
+                    allowed = allowed & (unit * span + (col - start) <= t_abs)
+                s = jnp.where(allowed, s, -jnp.inf)
+            p16, acc, m_new, l_i = softmax.update(s, acc, m_i, l_i, c=c, masked=masked, dtype=g.dtype)
+            if pingpong:
+                plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(v_bar.at[slot])
+            if pingpong:
+                plgpu.barrier_wait(sched)
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                nxt = i + 1
+
+                @pl.when(nxt < n)
+                def _():
+                    plgpu.barrier_wait(k_bar.at[ring * steps + lax.rem(nxt, jnp.int32(steps))])
+
+            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_done.at[slot])
+            return acc, m_new, l_i
+
+        carry = lax.fori_loop(0, jnp.maximum(n - 1, 0), functools.partial(step, masked=False), (acc, m_i, l_i))
+        acc, m_i, l_i = lax.fori_loop(jnp.maximum(n - 1, 0), n, functools.partial(step, masked=True), carry)
+        if pingpong:
+            pl.when(wg == 0)(schedule_barrier)
+
+        @pl.when(row.live)
+        def _():
+            o, lse = softmax.finish(acc, m_i, l_i, g.dtype)
+            qo_smem[...] = o
+            lse_smem = lse_smem2.at[wg]
+            lse_smem[...] = lse
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[row.b, row.tc, pl.ds(row.head0, bq)])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[row.b, row.tc, pl.ds(row.head0, bq)])
+            plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(cfg.memory_regs, action="decrease")
+        rows = [_Row(g, refs_in, w) for w in range(g.rings)]
+
+        def fetch(row, ring, i, slot, which, bar):
+            src = refs_in[which]
+            dst = (k_smem if which == "k" else v_smem).at[ring * steps + slot]
+            for j in range(per_step):
+                u = jnp.maximum(row.unit(i * per_step + j), 0)  # an unused slot re-reads block 0 (masked)
+                plgpu.copy_gmem_to_smem(src.at[row.b, pl.ds(u * span, span), row.hkv],
+                                        dst.at[pl.ds(j * span, span)], bar.at[ring * steps + slot])
+
+        for ring, row in enumerate(rows):
+            for s0 in range(steps):
+                @pl.when(s0 < row.n_steps)
+                def _():
+                    fetch(row, ring, jnp.int32(s0), s0, "k", k_bar)
+                    fetch(row, ring, jnp.int32(s0), s0, "v", v_bar)
+
+        longest = functools.reduce(jnp.maximum, [r.n_steps for r in rows])
+
+        @pl.loop(0, jnp.maximum(longest - steps, 0))
+        def _(j):
+            i = j + steps
+            slot = lax.rem(j, jnp.int32(steps))
+            for ring, row in enumerate(rows):
+                @pl.when(i < row.n_steps)
+                def _():
+                    plgpu.barrier_wait(k_done.at[ring * steps + slot])
+                    fetch(row, ring, i, slot, "k", k_bar)
+                    plgpu.barrier_wait(v_done.at[ring * steps + slot])
+                    fetch(row, ring, i, slot, "v", v_bar)
+
+
+def forward(q, k, v, lists: common.Lists, q_off, *, span: int, scale: float, causal: bool,
+            config: MgpuIndexedConfig | None = None):
+    """o [B, Sq, Hq, D] (q.dtype), lse f32 [B, Sq, Hq]; see the module docstring.
+
+    ``lists``: canonical block lists (``unique=False``); ``q_off`` int32 [B].
+    """
+    why = unsupported(q, k, v, span=span, query_tile=None)
+    if why is not None:
+        raise ValueError(f"the Mosaic GPU block-list forward cannot take {why}")
+    cfg = config or _OVERRIDE.get() or MgpuIndexedConfig()
+    B, Sq, Hq, D = q.shape
+    Hkv = k.shape[2]
+    g = _Geo(B=B, Sq=Sq, Hq=Hq, Hkv=Hkv, D=D, n=lists.idx.shape[-1], span=span, causal=bool(causal),
+             scale=float(scale), dtype=q.dtype, cfg=cfg)
+    if g.step_keys % span or g.step_keys > 256:
+        raise ValueError(f"step_keys={g.step_keys} must be a multiple of the block size {span} and <= 256")
+    inputs = dict(q=q, k=k, v=v, idx=jnp.asarray(lists.idx, jnp.int32), count=jnp.asarray(lists.count, jnp.int32),
+                  q_off=jnp.asarray(q_off, jnp.int32))
+    names = tuple(inputs)
+    slots = g.rings * cfg.steps
+    tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    scratch = (
+        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, D), q.dtype, transforms=tiled),   # Q, then O
+        plgpu.SMEM((slots, g.step_keys, D), k.dtype, transforms=tiled),
+        plgpu.SMEM((slots, g.step_keys, D), v.dtype, transforms=tiled),
+        plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32),                    # lse
+        plgpu.Barrier(num_arrivals=g.per_step, num_barriers=slots),             # K filled (one copy per block)
+        plgpu.Barrier(num_arrivals=g.per_step, num_barriers=slots),             # V filled
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),                                # Q filled
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS // g.rings, num_barriers=slots),  # K consumed
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS // g.rings, num_barriers=slots),  # V consumed
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS),                                # ping-pong schedule
+    )
+
+    def kernel(*refs):
+        n_in = len(names)
+        _kernel(g, dict(zip(names, refs[:n_in])), refs[n_in], refs[n_in + 1], refs[n_in + 2:])
+
+    call = plgpu.kernel(
+        kernel,
+        out_type=(jax.ShapeDtypeStruct((B, Sq, Hq, D), q.dtype), jax.ShapeDtypeStruct((B, Sq, Hq), jnp.float32)),
+        scratch_types=scratch,
+        grid=(common.cdiv(Sq, g.tokens_per_cta), Hq // g.heads_per_cta, B),
+        grid_names=("tok", "heads", "batch"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )
+    return call(*inputs.values())
