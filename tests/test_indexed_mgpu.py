@@ -41,6 +41,8 @@ def test_unsupported_names_each_reason():
     assert "query heads per kv head" in why(16)
     assert "query heads per kv head" in why(192)
     assert "block size" in why(span=16)
+    assert "overflow shared memory" in why(span=128)  # G=64: two rings of 128-key steps
+    assert why(128, span=128) is None
     assert "multiple of the block size" in why(Skv=1000)
     assert "query_tile" in why(query_tile=4)
     assert why(query_tile=1) is None
@@ -101,7 +103,8 @@ CASES = {
     "separate_odd_sq": (2, 37, 1024, 64, 2, 128, 64, 6, jnp.bfloat16, True),
     "shared": (1, 24, 2048, 128, 1, 128, 64, 9, jnp.bfloat16, True),
     "shared_span32_fp16_d64": (1, 16, 512, 128, 2, 64, 32, 7, jnp.float16, True),
-    "separate_span128_noncausal": (1, 12, 1024, 64, 1, 128, 128, 3, jnp.bfloat16, False),
+    "separate_span32_noncausal": (1, 12, 1024, 64, 1, 128, 32, 9, jnp.bfloat16, False),
+    "shared_span128_g256": (1, 10, 1024, 256, 1, 128, 128, 4, jnp.bfloat16, True),
 }
 
 

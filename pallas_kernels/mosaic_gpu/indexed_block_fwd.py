@@ -45,6 +45,7 @@ from pallas_kernels.mosaic_gpu import online_softmax as softmax
 ROWS_PER_WG = 64  # wgmma's M: query heads of one token per compute warpgroup
 COMPUTE_WGS = 2
 SPANS = (32, 64, 128)
+SHARED_STEP_KEYS, SEPARATE_STEP_KEYS = 128, 64  # default keys per pipeline step of each layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,9 @@ def unsupported(q, k, v, *, span: int, query_tile) -> str | None:
         return f"block size {span} (one of {SPANS})"
     if Skv % span:
         return f"Skv={Skv} not a multiple of the block size {span}"
+    if G % (ROWS_PER_WG * COMPUTE_WGS) and span > SEPARATE_STEP_KEYS:
+        return (f"block size {span} with {G} query heads per kv head (a warpgroup per token needs two K/V "
+                f"rings; steps of {span} keys overflow shared memory)")
     if query_tile not in (None, 1):
         return f"query_tile={query_tile} (one token per warpgroup)"
     return None
@@ -124,7 +128,7 @@ class _Geo:
 
     @property
     def step_keys(self) -> int:
-        keys = self.cfg.step_keys or (128 if self.shared else 64)
+        keys = self.cfg.step_keys or (SHARED_STEP_KEYS if self.shared else SEPARATE_STEP_KEYS)
         return max(keys, self.span)
 
     @property
