@@ -33,36 +33,37 @@ def _shapes(G=64, Hkv=1, D=128, dtype=jnp.bfloat16, Sq=16, Skv=1024):
 
 
 def test_unsupported_names_each_reason():
-    why = lambda *a, span=64, query_tile=None, **kw: mib.unsupported(*_shapes(*a, **kw), span=span,  # noqa: E731
-                                                                     query_tile=query_tile)
-    assert why() is None and why(128) is None and why(256, 2) is None and why(64, 1, 64) is None
+    why = lambda *a, span=64, **kw: mib.unsupported(*_shapes(*a, **kw), span=span)  # noqa: E731
+    for G, Hkv in ((64, 1), (128, 1), (256, 2), (8, 4), (16, 4), (32, 2)):
+        assert why(G, Hkv) is None
+    assert why(64, 1, 64) is None
     assert "dtype" in why(dtype=jnp.float32)
     assert "head dims" in why(D=96)
-    assert "query heads per kv head" in why(16)
-    assert "query heads per kv head" in why(192)
+    for G in (4, 12, 48, 192):
+        assert "query heads per kv head" in why(G)
     assert "block size" in why(span=16)
     assert "overflow shared memory" in why(span=128)  # G=64: two rings of 128-key steps
     assert why(128, span=128) is None
     assert "multiple of the block size" in why(Skv=1000)
-    assert "query_tile" in why(query_tile=4)
-    assert why(query_tile=1) is None
+
+
+def test_tile_tokens():
+    assert [mib.tile_tokens(G) for G in (8, 16, 32, 64, 128, 256)] == [8, 4, 2, 1, 1, 1]
 
 
 def test_dispatch_rule(env):
     q, k, v = _shapes()
-    pick = lambda **kw: triton_entry.forward_impl(q, k, v, **{**dict(  # noqa: E731
-        span=64, loop_order="query", query_tile=None, interpret=False), **kw})
+    pick = lambda **kw: triton_entry.forward_impl(q, k, v, **{**dict(span=64, interpret=False), **kw})  # noqa: E731
     env("auto")
     assert pick() == ("mosaic_gpu" if mgpu_dispatch.hopper() else "triton")
     assert pick(interpret=True) == "triton"
     assert pick(span=1) == "triton"            # token lists: rows are gathers, not block copies
-    assert pick(loop_order="kv") == "triton"
     with triton_entry.config_override(BN=32):
         assert pick() == "triton"
     env("mosaic_gpu")
     assert pick() == "mosaic_gpu"
-    with pytest.raises(ValueError, match="cannot take query_tile=4"):
-        pick(query_tile=4)
+    with pytest.raises(ValueError, match="cannot take block size 16"):
+        pick(span=16)
     env("triton")
     assert pick() == "triton"
     env("tpu")
@@ -70,18 +71,23 @@ def test_dispatch_rule(env):
         pick()
 
 
-@pytest.mark.parametrize("G,Hkv,span,Sq", [(64, 2, 64, 33), (128, 1, 64, 16), (128, 2, 32, 8), (256, 1, 128, 8)])
-def test_lowers_for_cuda_forward_and_backward(env, G, Hkv, span, Sq):
+@pytest.mark.parametrize("G,Hkv,span,Sq,order", [(64, 2, 64, 33, "query"), (128, 1, 64, 16, "query"),
+                                                 (128, 2, 32, 8, "query"), (256, 1, 128, 8, "query"),
+                                                 (16, 2, 64, 23, None), (8, 1, 32, 9, "kv"), (32, 1, 64, 5, "query")])
+def test_lowers_for_cuda_forward_and_backward(env, G, Hkv, span, Sq, order):
     """Both layouts (G=64: a token per warpgroup, odd Sq leaves one idle; G % 128 == 0: two warpgroups
-    per token), several blocks per step (span 32) and one (span 128); the backward stays Triton."""
+    per token), query tiles below 64 heads (ragged last tile), several blocks per step (span 32)
+    and one (span 128); the backward stays Triton in the requested loop order."""
     env("mosaic_gpu")
     q, k, v = _shapes(G, Hkv, Sq=Sq)
     idx = jnp.zeros((1, Sq, Hkv, 5), jnp.int32)
-    fn = lambda q, k, v: sj.indexed_block_attention(q, k, v, idx, block_size=span, backend="triton")  # noqa: E731
+    fn = lambda q, k, v: sj.indexed_block_attention(q, k, v, idx, block_size=span, loop_order=order,  # noqa: E731
+                                                    backend="triton")
     assert "mosaic_gpu" in _compat.export(fn, "cuda", q, k, v).mlir_module()
     loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))  # noqa: E731
     text = _compat.export(jax.grad(loss, argnums=(0, 1, 2)), "cuda", q, k, v).mlir_module()
-    assert "mosaic_gpu" in text and "indexed_attention_bwd" in text
+    assert "mosaic_gpu" in text
+    assert ("kv_major_bwd" if order == "kv" or (order is None and G < 32) else "indexed_attention_bwd") in text
 
 
 def test_separate_layout_with_long_steps_overflows_shared_memory_clearly(env):
@@ -105,6 +111,9 @@ CASES = {
     "shared_span32_fp16_d64": (1, 16, 512, 128, 2, 64, 32, 7, jnp.float16, True),
     "separate_span32_noncausal": (1, 12, 1024, 64, 1, 128, 32, 9, jnp.bfloat16, False),
     "shared_span128_g256": (1, 10, 1024, 256, 1, 128, 128, 4, jnp.bfloat16, True),
+    "tile4_g16_ragged": (2, 23, 1024, 16, 2, 128, 64, 5, jnp.bfloat16, True),
+    "tile8_g8_span32_fp16_d64": (1, 21, 512, 8, 2, 64, 32, 6, jnp.float16, True),
+    "tile2_g32_noncausal": (1, 9, 1024, 32, 1, 128, 64, 4, jnp.bfloat16, False),
 }
 
 

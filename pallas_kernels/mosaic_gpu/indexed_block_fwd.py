@@ -1,25 +1,30 @@
 """Forward of block-list attention (NSA's selected branch) on Hopper through Mosaic GPU.
 
-Query-major, one token per warpgroup: a compute warpgroup holds 64 query heads of one token
-(wgmma's M), so the heads of a kv-head group that share the token's block list are the
-MMA rows and every listed block is a contiguous [span, D] K/V slab that TMA copies into
-shared memory, where the Triton kernel gathers it row by row through registers.
+Query-major: a compute warpgroup holds 64 query rows that share one block list, wgmma's M. Every
+listed block is a contiguous [span, D] K/V slab that TMA copies into shared memory (the Triton
+kernel gathers it row by row through registers). The 64 rows are
+
+* 64 query heads of one token when G = Hq / Hkv >= 64 (DSA / MLA-size groups), or
+* a *query tile* of T = 64 / G consecutive tokens x the G heads of a kv head when G is 8, 16 or
+  32 (NSA: G = 16, T = 4). The tile walks the union of its tokens' lists
+  (:func:`pallas_kernels.common.indexed.tile_lists`) once; a per-(token, block) membership bit
+  masks the blocks a row's token did not list, so the MMA does T x |union| blocks of work for
+  T x n useful ones (neighbouring NSA selections overlap, so the union stays short).
 
 Two layouts of the CTA's two compute warpgroups (plus one memory warpgroup):
 
-* ``shared`` (G = Hq / Hkv a multiple of 128, DSA / MLA-size groups): both warpgroups take
-  64 heads each of the *same* token, so each K/V block is loaded once for 128 rows; they
-  ping-pong on a schedule barrier (one's softmax overlaps the other's matmuls), as in
-  :mod:`pallas_kernels.mosaic_gpu.attention_fwd`;
-* ``separate`` (G = 64): each warpgroup takes one of two consecutive tokens with its own
-  list and its own K/V ring; no ping-pong (the two lists may differ in length).
+* ``shared`` (G a multiple of 128): both warpgroups take 64 heads each of the *same* token, so
+  each K/V block is loaded once for 128 rows; they ping-pong on a schedule barrier (one's
+  softmax overlaps the other's matmuls), as in :mod:`pallas_kernels.mosaic_gpu.attention_fwd`;
+* ``separate`` (G <= 64): each warpgroup takes its own token (or tile) with its own list and
+  K/V ring; no ping-pong (the two lists may differ in length).
 
-The memory warpgroup walks the lists (``step_keys / span`` blocks per step, one TMA copy
-each) into ``steps``-deep rings. Lists are canonical (:func:`pallas_kernels.common.indexed.canonicalize`
-with ``unique=False``): valid blocks first, ascending, distinct, none starting after the
-query. So every block but the last valid one lies wholly at or before the query and only
-the last step of a row evaluates a mask (unused slots of that step and, causally, keys
-after the query).
+The memory warpgroup walks the lists (``step_keys / span`` blocks per step, one TMA copy each)
+into ``steps``-deep rings. Lists are canonical (:func:`pallas_kernels.common.indexed.canonicalize`
+with ``unique=False``) or tile unions of them: valid blocks first, ascending, distinct, none
+starting after the (last) query. With one token per warpgroup every block but the last valid
+one lies wholly at or before the query, so only a row's last step evaluates a mask; tiles mask
+every step (membership).
 
 Contract (as :mod:`pallas_kernels.triton.indexed_attention`): o [B, Sq, Hq, D] in q's dtype,
 lse float32 [B, Sq, Hq] in natural log; rows with no allowed key give o = 0, lse = -inf.
@@ -77,7 +82,12 @@ def override(config: MgpuIndexedConfig):
         _OVERRIDE.reset(token)
 
 
-def unsupported(q, k, v, *, span: int, query_tile) -> str | None:
+def tile_tokens(G: int) -> int:
+    """Tokens per warpgroup for G query heads per kv head: 64 / G below 64 heads, else 1."""
+    return max(1, ROWS_PER_WG // G)
+
+
+def unsupported(q, k, v, *, span: int) -> str | None:
     """Why this kernel cannot run the problem, or None when it can."""
     Hq, D = q.shape[2:]
     Skv, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -86,8 +96,9 @@ def unsupported(q, k, v, *, span: int, query_tile) -> str | None:
         return f"dtype {q.dtype} (bf16 / fp16 only)"
     if D != Dv or D not in (64, 128):
         return f"head dims D={D}, Dv={Dv} (equal, 64 or 128)"
-    if G != 64 and G % 128:
-        return f"{G} query heads per kv head (64 or a multiple of 128: a warpgroup's MMA takes 64 heads of one token)"
+    if G not in (8, 16, 32, 64) and G % 128:
+        return (f"{G} query heads per kv head (8, 16, 32, 64 or a multiple of 128: a warpgroup's 64 MMA rows "
+                "are whole groups of heads, in 8-row tiles)")
     if span not in SPANS:
         return f"block size {span} (one of {SPANS})"
     if Skv % span:
@@ -95,8 +106,6 @@ def unsupported(q, k, v, *, span: int, query_tile) -> str | None:
     if G % (ROWS_PER_WG * COMPUTE_WGS) and span > SEPARATE_STEP_KEYS:
         return (f"block size {span} with {G} query heads per kv head (a warpgroup per token needs two K/V "
                 f"rings; steps of {span} keys overflow shared memory)")
-    if query_tile not in (None, 1):
-        return f"query_tile={query_tile} (one token per warpgroup)"
     return None
 
 
@@ -136,18 +145,30 @@ class _Geo:
         return self.step_keys // self.span
 
     @property
-    def heads_per_cta(self) -> int:
-        return ROWS_PER_WG * (COMPUTE_WGS if self.shared else 1)
+    def T(self) -> int:  # tokens per warpgroup
+        return tile_tokens(self.G)
 
     @property
-    def tokens_per_cta(self) -> int:
+    def heads_per_wg(self) -> int:
+        return min(self.G, ROWS_PER_WG)
+
+    @property
+    def heads_per_cta(self) -> int:
+        return self.heads_per_wg * (COMPUTE_WGS if self.shared else 1)
+
+    @property
+    def tiles_per_cta(self) -> int:
         return 1 if self.shared else COMPUTE_WGS
+
+    @property
+    def n_tiles(self) -> int:
+        return common.cdiv(self.Sq, self.T)
 
 
 class _Row:
-    """What a compute warpgroup (or the memory warpgroup, for warpgroup ``w``) works on: token
-    ``t`` (``live`` when t < Sq), query heads ``head0 .. head0 + 63``, kv head ``hkv``, and the
-    number of pipeline steps of its list."""
+    """What a compute warpgroup (or the memory warpgroup, for warpgroup ``w``) works on: query tile
+    ``tile`` (tokens ``t0 .. t0 + T - 1``; ``live`` when it exists), query heads
+    ``head0 .. head0 + heads_per_wg - 1`` of kv head ``hkv``, and its list's pipeline steps."""
 
     def __init__(self, g: _Geo, refs, w):
         b = lax.axis_index("batch")
@@ -155,28 +176,44 @@ class _Row:
         tok = lax.axis_index("tok")
         self.b = b
         if g.shared:
-            self.t = tok
-            self.head0 = hb * g.heads_per_cta + w * ROWS_PER_WG
+            self.tile = tok
+            self.head0 = hb * g.heads_per_cta + w * g.heads_per_wg
         else:
-            self.t = tok * g.tokens_per_cta + w
+            self.tile = tok * g.tiles_per_cta + w
             self.head0 = hb * g.heads_per_cta
+        self.t0 = self.tile * g.T
         self.hkv = lax.div(self.head0, jnp.int32(g.G))
-        self.live = self.t < g.Sq
-        self.tc = jnp.minimum(self.t, g.Sq - 1)  # clamped: never address past the arrays
+        self.live = self.tile < g.n_tiles
+        self.tc = jnp.minimum(self.tile, g.n_tiles - 1)  # clamped: never address past the arrays
         self.count = jnp.where(self.live, refs["count"][b, self.tc, self.hkv], 0)
         self.n_steps = lax.div(self.count + (g.per_step - 1), jnp.int32(g.per_step))
         self.refs, self.g = refs, g
 
+    def _slot(self, name, slot, empty):
+        s = jnp.minimum(slot, self.g.n - 1)
+        return jnp.where(slot < self.count, self.refs[name][self.b, self.tc, self.hkv, s], empty)
+
     def unit(self, slot):
         """Block id at list ``slot`` (-1 past the row's count); reads are clamped."""
-        s = jnp.minimum(slot, self.g.n - 1)
-        u = self.refs["idx"][self.b, self.tc, self.hkv, s]
-        return jnp.where(slot < self.count, u, -1)
+        return self._slot("idx", slot, -1)
+
+    def members(self, slot):
+        """Membership bits of list ``slot`` (bit j: token t0 + j listed it); tiles only."""
+        return self._slot("bits", slot, 0)
+
+    def token_rows(self, j):
+        """(source, destination) row slices of the tile's token j in the [Sq, Hq, D] operands and the
+        warpgroup's [64, D] buffers; the source token is clamped to Sq - 1 (a ragged last tile loads
+        a repeat of the last token and never stores it)."""
+        t = jnp.minimum(self.t0 + j, self.g.Sq - 1)
+        return (self.b, t, pl.ds(self.head0, self.g.heads_per_wg)), pl.ds(j * self.g.heads_per_wg,
+                                                                           self.g.heads_per_wg)
 
 
 def _kernel(g: _Geo, refs_in, o_ref, lse_ref, scratch):
     (qo_smem2, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_done, v_done, sched) = scratch
     cfg, bq, bkv, D, steps, per_step, span = g.cfg, ROWS_PER_WG, g.step_keys, g.D, g.cfg.steps, g.per_step, g.span
+    T = g.T
     wg = lax.axis_index("wg")
     c = g.scale * softmax.LOG2E
     pingpong = g.shared and cfg.pingpong
@@ -192,11 +229,13 @@ def _kernel(g: _Geo, refs_in, o_ref, lse_ref, scratch):
         ring = 0 if g.shared else wg
         n = row.n_steps
         qo_smem = qo_smem2.at[wg]
-        t_abs = row.t + refs_in["q_off"][row.b]
+        t0_abs = row.t0 + refs_in["q_off"][row.b]  # absolute position of the tile's first token
 
         @pl.when(row.live)
         def _():
-            plgpu.copy_gmem_to_smem(refs_in["q"].at[row.b, row.tc, pl.ds(row.head0, bq)], qo_smem, q_bar.at[wg])
+            for j in range(T):
+                src, dst = row.token_rows(j)
+                plgpu.copy_gmem_to_smem(refs_in["q"].at[src], qo_smem.at[dst], q_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
 
         acc, m_i, l_i = softmax.init(bq, D)
@@ -207,6 +246,36 @@ def _kernel(g: _Geo, refs_in, o_ref, lse_ref, scratch):
 
         if pingpong:
             pl.when(wg == 1)(schedule_barrier)
+
+        def per_column(values, laters):
+            """[bq, bkv] int32 holding values[j] in the columns of the step's block j (array-scalar
+            arithmetic only: the per-block values are scalars)."""
+            out = laters[0] * 0 + values[0]
+            for j in range(1, per_step):
+                out = out + laters[j] * (values[j] - values[j - 1])
+            return out
+
+        def allowed(i):
+            """bool [bq, bkv]: keys of step i that are real listed keys of the row's token and (causal)
+            not after it."""
+            col = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
+            laters = [(col >= j * span).astype(jnp.int32) for j in range(per_step)]
+            unit = per_column([row.unit(i * per_step + j) for j in range(per_step)], laters)
+            pos = unit * span + col - per_column([j * span for j in range(per_step)], laters)
+            ok = unit >= 0
+            if T == 1:
+                return ok & (pos <= t0_abs) if g.causal else ok
+            r = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
+            tok = r * 0  # the row's token within the tile
+            for j in range(1, T):
+                tok = tok + (r >= j * g.heads_per_wg).astype(jnp.int32)
+            bits = [row.members(i * per_step + j) for j in range(per_step)]
+            member = tok * 0
+            for j in range(T):
+                bit_j = per_column([lax.rem(lax.div(b, jnp.int32(1 << j)), jnp.int32(2)) for b in bits], laters)
+                member = member + (tok == j).astype(jnp.int32) * bit_j
+            ok = ok & (member > 0)
+            return ok & (pos - tok <= t0_abs) if g.causal else ok
 
         def step(i, carry, *, masked: bool):
             acc, m_i, l_i = carry
@@ -221,19 +290,7 @@ def _kernel(g: _Geo, refs_in, o_ref, lse_ref, scratch):
             s = pl.run_scoped(qk_scope, plgpu.ACC((bq, bkv), jnp.float32))
             plgpu.barrier_arrive(k_done.at[slot])
             if masked:
-                # Block id and first column of each key column, built from array-scalar arithmetic
-                # only (the per-step units are scalars).
-                col = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
-                units = [row.unit(i * per_step + j) for j in range(per_step)]
-                unit, start = col * 0 + units[0], col * 0
-                for j in range(1, per_step):
-                    later = (col >= j * span).astype(jnp.int32)
-                    unit = unit + later * (units[j] - units[j - 1])
-                    start = start + later * span
-                allowed = unit >= 0
-                if g.causal:
-                    allowed = allowed & (unit * span + (col - start) <= t_abs)
-                s = jnp.where(allowed, s, -jnp.inf)
+                s = jnp.where(allowed(i), s, -jnp.inf)
             p16, acc, m_new, l_i = softmax.update(s, acc, m_i, l_i, c=c, masked=masked, dtype=g.dtype)
             if pingpong:
                 plgpu.barrier_arrive(sched)
@@ -253,8 +310,11 @@ def _kernel(g: _Geo, refs_in, o_ref, lse_ref, scratch):
             plgpu.barrier_arrive(v_done.at[slot])
             return acc, m_new, l_i
 
-        carry = lax.fori_loop(0, jnp.maximum(n - 1, 0), functools.partial(step, masked=False), (acc, m_i, l_i))
-        acc, m_i, l_i = lax.fori_loop(jnp.maximum(n - 1, 0), n, functools.partial(step, masked=True), carry)
+        # One token per warpgroup: only the last step can hold keys to mask. Tiles: every step
+        # (membership).
+        first_masked = jnp.maximum(n - 1, 0) if T == 1 else jnp.int32(0)
+        carry = lax.fori_loop(0, first_masked, functools.partial(step, masked=False), (acc, m_i, l_i))
+        acc, m_i, l_i = lax.fori_loop(first_masked, n, functools.partial(step, masked=True), carry)
         if pingpong:
             pl.when(wg == 0)(schedule_barrier)
 
@@ -265,8 +325,12 @@ def _kernel(g: _Geo, refs_in, o_ref, lse_ref, scratch):
             lse_smem = lse_smem2.at[wg]
             lse_smem[...] = lse
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[row.b, row.tc, pl.ds(row.head0, bq)])
-            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[row.b, row.tc, pl.ds(row.head0, bq)])
+            for j in range(T):
+                @pl.when(row.t0 + j < g.Sq)
+                def _():
+                    dst, src = row.token_rows(j)
+                    plgpu.copy_smem_to_gmem(qo_smem.at[src], o_ref.at[dst])
+                    plgpu.copy_smem_to_gmem(lse_smem.at[src], lse_ref.at[dst])
             plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
@@ -310,18 +374,20 @@ def forward(q, k, v, lists: common.Lists, q_off, *, span: int, scale: float, cau
 
     ``lists``: canonical block lists (``unique=False``); ``q_off`` int32 [B].
     """
-    why = unsupported(q, k, v, span=span, query_tile=None)
+    why = unsupported(q, k, v, span=span)
     if why is not None:
         raise ValueError(f"the Mosaic GPU block-list forward cannot take {why}")
     cfg = config or _OVERRIDE.get() or MgpuIndexedConfig()
     B, Sq, Hq, D = q.shape
     Hkv = k.shape[2]
-    g = _Geo(B=B, Sq=Sq, Hq=Hq, Hkv=Hkv, D=D, n=lists.idx.shape[-1], span=span, causal=bool(causal),
+    tiles = common.tile_lists(lists, tile_tokens(Hq // Hkv))
+    g = _Geo(B=B, Sq=Sq, Hq=Hq, Hkv=Hkv, D=D, n=tiles.idx.shape[-1], span=span, causal=bool(causal),
              scale=float(scale), dtype=q.dtype, cfg=cfg)
     if g.step_keys % span or g.step_keys > 256:
         raise ValueError(f"step_keys={g.step_keys} must be a multiple of the block size {span} and <= 256")
-    inputs = dict(q=q, k=k, v=v, idx=jnp.asarray(lists.idx, jnp.int32), count=jnp.asarray(lists.count, jnp.int32),
-                  q_off=jnp.asarray(q_off, jnp.int32))
+    inputs = dict(q=q, k=k, v=v, idx=tiles.idx, count=tiles.count, q_off=jnp.asarray(q_off, jnp.int32))
+    if tiles.bits is not None:
+        inputs["bits"] = tiles.bits
     names = tuple(inputs)
     slots = g.rings * cfg.steps
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -332,7 +398,7 @@ def forward(q, k, v, lists: common.Lists, q_off, *, span: int, scale: float, cau
         plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32),                    # lse
         plgpu.Barrier(num_arrivals=g.per_step, num_barriers=slots),             # K filled (one copy per block)
         plgpu.Barrier(num_arrivals=g.per_step, num_barriers=slots),             # V filled
-        plgpu.Barrier(num_barriers=COMPUTE_WGS),                                # Q filled
+        plgpu.Barrier(num_arrivals=g.T, num_barriers=COMPUTE_WGS),              # Q filled (a copy per token)
         plgpu.Barrier(num_arrivals=COMPUTE_WGS // g.rings, num_barriers=slots),  # K consumed
         plgpu.Barrier(num_arrivals=COMPUTE_WGS // g.rings, num_barriers=slots),  # V consumed
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),                                # ping-pong schedule
@@ -346,7 +412,7 @@ def forward(q, k, v, lists: common.Lists, q_off, *, span: int, scale: float, cau
         kernel,
         out_type=(jax.ShapeDtypeStruct((B, Sq, Hq, D), q.dtype), jax.ShapeDtypeStruct((B, Sq, Hq), jnp.float32)),
         scratch_types=scratch,
-        grid=(common.cdiv(Sq, g.tokens_per_cta), Hq // g.heads_per_cta, B),
+        grid=(common.cdiv(g.n_tiles, g.tiles_per_cta), Hq // g.heads_per_cta, B),
         grid_names=("tok", "heads", "batch"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",

@@ -375,18 +375,18 @@ def backward_query_major(q, k, v, o, lse, do, lists: common.Lists, q_off, *, spa
 FWD_IMPL_ENV = "SPARSE_JAX_GPU_INDEXED_FWD"
 
 
-def forward_impl(q, k, v, *, span, loop_order, query_tile, interpret) -> str:
+def forward_impl(q, k, v, *, span, interpret) -> str:
     """'mosaic_gpu' or 'triton': which kernel runs a forward.
 
-    Block lists in the query-major loop may run the Mosaic GPU kernel
-    (:mod:`pallas_kernels.mosaic_gpu.indexed_block_fwd`: TMA block copies; 64 or a multiple of 128
-    query heads per kv head). ``SPARSE_JAX_GPU_INDEXED_FWD`` = ``auto`` (default: it on Hopper
-    when it takes the problem), ``triton`` or ``mosaic_gpu``. Token lists, the kv-major loop,
-    interpret mode and Triton launch overrides (``config_override``) run Triton.
+    Block lists may run the Mosaic GPU kernel (:mod:`pallas_kernels.mosaic_gpu.indexed_block_fwd`:
+    TMA block copies, query-major with its own query tiles below 64 heads per kv head) whatever the
+    loop order: both loops return the same (o, lse), and ``loop_order`` / ``query_tile`` then pick
+    the Triton backward. ``SPARSE_JAX_GPU_INDEXED_FWD`` = ``auto`` (default: Mosaic GPU on Hopper
+    when it takes the problem), ``triton`` or ``mosaic_gpu``. Token lists, interpret mode and
+    Triton launch overrides (``config_override``) run Triton.
     """
-    force = interpret or span == 1 or loop_order == common.KV_MAJOR or bool(_OVERRIDE.get())
-    return mgpu_dispatch.choose(FWD_IMPL_ENV, lambda: mgpu_indexed.unsupported(q, k, v, span=span,
-                                                                               query_tile=query_tile),
+    force = interpret or span == 1 or bool(_OVERRIDE.get())
+    return mgpu_dispatch.choose(FWD_IMPL_ENV, lambda: mgpu_indexed.unsupported(q, k, v, span=span),
                                 force_triton=force)
 
 
@@ -394,8 +394,7 @@ def forward(q, k, v, lists, q_off, *, span, scale, causal, loop_order=common.QUE
             interpret=False):
     """Dispatch on ``loop_order`` ("query" for any list, "kv" for block lists) and, for block lists on
     Hopper, to the Mosaic GPU forward (:func:`forward_impl`)."""
-    if forward_impl(q, k, v, span=span, loop_order=loop_order, query_tile=query_tile,
-                    interpret=interpret) == "mosaic_gpu":
+    if forward_impl(q, k, v, span=span, interpret=interpret) == "mosaic_gpu":
         return mgpu_indexed.forward(q, k, v, lists, q_off, span=span, scale=scale, causal=causal)
     if loop_order == common.KV_MAJOR:
         from pallas_kernels.triton import indexed_block_kv_major as kv_major

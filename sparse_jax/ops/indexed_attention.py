@@ -184,7 +184,11 @@ def indexed_block_attention(q, k, v, block_indices, *, block_size: int = 64, sca
         inner loop), "kv" (FSA: one program per key block over the tokens that selected
         it; partial softmaxes merged afterwards; deterministic backward) or None:
         "query" when Hq/Hkv >= 32, else "kv" (H100: kv-major trained 1.4-3.5x faster at
-        Hq/Hkv = 16). mosaic_tpu runs "query" only.
+        Hq/Hkv = 16). mosaic_tpu runs "query" only. On Hopper GPUs the forward runs the Mosaic
+        GPU kernel whatever the loop order when it takes the problem (bf16/fp16, D = Dv in
+        {64, 128}, Hq/Hkv in {8, 16, 32, 64} or a multiple of 128, block size 32/64/128
+        dividing Skv; ``SPARSE_JAX_GPU_INDEXED_FWD`` chooses explicitly): both loops return the
+        same (o, lse), so ``loop_order`` and ``query_tile`` then pick the backward.
       query_tile: tokens per program of the query-major loop (triton; see
         :func:`indexed_attention`). None: 1. Larger tiles paid off on H100 only in the
         forward over strongly overlapping selections (4 tokens, G=16: 1.14x); they cost
