@@ -335,12 +335,17 @@ def forward_query_major(q, k, v, lists: common.Lists, q_off, *, span: int, scale
     return o[:, :Sq].reshape(B, Sq, Hq, Dv), lse[:, :Sq].reshape(B, Sq, Hq)
 
 
-def backward_query_major(q, k, v, o, lse, do, lists: common.Lists, q_off, *, span: int, scale: float,
-                         causal: bool, query_tile: int | None = None, interpret: bool = False):
-    """(dq, dk, dv) in the input dtypes; lse f32 [B, Sq, Hq] from the forward."""
+# Query heads per kv head one backward program takes at one token per program. H100 (2026-11-23):
+# G=256 asked for 311 KB of shared memory (the SM has 227 KB); G=128 runs. Larger groups are split
+# into head chunks that accumulate into the same dK/dV buffers.
+BWD_MAX_GROUP = 128
+
+
+def _backward_pass(q, k, v, o, lse, do, tiles: common.TileLists, q_off, acc, *, span, scale, causal, interpret):
+    """One backward launch: dq [B, Sq, Hq, D] (q.dtype) and the float32 dK/dV accumulators
+    ``acc`` (None: fresh zeros; [B, Skv + BN, Hkv, Dp] and [.., Dvp]) with this launch's atomics added."""
     B, Sq, Hq, D = q.shape
     Skv, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    tiles = _tiles(lists, span, Hq // Hkv, query_tile)
     geo = _geometry(q, k, v, tiles, span, causal, scale)
     BN, warps, stages = _config(geo, backward=True)
     nT = tiles.idx.shape[1]
@@ -351,8 +356,9 @@ def backward_query_major(q, k, v, o, lse, do, lists: common.Lists, q_off, *, spa
     in_tok = lambda width: pl.BlockSpec((None, Sq, None, geo.Gp, width), lambda i, bh: (bh // Hkv, 0, bh % Hkv, 0, 0))
     in_tok1 = pl.BlockSpec((None, Sq, None, geo.Gp), lambda i, bh: (bh // Hkv, 0, bh % Hkv, 0))
     rows = Skv + BN  # BN spare rows take the masked lanes' atomics
-    dk0 = jnp.zeros((B, rows, Hkv, geo.Dp), jnp.float32)  # Dp columns: no padded block past the array
-    dv0 = jnp.zeros((B, rows, Hkv, geo.Dvp), jnp.float32)
+    if acc is None:  # Dp columns: no padded block past the array
+        acc = (jnp.zeros((B, rows, Hkv, geo.Dp), jnp.float32), jnp.zeros((B, rows, Hkv, geo.Dvp), jnp.float32))
+    dk0, dv0 = acc
     list_specs, list_arrays = _list_args(tiles, lst)
     dk_arg = 8 + len(list_arrays)  # off, count, q, k, v, lists..., do, lse, delta, dk0, dv0
     kernel = functools.partial(_bwd_kernel, geo=geo, BN=BN, relaxed=overridden("relaxed_atomics", True))
@@ -368,8 +374,39 @@ def backward_query_major(q, k, v, o, lse, do, lists: common.Lists, q_off, *, spa
         interpret=interpret, name="indexed_attention_bwd",
     )(q_off, tiles.count, q.reshape(B, Sq, Hkv, G, D), k, v, *list_arrays, do.reshape(B, Sq, Hkv, G, Dv),
       lse.reshape(B, Sq, Hkv, G), delta.reshape(B, Sq, Hkv, G), dk0, dv0)
-    return (dq[:, :Sq].reshape(B, Sq, Hq, D), dk[:, :Skv, :, :D].astype(k.dtype),
-            dv[:, :Skv, :, :Dv].astype(v.dtype))
+    return dq[:, :Sq].reshape(B, Sq, Hq, D), (dk, dv)
+
+
+def _head_chunk(G: int, T: int) -> int:
+    """Heads per backward launch: G, or (one token per program, G > BWD_MAX_GROUP) the largest
+    divisor of G that fits."""
+    if T > 1 or G <= BWD_MAX_GROUP:
+        return G
+    return max(c for c in range(1, BWD_MAX_GROUP + 1) if G % c == 0)
+
+
+def backward_query_major(q, k, v, o, lse, do, lists: common.Lists, q_off, *, span: int, scale: float,
+                         causal: bool, query_tile: int | None = None, interpret: bool = False):
+    """(dq, dk, dv) in the input dtypes; lse f32 [B, Sq, Hq] from the forward."""
+    B, Sq, Hq, D = q.shape
+    Skv, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G = Hq // Hkv
+    tiles = _tiles(lists, span, G, query_tile)
+    chunk = _head_chunk(G, tiles.T)
+
+    def part(x, c):  # heads c*chunk .. of every kv head's group, as a problem with `chunk` heads per kv head
+        x = x.reshape(B, Sq, Hkv, G, *x.shape[3:])[:, :, :, c * chunk:(c + 1) * chunk]
+        return x.reshape(B, Sq, Hkv * chunk, *x.shape[4:])
+
+    acc, dqs = None, []
+    for c in range(G // chunk):
+        args = (q, k, v, o, lse, do) if chunk == G else (part(q, c), k, v, part(o, c), part(lse, c), part(do, c))
+        dq, acc = _backward_pass(*args, tiles, q_off, acc, span=span, scale=scale, causal=causal,
+                                 interpret=interpret)
+        dqs.append(dq.reshape(B, Sq, Hkv, chunk, D))
+    dk, dv = acc
+    dq = dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, axis=3)
+    return (dq.reshape(B, Sq, Hq, D), dk[:, :Skv, :, :D].astype(k.dtype), dv[:, :Skv, :, :Dv].astype(v.dtype))
 
 
 FWD_IMPL_ENV = "SPARSE_JAX_GPU_INDEXED_FWD"
