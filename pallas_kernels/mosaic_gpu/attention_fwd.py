@@ -35,6 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.mosaic_gpu import flash_loop
 from pallas_kernels.mosaic_gpu import online_softmax as softmax
 from pallas_kernels.triton import attention_blocks as blk
 from sparse_jax import masks
@@ -154,9 +155,7 @@ def _kernel(S: _Spec, names, *refs):
     n = n_full + n_part
     c = S.P.scale * softmax.LOG2E
 
-    def schedule_barrier():
-        plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(sched)
+    schedule_barrier = functools.partial(flash_loop.schedule_barrier, sched)
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
@@ -183,44 +182,21 @@ def _kernel(S: _Spec, names, *refs):
 
         pl.when(wg == 1)(schedule_barrier)
 
+        def allowed(i, slot):
+            if S.P.has_kv_pos:
+                plgpu.barrier_wait(pos_bar.at[slot])
+                kv_pos = plgpu.load(kvpos_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                kv_pos = lax.broadcast_in_dim(kv_pos, (bq, bkv), [1])
+            else:
+                blk = _kv_block(S, refs_in, tb, th, qt, i, n_full)
+                kv_pos = blk * bkv + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
+            return S.P.mask.evaluate(b, h, q_pos, kv_pos)
+
         def step(i, carry, *, masked: bool):
-            acc, m_i, l_i = carry
-            slot = lax.rem(i, jnp.int32(steps))
-
-            def qk_scope(acc_ref):
-                plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
-                schedule_barrier()
-                return acc_ref[...]
-
-            s = pl.run_scoped(qk_scope, plgpu.ACC((bq, bkv), jnp.float32))
-            plgpu.barrier_arrive(k_done.at[slot])
-            if masked:
-                if S.P.has_kv_pos:
-                    plgpu.barrier_wait(pos_bar.at[slot])
-                    kv_pos = plgpu.load(kvpos_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                    kv_pos = lax.broadcast_in_dim(kv_pos, (bq, bkv), [1])
-                else:
-                    blk = _kv_block(S, refs_in, tb, th, qt, i, n_full)
-                    kv_pos = blk * bkv + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1,
-                                                                 layout=plgpu.Layout.WGMMA)
-                allowed = S.P.mask.evaluate(b, h, q_pos, kv_pos)
-                s = jnp.where(allowed, s, -jnp.inf)
-            p16, acc, m_new, l_i = softmax.update(s, acc, m_i, l_i, c=c, masked=masked, dtype=dtype)
-            plgpu.barrier_arrive(sched)
-            plgpu.barrier_wait(v_bar.at[slot])
-            plgpu.barrier_wait(sched)
-
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                nxt = i + 1
-
-                @pl.when(nxt < n)
-                def _():
-                    plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(steps))])
-
-            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_done.at[slot])
-            return acc, m_new, l_i
+            return flash_loop.kv_step(
+                i, carry, n=n, slot_of=lambda j: lax.rem(j, jnp.int32(steps)), q_smem=qo_smem, k_smem=k_smem,
+                v_smem=v_smem, k_bar=k_bar, v_bar=v_bar, k_done=k_done, v_done=v_done, sched=sched,
+                allowed=allowed if masked else None, c=c, dtype=dtype)
 
         carry = (acc, m_i, l_i)
         if S.P.max_full_kv:

@@ -45,6 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common import indexed as common
+from pallas_kernels.mosaic_gpu import flash_loop
 from pallas_kernels.mosaic_gpu import online_softmax as softmax
 
 ROWS_PER_WG = 64  # wgmma's M: query heads of one token per compute warpgroup
@@ -218,9 +219,7 @@ def _kernel(g: _Geo, refs_in, o_ref, lse_ref, scratch):
     c = g.scale * softmax.LOG2E
     pingpong = g.shared and cfg.pingpong
 
-    def schedule_barrier():
-        plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(sched)
+    schedule_barrier = functools.partial(flash_loop.schedule_barrier, sched)
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
@@ -255,7 +254,7 @@ def _kernel(g: _Geo, refs_in, o_ref, lse_ref, scratch):
                 out = out + laters[j] * (values[j] - values[j - 1])
             return out
 
-        def allowed(i):
+        def allowed(i, _slot):
             """bool [bq, bkv]: keys of step i that are real listed keys of the row's token and (causal)
             not after it."""
             col = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
@@ -278,37 +277,11 @@ def _kernel(g: _Geo, refs_in, o_ref, lse_ref, scratch):
             return ok & (pos - tok <= t0_abs) if g.causal else ok
 
         def step(i, carry, *, masked: bool):
-            acc, m_i, l_i = carry
-            slot = ring * steps + lax.rem(i, jnp.int32(steps))
-
-            def qk_scope(acc_ref):
-                plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
-                if pingpong:
-                    schedule_barrier()
-                return acc_ref[...]
-
-            s = pl.run_scoped(qk_scope, plgpu.ACC((bq, bkv), jnp.float32))
-            plgpu.barrier_arrive(k_done.at[slot])
-            if masked:
-                s = jnp.where(allowed(i), s, -jnp.inf)
-            p16, acc, m_new, l_i = softmax.update(s, acc, m_i, l_i, c=c, masked=masked, dtype=g.dtype)
-            if pingpong:
-                plgpu.barrier_arrive(sched)
-            plgpu.barrier_wait(v_bar.at[slot])
-            if pingpong:
-                plgpu.barrier_wait(sched)
-
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                nxt = i + 1
-
-                @pl.when(nxt < n)
-                def _():
-                    plgpu.barrier_wait(k_bar.at[ring * steps + lax.rem(nxt, jnp.int32(steps))])
-
-            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_done.at[slot])
-            return acc, m_new, l_i
+            return flash_loop.kv_step(
+                i, carry, n=n, slot_of=lambda j: ring * steps + lax.rem(j, jnp.int32(steps)), q_smem=qo_smem,
+                k_smem=k_smem, v_smem=v_smem, k_bar=k_bar, v_bar=v_bar, k_done=k_done, v_done=v_done,
+                sched=sched if pingpong else None, allowed=allowed if masked else None, c=c,
+                dtype=g.dtype)
 
         # One token per warpgroup: only the last step can hold keys to mask. Tiles: every step
         # (membership).
