@@ -31,7 +31,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import math  # noqa: E402
 
 import jax  # noqa: E402
@@ -42,7 +41,7 @@ import sparse_jax as sj  # noqa: E402
 from benchmarks import flops as W  # noqa: E402
 from benchmarks import selection as bench_sel  # noqa: E402
 from benchmarks import timing  # noqa: E402
-from benchmarks.tune_run import TuneRun  # noqa: E402
+from benchmarks.tune_run import TuneRun, env_choice, rel_err  # noqa: E402
 from pallas_kernels.mosaic_gpu import attention_fwd as mg  # noqa: E402
 from pallas_kernels.triton import block_sparse_attention as gpu_entry  # noqa: E402
 from sparse_jax import masks  # noqa: E402
@@ -53,28 +52,9 @@ RUN = TuneRun("tune_attention_mgpu", REPORT)
 left, log, save = RUN.left, RUN.log, RUN.save
 
 
-@contextlib.contextmanager
 def fwd_impl(name: str):
     """Trace under ``SPARSE_JAX_GPU_ATTENTION_FWD=name`` (read at trace time)."""
-    old = os.environ.get(gpu_entry.FWD_IMPL_ENV)
-    os.environ[gpu_entry.FWD_IMPL_ENV] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(gpu_entry.FWD_IMPL_ENV, None)
-        else:
-            os.environ[gpu_entry.FWD_IMPL_ENV] = old
-
-
-def rel(x, ref):
-    x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
-    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
-    fin = np.isfinite(ref)
-    if not np.array_equal(fin, np.isfinite(x)):
-        return float("inf")
-    d = np.linalg.norm(ref[fin])
-    return float(np.linalg.norm(x[fin] - ref[fin]) / (d if d > 0 else 1.0))
+    return env_choice(gpu_entry.FWD_IMPL_ENV, name)
 
 
 def ms(fn, args, iters=5):
@@ -139,11 +119,11 @@ def correctness():
             g = _compiled("mosaic_gpu", jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
             g_r = jax.grad(lambda q, k, v: jnp.sum(sj.block_sparse_attention(q, k, v, bm, backend="xla") * w),
                            argnums=(0, 1, 2))(f32(q), f32(k), f32(v))
-            row = dict(case=name, o=rel(o, o_r), o_triton=rel(o_t, o_r), lse=rel(lse, lse_r),
-                       lse_triton=rel(lse_t, lse_r), nan=int(jnp.isnan(o.astype(jnp.float32)).sum()),
+            row = dict(case=name, o=rel_err(o, o_r), o_triton=rel_err(o_t, o_r), lse=rel_err(lse, lse_r),
+                       lse_triton=rel_err(lse_t, lse_r), nan=int(jnp.isnan(o.astype(jnp.float32)).sum()),
                        empty_rows_zero=bool(jnp.all(jnp.where(jnp.isinf(lse_r)[..., None].transpose(0, 2, 1, 3),
                                                               o.astype(jnp.float32) == 0, True))),
-                       **{f"d{n}": rel(a, r) for n, a, r in zip("qkv", g, g_r)})
+                       **{f"d{n}": rel_err(a, r) for n, a, r in zip("qkv", g, g_r)})
             tol = 2e-2
             row["ok"] = (row["o"] < tol and row["lse"] < 1e-3 and row["nan"] == 0 and row["empty_rows_zero"]
                          and all(row[f"d{n}"] < 3e-2 for n in "qkv"))
@@ -168,7 +148,7 @@ def pbs_correctness():
             o_t = _compiled("triton", f)(q, k, v)
             o_r = sj.permuted_block_sparse_attention(q.astype(jnp.float32), k.astype(jnp.float32),
                                                      v.astype(jnp.float32), backend="xla", **kw)
-            row = dict(case=f"pbs S={S} permute_queries={permute_queries}", o=rel(o, o_r), o_triton=rel(o_t, o_r),
+            row = dict(case=f"pbs S={S} permute_queries={permute_queries}", o=rel_err(o, o_r), o_triton=rel_err(o_t, o_r),
                        nan=int(jnp.isnan(o.astype(jnp.float32)).sum()))
             row["ok"] = row["o"] < 2e-2 and row["nan"] == 0
         except Exception as e:  # noqa: BLE001

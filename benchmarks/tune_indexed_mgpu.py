@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import sparse_jax as sj  # noqa: E402
 from benchmarks import indexed as suite  # noqa: E402
 from benchmarks import timing  # noqa: E402
-from benchmarks.tune_run import TuneRun  # noqa: E402
+from benchmarks.tune_run import TuneRun, env_choice, rel_err  # noqa: E402
 from pallas_kernels.mosaic_gpu import indexed_block_fwd as mib  # noqa: E402
 from pallas_kernels.triton import block_sparse_attention as dense_entry  # noqa: E402
 from pallas_kernels.triton import indexed_attention as idx_entry  # noqa: E402
@@ -57,27 +57,12 @@ VARIANTS = {  # name -> MgpuIndexedConfig (None: the default)
 }
 
 
-@contextlib.contextmanager
-def impl_env(var: str, name: str | None):
-    """Trace under ``var=name`` (read at trace time); None leaves the default (auto)."""
-    old = os.environ.get(var)
-    if name is not None:
-        os.environ[var] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = old
-
-
 def compiled(fn, *, indexed_impl=None, dense_impl=None, config=None):
     """fn jitted and traced under the given forward choices (a fresh wrapper: jit caches by function)."""
     jf = jax.jit(lambda *a: fn(*a))
 
     def call(*a):
-        with impl_env(idx_entry.FWD_IMPL_ENV, indexed_impl), impl_env(dense_entry.FWD_IMPL_ENV, dense_impl):
+        with env_choice(idx_entry.FWD_IMPL_ENV, indexed_impl), env_choice(dense_entry.FWD_IMPL_ENV, dense_impl):
             with (mib.override(config) if config is not None else contextlib.nullcontext()):
                 return jf(*a)
     return call
@@ -90,15 +75,6 @@ def rnd(seed, shape):
 def bench_ms(fn, make, iters=8):
     t = timing.time_fn(fn, make, warmup=2, iters=iters, rotations=2)
     return t.ms, t.spread
-
-
-def rel(x, ref):
-    x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
-    ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
-    fin = np.isfinite(ref)
-    if not np.array_equal(fin, np.isfinite(x)):
-        return float("inf")
-    return float(np.linalg.norm(x[fin] - ref[fin]) / max(np.linalg.norm(ref[fin]), 1e-30))
 
 
 def vjp_of(f):
@@ -154,7 +130,7 @@ def indexed_case(Hq, Hkv, Skv, sel, dense):
     try:
         o_t, l_t = compiled(with_lse, indexed_impl="triton")(q, k, v, idx)
         o_m, l_m = compiled(with_lse, indexed_impl="mosaic_gpu")(q, k, v, idx)
-        row = dict(Hq=Hq, Hkv=Hkv, Skv=Skv, selection=sel, o_rel=rel(o_m, o_t), lse_rel=rel(l_m, l_t),
+        row = dict(Hq=Hq, Hkv=Hkv, Skv=Skv, selection=sel, o_rel=rel_err(o_m, o_t), lse_rel=rel_err(l_m, l_t),
                    nan=int(np.isnan(np.asarray(o_m, np.float32)).sum()))
         row["ok"] = row["o_rel"] < 1e-2 and row["lse_rel"] < 1e-3 and row["nan"] == 0
     except Exception as e:  # noqa: BLE001

@@ -6,10 +6,41 @@ failing variant never costs the whole device call)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 import traceback
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def env_choice(var: str, value: str | None):
+    """Set ``var=value`` for what is traced inside (backend switches are read at trace time);
+    None leaves it as it is."""
+    old = os.environ.get(var)
+    if value is not None:
+        os.environ[var] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = old
+
+
+def rel_err(x, ref) -> float:
+    """Relative Frobenius error of ``x`` against ``ref`` over ref's finite entries (float64); inf
+    when the two differ in which entries are finite (an lse of -inf where the other is not)."""
+    x = np.asarray(np.asarray(x, np.float32), np.float64)
+    ref = np.asarray(np.asarray(ref, np.float32), np.float64)
+    fin = np.isfinite(ref)
+    if not np.array_equal(fin, np.isfinite(x)):
+        return float("inf")
+    d = np.linalg.norm(ref[fin])
+    return float(np.linalg.norm(x[fin] - ref[fin]) / (d if d > 0 else 1.0))
 
 
 class TuneRun:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import sparse_jax as sj
+from pallas_kernels.common import indexed as common
 from pallas_kernels.mosaic_gpu import dispatch as mgpu_dispatch
 from pallas_kernels.mosaic_gpu import indexed_block_fwd as mib
 from pallas_kernels.triton import indexed_attention as triton_entry
@@ -93,7 +94,6 @@ def test_lowers_for_cuda_forward_and_backward(env, G, Hkv, span, Sq, order):
 def test_separate_layout_with_long_steps_overflows_shared_memory_clearly(env):
     """Two rings of 128-key steps do not fit 227 KB: the launch config error names shared memory."""
     q, k, v = _shapes(64)
-    from pallas_kernels.common import indexed as common
     lists = common.Lists(jnp.zeros((1, 16, 1, 4), jnp.int32), jnp.full((1, 16, 1), 4, jnp.int32))
     fn = lambda q, k, v: mib.forward(q, k, v, lists, jnp.zeros((1,), jnp.int32), span=64, scale=0.1,  # noqa: E731
                                      causal=True, config=mib.MgpuIndexedConfig(step_keys=128))
