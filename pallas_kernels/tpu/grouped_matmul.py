@@ -67,8 +67,13 @@ def _switch(cands, starts, ends, *, block_cost, branch):
 
 
 def forward(xs, ws, group_sizes, group_offset, *, fusion: Fusion, transpose_rhs: bool, out_dtypes,
-            interpret=False):
-    """xs: fusion.num_lhs arrays [M, K]; ws: fusion.num_rhs arrays [G, K, N] ([G, N, K] transposed)."""
+            row_align: int = 1, interpret=False):
+    """xs: fusion.num_lhs arrays [M, K]; ws: fusion.num_rhs arrays [G, K, N] ([G, N, K] transposed).
+
+    ``row_align`` (the caller's promise on group sizes) is unused: BlockSpec tiles visit
+    tm-aligned row blocks whatever the group starts.
+    """
+    del row_align
     M, K = xs[0].shape
     G = ws[0].shape[0]
     N = ws[0].shape[1] if transpose_rhs else ws[0].shape[2]

@@ -28,7 +28,10 @@ class DispatchPlan(NamedTuple):
     row_valid bool [M] or None (all valid).
     assign_row int32 [N]: the row holding assignment a (arbitrary where not assign_valid).
     assign_valid bool [N] or None (all valid).
-    group_sizes int32 [G]: rows per expert; the valid rows are the first sum(group_sizes).
+    group_sizes int32 [G]: rows per expert (the grouped matmuls' groups). Unpadded plans: the
+      valid rows are the first sum(group_sizes). Padded plans (``row_align`` > 1): each size is
+      rounded up to the alignment and the rows past an expert's assignments are padding
+      (row_valid False; they hold some token's copy, so everything computed on them is finite).
     """
 
     row_assign: jax.Array
@@ -59,16 +62,51 @@ def sort_by_expert(expert_ids, num_experts: int, kept=None):
     return order, inverse_permutation(order), group_sizes
 
 
-def plan_dispatch(expert_ids, num_experts: int, *, kept=None, num_rows: int | None = None) -> DispatchPlan:
+def padded_rows(num_rows: int, num_experts: int, row_align: int) -> int:
+    """Static rows of a padded buffer: every expert with rows adds at most row_align - 1, rounded up."""
+    pad = (row_align - 1) * min(num_experts, num_rows)
+    return -(-(num_rows + pad) // row_align) * row_align
+
+
+def _padded_plan(order, position, group_sizes, expert_ids, kept, n_rows: int, row_align: int) -> DispatchPlan:
+    """Each expert's rows start at a multiple of ``row_align`` (see :func:`plan_dispatch`)."""
+    n = order.shape[0]
+    E = group_sizes.shape[0]
+    m = padded_rows(n_rows, E, row_align)
+    padded = -(-group_sizes // row_align) * row_align
+    start = jnp.cumsum(group_sizes) - group_sizes
+    pad_start = jnp.cumsum(padded) - padded
+    key = expert_ids.reshape(-1)
+    valid = jnp.ones((n,), bool) if kept is None else kept.reshape(-1)
+    e = jnp.clip(key, 0, E - 1)
+    assign_row = jnp.where(valid, pad_start[e] + position - start[e], m).astype(jnp.int32)
+    # padding rows read assignment 0 (any token: finite); scatters of N ints, out-of-range rows dropped
+    row_assign = jnp.zeros((m,), jnp.int32).at[assign_row].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+    row_valid = jnp.zeros((m,), bool).at[assign_row].set(True, mode="drop")
+    return DispatchPlan(row_assign, row_valid, jnp.minimum(assign_row, m - 1), None if kept is None else valid,
+                        padded)
+
+
+def plan_dispatch(expert_ids, num_experts: int, *, kept=None, num_rows: int | None = None,
+                  row_align: int = 1) -> DispatchPlan:
     """Plan for a single device: rows sorted by expert (stable: token order within an expert).
 
     ``num_rows`` (default T * k) truncates the buffer; it must be at least the number of
     kept assignments (e.g. min(T * k, E * capacity) with a capacity).
+    ``row_align`` > 1 pads: each expert's rows start at a multiple of it (the buffer grows to
+    :func:`padded_rows`; ``group_sizes`` are the padded sizes), which lets Hopper's TMA
+    forward run (:func:`sparse_jax.ops.preferred_row_alignment`). Same gathers, same VJPs.
     """
+    if not isinstance(row_align, int) or row_align < 1:
+        raise ValueError(f"row_align must be a positive int; got {row_align!r}")
     T, k = expert_ids.shape
     n = T * k
     m = n if num_rows is None else num_rows
     order, position, group_sizes = sort_by_expert(expert_ids, num_experts, kept)
+    if row_align > 1:
+        if kept is None and m != n:
+            raise ValueError(f"num_rows = {m} < T * k = {n} drops assignments; pass ``kept`` to say which")
+        return _padded_plan(order, position, group_sizes, expert_ids, kept, m, row_align)
     if kept is None:
         if m != n:
             raise ValueError(f"num_rows = {m} < T * k = {n} drops assignments; pass ``kept`` to say which")

@@ -28,20 +28,27 @@ def shared_expert_ffn(x, w_gate, w_up, w_down):
     return jnp.dot(h, w_down, preferred_element_type=f32)
 
 
-def routed_experts(x, weights, expert_ids, w_gate, w_up, w_down, *, kept=None, num_rows=None,
+def routed_experts(x, weights, expert_ids, w_gate, w_up, w_down, *, kept=None, num_rows=None, row_align=None,
                    backend=None, interpret=False):
     """y[t] = sum_j weights[t, j] * SwiGLU_{expert_ids[t, j]}(x[t]) -> float32 [T, D].
 
     x [T, D]; weights float [T, k]; expert_ids int32 [T, k] in [0, E) (unchecked:
     traced); kept bool [T, k] or None; num_rows (static) cuts the sorted buffer to
-    that many rows (>= the kept assignments). The building block of the layer.
+    that many rows (>= the kept assignments); row_align (static) pads each expert's rows
+    to start at a multiple of it (None: what the backend's kernels prefer,
+    :func:`sparse_jax.ops.preferred_row_alignment`). The building
+    block of the layer.
     """
-    E = w_gate.shape[0]
+    E, D, F = w_gate.shape
     k = expert_ids.shape[1]
-    plan = plan_dispatch(expert_ids, E, kept=kept, num_rows=num_rows)
+    if row_align is None:
+        row_align = 1 if interpret else min(ops.preferred_row_alignment(x.dtype, D, F, backend=backend),
+                                            ops.preferred_row_alignment(x.dtype, F, D, backend=backend))
+    plan = plan_dispatch(expert_ids, E, kept=kept, num_rows=num_rows, row_align=row_align)
     xs = expand(x, plan, k)
-    h = ops.grouped_swiglu(xs, w_gate, w_up, plan.group_sizes, backend=backend, interpret=interpret)
-    out = ops.grouped_matmul(h, w_down, plan.group_sizes, backend=backend, interpret=interpret)
+    run = dict(row_align=row_align, backend=backend, interpret=interpret)
+    h = ops.grouped_swiglu(xs, w_gate, w_up, plan.group_sizes, **run)
+    out = ops.grouped_matmul(h, w_down, plan.group_sizes, **run)
     return combine(out, weights, plan, out_dtype=jnp.float32)
 
 

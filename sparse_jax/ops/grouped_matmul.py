@@ -97,6 +97,7 @@ class _Static:
     transpose_rhs: bool = False
     out_dtype: Any = None
     fused: bool = True  # grouped_swiglu's forward: one fused kernel, or two gmm + silu*mul
+    row_align: int = 1  # the caller's promise: every group size is a multiple of it
 
     @property
     def kernel(self):
@@ -110,7 +111,8 @@ class _Static:
 
     def forward(self, xs, ws, gs, off, *, fusion, transpose_rhs, out_dtypes):
         return self.kernel.forward(tuple(xs), tuple(ws), gs, off, fusion=fusion, transpose_rhs=transpose_rhs,
-                                   out_dtypes=list(out_dtypes), interpret=self.interpret_arg)
+                                   out_dtypes=list(out_dtypes), row_align=self.row_align,
+                                   interpret=self.interpret_arg)
 
     def transposed(self, lhs, rhs, gs, off, *, num_groups, out_dtype):
         return self.kernel.transposed(lhs, tuple(rhs), gs, off, num_groups=num_groups, out_dtype=out_dtype,
@@ -203,6 +205,27 @@ def _swiglu_bwd(static, res, dh):
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
+def _check_row_align(row_align) -> int:
+    if not isinstance(row_align, int) or isinstance(row_align, bool) or row_align < 1:
+        raise ValueError(f"row_align must be a positive Python int; got {row_align!r}")
+    return row_align
+
+
+def preferred_row_alignment(dtype, k: int, n: int, *, backend: str | None = None) -> int:
+    """Group alignment (rows) under which the backend's forward of [*, k] x [G, k, n] is fastest.
+
+    8 where the backend would run a forward that needs groups starting at 8-row boundaries (the
+    Mosaic GPU forward on Hopper, today only when ``SPARSE_JAX_GPU_GMM_FWD=mosaic_gpu`` asks for
+    it), 1 elsewhere. A caller that can lay its groups out that way (the MoE layer's padded
+    dispatch) passes the result as ``row_align``.
+    """
+    backend = backends.resolve(backend, op="grouped_matmul")
+    if backend == backends.XLA:
+        return 1
+    rule = getattr(importlib.import_module(_KERNEL_MODULES[backend]), "preferred_row_alignment", None)
+    return 1 if rule is None else int(rule(jnp.dtype(dtype), k, n))
+
+
 def _degenerate(*dims) -> bool:
     """Shapes with a zero extent go to the reference (nothing for a kernel to do)."""
     return any(d == 0 for d in dims)
@@ -210,7 +233,8 @@ def _degenerate(*dims) -> bool:
 
 # --- public ops ------------------------------------------------------------------------------------
 def grouped_matmul(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, group_offset=None,
-                   preferred_element_type=None, backend: str | None = None, interpret: bool = False):
+                   preferred_element_type=None, row_align: int = 1, backend: str | None = None,
+                   interpret: bool = False):
     """Ragged matmul: out[r] = lhs[r] @ rhs[group(r)] with rows sorted by group.
 
     Args:
@@ -222,6 +246,9 @@ def grouped_matmul(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, group_
       group_offset: scalar int (traced is fine): rhs holds groups [offset, offset + G) of
         group_sizes (expert parallelism); rows of other groups are zeros.
       preferred_element_type: output dtype (default lhs.dtype); accumulation is float32.
+      row_align: the caller's promise that every group size is a multiple of it (see
+        :func:`preferred_row_alignment`). With 8 on Hopper the forward runs the Mosaic GPU kernel;
+        there a group that breaks the promise gives NaN rows (never another group's rows).
       backend: "triton", "mosaic_tpu", "xla" or None (see :mod:`sparse_jax.backends`).
       interpret: run the Pallas kernels on the CPU.
 
@@ -241,13 +268,14 @@ def grouped_matmul(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, group_
     else:
         _check_group_sizes(group_sizes, rhs.shape[0], "rhs", at_least=True)
     out_dtype = _out_dtype(preferred_element_type, lhs.dtype)
+    row_align = _check_row_align(row_align)
     backend = backends.resolve(backend, op="grouped_matmul")
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     if backend == backends.XLA or _degenerate(lhs.shape[0], lhs.shape[1], n, rhs.shape[0]):
         return reference.grouped_matmul(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, group_offset=off,
                                         preferred_element_type=out_dtype)
     dt = jnp.promote_types(lhs.dtype, rhs.dtype)
-    static = _Static(backend, bool(interpret), bool(transpose_rhs), out_dtype)
+    static = _Static(backend, bool(interpret), bool(transpose_rhs), out_dtype, row_align=row_align)
     return _gmm(static, lhs.astype(dt), rhs.astype(dt), group_sizes, off)
 
 
@@ -285,7 +313,7 @@ def grouped_matmul_t(lhs, grad, group_sizes, *, num_groups: int | None = None, g
 
 
 def grouped_swiglu(x, w_gate, w_up, group_sizes, *, group_offset=None, fused: bool | None = None,
-                   backend: str | None = None, interpret: bool = False):
+                   row_align: int = 1, backend: str | None = None, interpret: bool = False):
     """Gate + up projection of a SwiGLU expert FFN: silu(x @ w_gate[g]) * (x @ w_up[g]).
 
     Args:
@@ -296,8 +324,10 @@ def grouped_swiglu(x, w_gate, w_up, group_sizes, *, group_offset=None, fused: bo
         rule from the shapes -- GPU: fused only at <= 64 mean rows per group (M / G) with
         F >= 8192, where the H100 measurements saw it win (memory-bound, wide F); elsewhere two
         gmm were as fast or faster (``pallas_kernels.triton.grouped_matmul.fuse_swiglu``,
-        benchmarks/notes/grouped_matmul.md). TPU: fused (not measured yet). Both forwards save
-        the same g, u, and the backward is the same (one dual gmm, one two-output gmm_t).
+        benchmarks/notes/grouped_matmul.md), and always where the Mosaic GPU forward runs
+        (aligned groups on Hopper). TPU: fused (not measured yet). Both forwards save the same
+        g, u, and the backward is the same (one dual gmm, one two-output gmm_t).
+      row_align: as in :func:`grouped_matmul`.
 
     Returns:
       [M, F] in x.dtype. Differentiable in x, w_gate and w_up (see the module docstring).
@@ -314,12 +344,14 @@ def grouped_swiglu(x, w_gate, w_up, group_sizes, *, group_offset=None, fused: bo
         _check_group_sizes(group_sizes, w_gate.shape[0], "w_gate")
     else:
         _check_group_sizes(group_sizes, w_gate.shape[0], "w_gate", at_least=True)
+    row_align = _check_row_align(row_align)
     backend = backends.resolve(backend, op="grouped_swiglu")
     if backend == backends.XLA or _degenerate(x.shape[0], x.shape[1], w_gate.shape[2], w_gate.shape[0]):
         return reference.grouped_swiglu(x, w_gate, w_up, group_sizes, group_offset=off)
     dt = jnp.promote_types(jnp.promote_types(x.dtype, w_gate.dtype), w_up.dtype)
     if fused is None:
         rule = getattr(importlib.import_module(_KERNEL_MODULES[backend]), "fuse_swiglu", None)
-        fused = True if rule is None else rule(x.shape[0], w_gate.shape[0], x.shape[1], w_gate.shape[2])
-    static = _Static(backend, bool(interpret), fused=bool(fused))
+        fused = True if rule is None else rule(x.shape[0], w_gate.shape[0], x.shape[1], w_gate.shape[2],
+                                               dtype=jnp.dtype(dt), row_align=row_align)
+    static = _Static(backend, bool(interpret), fused=bool(fused), row_align=row_align)
     return _swiglu(static, x.astype(dt), w_gate.astype(dt), w_up.astype(dt), group_sizes, off).astype(x.dtype)
