@@ -17,13 +17,13 @@ Only how a tile is loaded, multiplied and stored differs between the backends.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Iterator
 
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+from pallas_kernels.common.overrides import Override
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,21 +233,16 @@ class Tiling:
     cost: CostModel | None = None
 
 
-_OVERRIDE: list[Tiling] = []
+_OVERRIDE: Override[Tiling] = Override("sparse_jax_gmm_tiling")
 
 
-@contextlib.contextmanager
-def override(tiling: Tiling) -> Iterator[None]:
+def override(tiling: Tiling):
     """Use ``tiling`` for every grouped-matmul kernel traced inside the ``with`` block."""
-    _OVERRIDE.append(tiling)
-    try:
-        yield
-    finally:
-        _OVERRIDE.pop()
+    return _OVERRIDE.use(tiling)
 
 
 def current_override() -> Tiling | None:
-    return _OVERRIDE[-1] if _OVERRIDE else None
+    return _OVERRIDE.current()
 
 
 def gmm_cost(M: int, K: int, N: int, fusion, *, lhs_reads: int, weight_reads: int, itemsize: int,

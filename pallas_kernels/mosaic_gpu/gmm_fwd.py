@@ -23,10 +23,8 @@ zeros (the gmm contract of :mod:`sparse_jax.ops.grouped_matmul`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common.gmm_plan import Fusion
+from pallas_kernels.common.overrides import Override
 from pallas_kernels.mosaic_gpu import gmm_tiles
 from pallas_kernels.mosaic_gpu import online_softmax
 from pallas_kernels.triton.gmm import num_sms
@@ -64,17 +63,12 @@ class MgpuGmmConfig:
     oob_empty_chunks: bool = True
 
 
-_OVERRIDE: list[MgpuGmmConfig] = []
+_OVERRIDE: Override[MgpuGmmConfig] = Override("mgpu_gmm_config")
 
 
-@contextlib.contextmanager
-def override(cfg: MgpuGmmConfig) -> Iterator[None]:
-    """Use ``cfg`` for every Mosaic GPU gmm traced inside the block (tuning)."""
-    _OVERRIDE.append(cfg)
-    try:
-        yield
-    finally:
-        _OVERRIDE.pop()
+def override(cfg: MgpuGmmConfig):
+    """Use ``cfg`` for every Mosaic GPU gmm traced inside the ``with`` block (tuning)."""
+    return _OVERRIDE.use(cfg)
 
 
 def unsupported(xs, ws, *, fusion: Fusion, transpose_rhs: bool, out_dtypes, row_align: int) -> str | None:
@@ -151,7 +145,7 @@ def _choose_tn(fusion: Fusion, M: int, N: int, G: int, chunks: int, cfg: MgpuGmm
 
 
 def _spec(xs, ws, fusion: Fusion, group_count: int) -> _Spec:
-    cfg = _OVERRIDE[-1] if _OVERRIDE else MgpuGmmConfig()
+    cfg = _OVERRIDE.current() or MgpuGmmConfig()
     M, K = xs[0].shape
     N = ws[0].shape[2]
     chunks = cfg.chunks or 2

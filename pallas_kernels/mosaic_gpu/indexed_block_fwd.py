@@ -33,8 +33,6 @@ lse float32 [B, Sq, Hq] in natural log; rows with no allowed key give o = 0, lse
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 
@@ -45,6 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common import indexed as common
+from pallas_kernels.common.overrides import Override
 from pallas_kernels.mosaic_gpu import flash_loop
 from pallas_kernels.mosaic_gpu import online_softmax as softmax
 
@@ -68,19 +67,13 @@ class MgpuIndexedConfig:
     memory_regs: int = 40
 
 
-_OVERRIDE: contextvars.ContextVar[MgpuIndexedConfig | None] = contextvars.ContextVar("mgpu_indexed_config",
-                                                                                   default=None)
+_OVERRIDE: Override[MgpuIndexedConfig] = Override("mgpu_indexed_config")
 
 
-@contextlib.contextmanager
 def override(config: MgpuIndexedConfig):
     """Launch forwards traced inside with ``config`` (tuning; wrap a fresh function: jit caches by
     function, not by this setting)."""
-    token = _OVERRIDE.set(config)
-    try:
-        yield
-    finally:
-        _OVERRIDE.reset(token)
+    return _OVERRIDE.use(config)
 
 
 def tile_tokens(G: int) -> int:
@@ -350,7 +343,7 @@ def forward(q, k, v, lists: common.Lists, q_off, *, span: int, scale: float, cau
     why = unsupported(q, k, v, span=span)
     if why is not None:
         raise ValueError(f"the Mosaic GPU block-list forward cannot take {why}")
-    cfg = config or _OVERRIDE.get() or MgpuIndexedConfig()
+    cfg = config or _OVERRIDE.current() or MgpuIndexedConfig()
     B, Sq, Hq, D = q.shape
     Hkv = k.shape[2]
     tiles = common.tile_lists(lists, tile_tokens(Hq // Hkv))
