@@ -32,10 +32,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.common import gmm_plan
 from pallas_kernels.common.gmm_plan import Fusion
 from pallas_kernels.common.overrides import Override
 from pallas_kernels.mosaic_gpu import gmm_tiles
-from pallas_kernels.mosaic_gpu import online_softmax
 from pallas_kernels.triton.gmm import num_sms
 
 HALF = 64                         # wgmma's M: rows per chunk (a compute warpgroup holds 1 or 2)
@@ -71,17 +71,26 @@ def override(cfg: MgpuGmmConfig):
     return _OVERRIDE.use(cfg)
 
 
-def unsupported(xs, ws, *, fusion: Fusion, transpose_rhs: bool, out_dtypes, row_align: int) -> str | None:
-    """Why this kernel cannot run the problem (None when it can); the caller falls back to Triton."""
-    x = xs[0]
-    M, K = x.shape
-    N = ws[0].shape[2]
+def not_built_for(*, fusion: Fusion, transpose_rhs: bool, row_align: int) -> str | None:
+    """The part of :func:`unsupported` that no shape or dtype changes: what this kernel is not
+    built for (the backward's transposed and dual gmms, groups without the alignment promise)."""
     if row_align % gmm_tiles.ALIGN:
         return f"row_align={row_align} (groups must start at multiples of {gmm_tiles.ALIGN} rows)"
     if fusion.name not in FUSIONS:
         return f"fusion {fusion.name} (gmm and SwiGLU forwards only)"
     if transpose_rhs:
         return "transpose_rhs (forward weights [G, K, N] only)"
+    return None
+
+
+def unsupported(xs, ws, *, fusion: Fusion, transpose_rhs: bool, out_dtypes, row_align: int) -> str | None:
+    """Why this kernel cannot run the problem (None when it can); the caller falls back to Triton."""
+    why = not_built_for(fusion=fusion, transpose_rhs=transpose_rhs, row_align=row_align)
+    if why is not None:
+        return why
+    x = xs[0]
+    M, K = x.shape
+    N = ws[0].shape[2]
     if x.dtype not in (jnp.bfloat16, jnp.float16):
         return f"dtype {x.dtype} (bf16 / fp16 only)"
     if any(jnp.dtype(d) != x.dtype for d in out_dtypes):
@@ -129,7 +138,8 @@ class _Spec:
         return COMPUTE_WGS * HALF * self.chunks
 
 
-def _choose_tn(fusion: Fusion, M: int, N: int, G: int, chunks: int, cfg: MgpuGmmConfig, sms: int) -> int:
+def _choose_tn(fusion: Fusion, M: int, N: int, G: int, chunks: int, tile_rows: int, cfg: MgpuGmmConfig,
+               sms: int) -> int:
     if cfg.tn is not None:
         if N % cfg.tn:
             raise ValueError(f"tn={cfg.tn} must divide N={N}")
@@ -138,7 +148,7 @@ def _choose_tn(fusion: Fusion, M: int, N: int, G: int, chunks: int, cfg: MgpuGmm
     while N % tn:
         tn //= 2
     # few rows (decode): the busiest possible tiles x column blocks should cover the SMs
-    tiles = min(-(-M // (COMPUTE_WGS * HALF * chunks)) + G, max(M // gmm_tiles.ALIGN, 1))
+    tiles = min(-(-M // tile_rows) + G, max(M // gmm_tiles.ALIGN, 1))
     while tn > 64 and tiles * (N // tn) < sms:
         tn //= 2
     return tn
@@ -151,32 +161,27 @@ def _spec(xs, ws, fusion: Fusion, group_count: int) -> _Spec:
     chunks = cfg.chunks or 2
     if chunks not in (1, 2):
         raise ValueError(f"chunks={chunks} (1 or 2 64-row chunks per warpgroup)")
-    tn = _choose_tn(fusion, M, N, group_count, chunks, cfg, num_sms())
+    tile_rows = COMPUTE_WGS * HALF * chunks
+    tn = _choose_tn(fusion, M, N, group_count, chunks, tile_rows, cfg, num_sms())
     if K % cfg.tk:
         raise ValueError(f"tk={cfg.tk} must divide K={K}")
     itemsize = jnp.dtype(xs[0].dtype).itemsize
-    out_bytes = COMPUTE_WGS * chunks * fusion.num_out * HALF * tn * itemsize
-    stage = (COMPUTE_WGS * chunks * HALF * cfg.tk + fusion.num_rhs * cfg.tk * tn) * itemsize
+    out_bytes = tile_rows * fusion.num_out * tn * itemsize
+    stage = (tile_rows * cfg.tk + fusion.num_rhs * cfg.tk * tn) * itemsize
     fit = (SMEM_BUDGET - out_bytes) // stage
     stages = cfg.stages or min(MAX_STAGES, fit)
     if stages < 2 or stages > fit:
         raise ValueError(f"{stages} ring slots of {stage} bytes and {out_bytes} bytes of outputs overflow "
                          "shared memory")
-    tile_rows = COMPUTE_WGS * HALF * chunks
     ctas = min(num_sms(), gmm_tiles.max_tiles(M, group_count, tile_rows) * (N // tn))
     return _Spec(fusion, M, K, N, group_count, xs[0].dtype, chunks, tn, cfg.tk, stages, ctas, cfg)
 
 
 def _epilogue(S: _Spec, accs, bad):
-    """float32 accumulators -> outputs in S.dtype; NaN where the group broke the alignment promise."""
+    """float32 accumulators -> outputs in S.dtype (:func:`gmm_plan.epilogue`, shared with the other
+    backends); NaN when a group broke the alignment promise."""
     accs = [a * jnp.where(bad != 0, jnp.float32(jnp.nan), jnp.float32(1.0)) for a in accs]
-    if S.fusion.epilogue == "none":
-        outs = accs
-    else:
-        g, u = accs
-        h = g * u / (1.0 + jnp.exp2(g * (-online_softmax.LOG2E)))
-        outs = [h] if S.fusion.epilogue == "swiglu" else [h, g, u]
-    return [o.astype(S.dtype) for o in outs]
+    return [o.astype(S.dtype) for o in gmm_plan.epilogue(S.fusion.epilogue, accs)]
 
 
 def _store_rows(o_smem, out_ref, base, rows, col):
@@ -327,13 +332,12 @@ def _kernel(S: _Spec, table_ref, count_ref, *refs):
         lax.fori_loop(0, n_mine, body, jnp.int32(0))
 
 
-def forward(xs, ws, group_sizes, group_offset, *, fusion: Fusion, out_dtypes=None):
+def forward(xs, ws, group_sizes, group_offset, *, fusion: Fusion):
     """xs: (x [M, K],); ws: fusion.num_rhs arrays [G, K, N] -> tuple of fusion.num_out arrays [M, N] in x.dtype.
 
     Groups (of ``group_sizes`` int32 [G_total], local ones [group_offset, + G)) must start at
     multiples of 8 rows; see the module docstring. Check :func:`unsupported` first.
     """
-    del out_dtypes  # the input dtype (unsupported() refuses others)
     x = xs[0]
     M, K = x.shape
     G = ws[0].shape[0]

@@ -101,7 +101,7 @@ def forward_impl(num_rows: int, num_groups: int, k: int, n: int, *, dtype, fusio
     transposed and dual gmms, groups without the alignment promise) even under ``mosaic_gpu``:
     that switch insists only on the forwards it could take.
     """
-    if transpose_rhs or fusion.name not in mgpu_gmm.FUSIONS or row_align % gmm_tiles.ALIGN:
+    if mgpu_gmm.not_built_for(fusion=fusion, transpose_rhs=transpose_rhs, row_align=row_align) is not None:
         return "triton"
     sd = jax.ShapeDtypeStruct
     xs = (sd((num_rows, k), dtype),)
@@ -117,7 +117,7 @@ def forward_impl(num_rows: int, num_groups: int, k: int, n: int, *, dtype, fusio
     return mgpu_dispatch.choose(FWD_IMPL_ENV, why, force_triton=force)
 
 
-def preferred_row_alignment(dtype, k: int, n: int) -> int:
+def preferred_row_alignment(dtype, k: int, n: int, *, interpret: bool = False) -> int:
     """Group alignment under which the forwards of a [*, k] x [G, k, n] product should run here.
 
     8 only when ``SPARSE_JAX_GPU_GMM_FWD=mosaic_gpu`` asks for the Mosaic GPU forward and it takes
@@ -128,7 +128,8 @@ def preferred_row_alignment(dtype, k: int, n: int) -> int:
     if os.environ.get(FWD_IMPL_ENV, "auto") != "mosaic_gpu":
         return 1
     a = gmm_tiles.ALIGN
-    return a if forward_impl(a, 1, k, n, dtype=dtype, fusion=gmm_plan.GMM, row_align=a) == "mosaic_gpu" else 1
+    impl = forward_impl(a, 1, k, n, dtype=dtype, fusion=gmm_plan.GMM, row_align=a, interpret=interpret)
+    return a if impl == "mosaic_gpu" else 1
 
 
 # Few rows (decode): a launch has at most min(M, G + M // tm) row tiles, each streaming a
