@@ -20,6 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sparse_jax.ops.grouped_matmul import check_row_align
+
 
 class DispatchPlan(NamedTuple):
     """Where each assignment goes. M rows, N = T * k assignments.
@@ -68,9 +70,9 @@ def padded_rows(num_rows: int, num_experts: int, row_align: int) -> int:
     return -(-(num_rows + pad) // row_align) * row_align
 
 
-def _padded_plan(order, position, group_sizes, expert_ids, kept, n_rows: int, row_align: int) -> DispatchPlan:
+def _padded_plan(position, group_sizes, expert_ids, kept, n_rows: int, row_align: int) -> DispatchPlan:
     """Each expert's rows start at a multiple of ``row_align`` (see :func:`plan_dispatch`)."""
-    n = order.shape[0]
+    n = position.shape[0]
     E = group_sizes.shape[0]
     m = padded_rows(n_rows, E, row_align)
     padded = -(-group_sizes // row_align) * row_align
@@ -97,19 +99,16 @@ def plan_dispatch(expert_ids, num_experts: int, *, kept=None, num_rows: int | No
     :func:`padded_rows`; ``group_sizes`` are the padded sizes), which lets Hopper's TMA
     forward run (:func:`sparse_jax.ops.preferred_row_alignment`). Same gathers, same VJPs.
     """
-    if not isinstance(row_align, int) or row_align < 1:
-        raise ValueError(f"row_align must be a positive int; got {row_align!r}")
+    check_row_align(row_align)
     T, k = expert_ids.shape
     n = T * k
     m = n if num_rows is None else num_rows
+    if kept is None and m != n:
+        raise ValueError(f"num_rows = {m} < T * k = {n} drops assignments; pass ``kept`` to say which")
     order, position, group_sizes = sort_by_expert(expert_ids, num_experts, kept)
     if row_align > 1:
-        if kept is None and m != n:
-            raise ValueError(f"num_rows = {m} < T * k = {n} drops assignments; pass ``kept`` to say which")
-        return _padded_plan(order, position, group_sizes, expert_ids, kept, m, row_align)
+        return _padded_plan(position, group_sizes, expert_ids, kept, m, row_align)
     if kept is None:
-        if m != n:
-            raise ValueError(f"num_rows = {m} < T * k = {n} drops assignments; pass ``kept`` to say which")
         return DispatchPlan(order, None, position, None, group_sizes)
     row_valid = jnp.arange(m, dtype=jnp.int32) < group_sizes.sum()
     return DispatchPlan(order[:m], row_valid, position, kept.reshape(-1), group_sizes)

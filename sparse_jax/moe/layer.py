@@ -42,8 +42,8 @@ def routed_experts(x, weights, expert_ids, w_gate, w_up, w_down, *, kept=None, n
     E, D, F = w_gate.shape
     k = expert_ids.shape[1]
     if row_align is None:
-        row_align = 1 if interpret else min(ops.preferred_row_alignment(x.dtype, D, F, backend=backend),
-                                            ops.preferred_row_alignment(x.dtype, F, D, backend=backend))
+        row_align = min(ops.preferred_row_alignment(x.dtype, kk, nn, backend=backend, interpret=interpret)
+                        for kk, nn in ((D, F), (F, D)))
     plan = plan_dispatch(expert_ids, E, kept=kept, num_rows=num_rows, row_align=row_align)
     xs = expand(x, plan, k)
     run = dict(row_align=row_align, backend=backend, interpret=interpret)

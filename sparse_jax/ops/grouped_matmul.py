@@ -205,13 +205,14 @@ def _swiglu_bwd(static, res, dh):
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-def _check_row_align(row_align) -> int:
+def check_row_align(row_align) -> int:
+    """``row_align`` if it is a positive Python int, else a ValueError."""
     if not isinstance(row_align, int) or isinstance(row_align, bool) or row_align < 1:
         raise ValueError(f"row_align must be a positive Python int; got {row_align!r}")
     return row_align
 
 
-def preferred_row_alignment(dtype, k: int, n: int, *, backend: str | None = None) -> int:
+def preferred_row_alignment(dtype, k: int, n: int, *, backend: str | None = None, interpret: bool = False) -> int:
     """Group alignment (rows) under which the backend's forward of [*, k] x [G, k, n] is fastest.
 
     8 where the backend would run a forward that needs groups starting at 8-row boundaries (the
@@ -223,7 +224,7 @@ def preferred_row_alignment(dtype, k: int, n: int, *, backend: str | None = None
     if backend == backends.XLA:
         return 1
     rule = getattr(importlib.import_module(_KERNEL_MODULES[backend]), "preferred_row_alignment", None)
-    return 1 if rule is None else int(rule(jnp.dtype(dtype), k, n))
+    return 1 if rule is None else int(rule(jnp.dtype(dtype), k, n, interpret=bool(interpret)))
 
 
 def _degenerate(*dims) -> bool:
@@ -247,8 +248,9 @@ def grouped_matmul(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, group_
         group_sizes (expert parallelism); rows of other groups are zeros.
       preferred_element_type: output dtype (default lhs.dtype); accumulation is float32.
       row_align: the caller's promise that every group size is a multiple of it (see
-        :func:`preferred_row_alignment`). With 8 on Hopper the forward runs the Mosaic GPU kernel;
-        there a group that breaks the promise gives NaN rows (never another group's rows).
+        :func:`preferred_row_alignment`). With 8 on Hopper the forward may run the Mosaic GPU
+        kernel; there a group that breaks the promise makes the whole output NaN (never rows of
+        another group).
       backend: "triton", "mosaic_tpu", "xla" or None (see :mod:`sparse_jax.backends`).
       interpret: run the Pallas kernels on the CPU.
 
@@ -268,7 +270,7 @@ def grouped_matmul(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, group_
     else:
         _check_group_sizes(group_sizes, rhs.shape[0], "rhs", at_least=True)
     out_dtype = _out_dtype(preferred_element_type, lhs.dtype)
-    row_align = _check_row_align(row_align)
+    row_align = check_row_align(row_align)
     backend = backends.resolve(backend, op="grouped_matmul")
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     if backend == backends.XLA or _degenerate(lhs.shape[0], lhs.shape[1], n, rhs.shape[0]):
@@ -344,7 +346,7 @@ def grouped_swiglu(x, w_gate, w_up, group_sizes, *, group_offset=None, fused: bo
         _check_group_sizes(group_sizes, w_gate.shape[0], "w_gate")
     else:
         _check_group_sizes(group_sizes, w_gate.shape[0], "w_gate", at_least=True)
-    row_align = _check_row_align(row_align)
+    row_align = check_row_align(row_align)
     backend = backends.resolve(backend, op="grouped_swiglu")
     if backend == backends.XLA or _degenerate(x.shape[0], x.shape[1], w_gate.shape[2], w_gate.shape[0]):
         return reference.grouped_swiglu(x, w_gate, w_up, group_sizes, group_offset=off)
