@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import moe as B  # noqa: E402
 from benchmarks import timing  # noqa: E402
-from benchmarks.tune_run import TuneRun, env_choice, rel_err  # noqa: E402
+from benchmarks.tune_run import TuneRun, env_choice, floor_ms, measure, rel_err  # noqa: E402
 from pallas_kernels.mosaic_gpu import gmm_fwd  # noqa: E402
 from pallas_kernels.triton import grouped_matmul as tgm  # noqa: E402
 from sparse_jax import moe, ops, reference  # noqa: E402
@@ -43,27 +43,6 @@ from sparse_jax.moe.dispatch import expand, plan_dispatch  # noqa: E402
 ENV = tgm.FWD_IMPL_ENV
 MODELS = {**B.MODELS, **B.QUICK_MODELS}
 RUN = TuneRun("tune_gmm_mgpu", {"errors": [], "check": [], "ops": [], "layer": []})
-
-
-def _t(fn, args):
-    t = timing.time_fn(fn, lambda i: args, warmup=2, iters=10, rotations=1)
-    return round(t.ms, 4)
-
-
-def _measure(row, key, fn, args, *contexts):
-    try:
-        with contextlib.ExitStack() as stack:
-            for c in contexts:
-                stack.enter_context(c)
-            f = jax.jit(fn).lower(*args).compile()
-        row[key] = _t(f, args)
-    except Exception as e:  # noqa: BLE001
-        row[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    return row.get(key)
-
-
-def _floor_ms(nbytes):
-    return nbytes / (timing.ceilings()["copy_gbps"] * 1e9) * 1e3
 
 
 def _rnd(seed, shape, dtype=jnp.bfloat16, scale=1.0):
@@ -189,11 +168,11 @@ def ops_phase(cases):
                 continue
             if RUN.left() < 20:
                 return
-            row = dict(base, op=op, floor_ms=round(_floor_ms(active * nw * D * F * 2), 4))
+            row = dict(base, op=op, floor_ms=round(floor_ms(active * nw * D * F * 2), 4))
             with env_choice(ENV, "triton"):
-                _measure(row, "triton_ms", fn, args)
+                measure(row, "triton_ms", fn, args)
             for c in configs:
-                _measure(row, f"mgpu_{c}_ms", fn8, args8, _cfg(c))
+                measure(row, f"mgpu_{c}_ms", fn8, args8, _cfg(c))
             try:
                 from benchmarks import peers_torch
                 K, N = (D, F) if op == "gate_up" else (F, D)
@@ -227,7 +206,7 @@ def layer_phase(fwd_cases, step_cases, bwd_cases, peers: bool):
             E, k, D, F = MODELS[model]
             x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
             active = B._active_experts(x, rw, k)
-            row = dict(mode=mode, model=model, T=T, floor_ms=round(_floor_ms(active * 3 * D * F * 2), 4))
+            row = dict(mode=mode, model=model, T=T, floor_ms=round(floor_ms(active * 3 * D * F * 2), 4))
             if peers and mode != "step" and model != "deepseek-v3":
                 try:
                     from benchmarks import peers_torch
@@ -250,14 +229,14 @@ def layer_phase(fwd_cases, step_cases, bwd_cases, peers: bool):
                 args = args + (timing.random_normal(5, (T, D), jnp.float32),)
             per = L if mode == "step" else 1
             if model != "deepseek-v3" or mode == "step":
-                _measure(row, "ragged_dot_ms", ragged, args)
-            _measure(row, "ours_ms", ours, args)
+                measure(row, "ragged_dot_ms", ragged, args)
+            measure(row, "ours_ms", ours, args)
             with env_choice(ENV, "triton"):
-                _measure(row, "ours_triton_ms", ours, args)
+                measure(row, "ours_triton_ms", ours, args)
             for name, patch in LAYER_VARIANTS.items():
-                _measure(row, f"ours_{name}_ms", ours, args, patch())
+                measure(row, f"ours_{name}_ms", ours, args, patch())
             if model != "deepseek-v3" or mode == "step":
-                _measure(row, "ragged_dot_again_ms", ragged, args)
+                measure(row, "ragged_dot_again_ms", ragged, args)
             for key in ("ragged_dot_ms", "ours_ms", "ours_triton_ms", "ragged_dot_again_ms",
                         *(f"ours_{n}_ms" for n in LAYER_VARIANTS)):
                 if key in row:

@@ -41,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks import flops as W  # noqa: E402
 from benchmarks import moe as B  # noqa: E402
 from benchmarks import timing  # noqa: E402
-from benchmarks.tune_run import TuneRun  # noqa: E402
+from benchmarks.tune_run import TuneRun, floor_ms, measure, timed  # noqa: E402
 from pallas_kernels.common import gmm_plan  # noqa: E402
 from pallas_kernels.common.gmm_plan import Tiles, Tiling  # noqa: E402
 from sparse_jax import moe, ops  # noqa: E402
@@ -74,37 +74,12 @@ SMALL_TILES = _named(Tiles(16, 32, 256, num_warps=4, num_stages=4), Tiles(16, 64
                      Tiles(16, 128, 64, num_warps=4, num_stages=6))
 
 
-def _t(fn, args, pipeline=None):
-    t = timing.time_fn(fn, lambda i: args, warmup=2, iters=10, rotations=1, pipeline=pipeline)
-    return round(t.ms, 4), t.batch
-
-
-def _measure(row, key, fn, args, *contexts, error_key=None, per=1):
-    """row[key] = ms of fn(*args) (divided by ``per``), traced and compiled inside ``contexts``
-    (tile overrides, module patches; kernels read them at trace time). A failure is recorded
-    under ``error_key`` (default ``<key>_error``) instead; returns the time or None."""
-    try:
-        with contextlib.ExitStack() as stack:
-            for c in contexts:
-                stack.enter_context(c)
-            f = jax.jit(fn).lower(*args).compile()
-        row[key] = round(_t(f, args)[0] / per, 4)
-        return row[key]
-    except Exception as e:  # noqa: BLE001
-        row[error_key or f"{key}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        return None
-
-
 def _setup(model, T):
     E, k, D, F = MODELS[model]
     w = B._weights(E, D, F, jnp.bfloat16)
     x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
     active = B._active_experts(x, rw, k)
     return E, k, D, F, w, x, rw, active
-
-
-def _floor_ms(nbytes):
-    return nbytes / (timing.ceilings()["copy_gbps"] * 1e9) * 1e3
 
 
 def _dispatch_parts(x, rw, k, E):
@@ -118,21 +93,21 @@ def breakdown(models, tokens):
     for model in models:
         for T in tokens:
             E, k, D, F, (wg, wu, wd), x, rw, active = _setup(model, T)
-            floor = _floor_ms(active * 3 * D * F * 2)
+            floor = floor_ms(active * 3 * D * F * 2)
             layer = jax.jit(functools.partial(B._ours(None), top_k=k))
             args = (x, rw, wg, wu, wd)
             row = dict(model=model, T=T, active=active, floor_ms=round(floor, 4))
-            row["layer_block_ms"], _ = _t(layer, args, pipeline=1)
-            row["layer_pipe_ms"], row["batch"] = _t(layer, args)
-            row["ragged_dot_pipe_ms"], _ = _t(jax.jit(functools.partial(B.ragged_dot_moe, top_k=k)), args)
+            row["layer_block_ms"], _ = timed(layer, args, pipeline=1)
+            row["layer_pipe_ms"], row["batch"] = timed(layer, args)
+            row["ragged_dot_pipe_ms"], _ = timed(jax.jit(functools.partial(B.ragged_dot_moe, top_k=k)), args)
             disp = jax.jit(functools.partial(_dispatch_parts, k=k, E=E))
-            row["dispatch_pipe_ms"], _ = _t(disp, (x, rw))
+            row["dispatch_pipe_ms"], _ = timed(disp, (x, rw))
             xs, gs, _ = disp(x, rw)
             up = jax.jit(lambda xs, a, b, gs: ops.grouped_swiglu(xs, a, b, gs))
-            row["gate_up_pipe_ms"], _ = _t(up, (xs, wg, wu, gs))
+            row["gate_up_pipe_ms"], _ = timed(up, (xs, wg, wu, gs))
             h = up(xs, wg, wu, gs)
             down = jax.jit(lambda h, w, gs: ops.grouped_matmul(h, w, gs))
-            row["down_pipe_ms"], _ = _t(down, (h, wd, gs))
+            row["down_pipe_ms"], _ = timed(down, (h, wd, gs))
             row["vs_floor_pipe"] = round(row["layer_pipe_ms"] / floor, 3)
             RUN.report["breakdown"].append(row)
             RUN.log(row)
@@ -160,9 +135,9 @@ def tiles(models, tokens, names=None):
                 for op, fn, args, nbytes in (
                         ("gate_up", lambda xs, a, b, gs: ops.grouped_swiglu(xs, a, b, gs), (xs, wg, wu, gs), 2 * D * F),
                         ("down", lambda h, w, gs: ops.grouped_matmul(h, w, gs), (h, wd, gs), D * F)):
-                    ms = _measure(row, f"{op}_ms", fn, args, _overridden(tiling), error_key=f"{op}_error")
+                    ms = measure(row, f"{op}_ms", fn, args, _overridden(tiling), error_key=f"{op}_error")
                     if ms:
-                        row[f"{op}_vs_floor"] = round(ms / _floor_ms(active * nbytes * 2), 3)
+                        row[f"{op}_vs_floor"] = round(ms / floor_ms(active * nbytes * 2), 3)
                 RUN.report["tiles"].append(row)
                 RUN.log(row)
             RUN.save()
@@ -246,7 +221,7 @@ def tgrad(models, tokens):
                 if RUN.left() < 20:
                     return
                 row = dict(model=model, T=T, tgmm_tile=name)
-                _measure(row, "fwd_bwd_ms", fn, args, _overridden(None if t is None else Tiling(transposed=t)), error_key="error")
+                measure(row, "fwd_bwd_ms", fn, args, _overridden(None if t is None else Tiling(transposed=t)), error_key="error")
                 RUN.report["tgrad"].append(row)
                 RUN.log(row)
             del args
@@ -288,7 +263,7 @@ def variants(model="mixtral-8x7b", T=512):
         if RUN.left() < 15:
             return
         row = dict(model=model, T=T, variant=name)
-        _measure(row, "ms", f, args, *make(), error_key="error")
+        measure(row, "ms", f, args, *make(), error_key="error")
         RUN.report["variants"].append(row)
         RUN.log(row)
     RUN.save()
@@ -307,14 +282,14 @@ def step(models, tokens, L=8):
             x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
             active = B._active_experts(x, rw, k)
             args = (x, rw, wg, wu, wd)
-            row = dict(model=model, T=T, L=L, active=active, floor_ms=round(_floor_ms(active * 3 * D * F * 2), 4))
+            row = dict(model=model, T=T, L=L, active=active, floor_ms=round(floor_ms(active * 3 * D * F * 2), 4))
             for impl, fn in (("ours", B._ours(None)), ("ragged_dot", B.ragged_dot_moe)):
-                row[f"{impl}_step_ms"] = round(_t(jax.jit(B.in_step(functools.partial(fn, top_k=k), L)), args)[0] / L, 4)
+                row[f"{impl}_step_ms"] = round(timed(jax.jit(B.in_step(functools.partial(fn, top_k=k), L)), args)[0] / L, 4)
             ours = B.in_step(functools.partial(B._ours(None), top_k=k), L)
             for pad in ROUTER_PADS if T < 16 else ():
-                _measure(row, f"ours_router_pad{pad}_step_ms", ours, args,
+                measure(row, f"ours_router_pad{pad}_step_ms", ours, args,
                          mock.patch.multiple(moe_routing, ROUTER_MIN_ROWS=pad), per=L)
-            _measure(row, "ours_call_ms", functools.partial(B._ours(None), top_k=k), args)  # one layer per call
+            measure(row, "ours_call_ms", functools.partial(B._ours(None), top_k=k), args)  # one layer per call
             row["vs_floor"] = round(row["ours_step_ms"] / row["floor_ms"], 3)
             RUN.report["step"].append(row)
             RUN.log(row)
@@ -344,9 +319,9 @@ def mid(model="mixtral-8x7b", T=512):
                 return
             row = dict(model=model, T=T, op=op, tile=name)
             tiling = None if tile is None else Tiling(forward=tile, policy="big")
-            ms = _measure(row, "ms", fn, args, _overridden(tiling), error_key="error")
+            ms = measure(row, "ms", fn, args, _overridden(tiling), error_key="error")
             if ms:
-                row["vs_floor"] = round(ms / _floor_ms(active * nw * D * F * 2), 3)
+                row["vs_floor"] = round(ms / floor_ms(active * nw * D * F * 2), 3)
             RUN.report["mid"].append(row)
             RUN.log(row)
         RUN.save()
@@ -366,7 +341,7 @@ def large(models, tokens, peers: bool, backward: bool = False):
             inputs[T] = x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
             active = B._active_experts(x, rw, k)
             rows[T] = row = dict(model=model, T=T, active=active, backward=backward,
-                                 floor_ms=round(_floor_ms(active * 3 * D * F * 2), 4))
+                                 floor_ms=round(floor_ms(active * 3 * D * F * 2), 4))
             if peers:
                 from benchmarks import peers_torch
                 from benchmarks.peers import router_bias
@@ -389,9 +364,9 @@ def large(models, tokens, peers: bool, backward: bool = False):
             for name, tiling in policies.items():
                 if name != "default" and model != "mixtral-8x7b":
                     continue
-                _measure(row, f"ours_{name}_ms", wrap(functools.partial(B._ours(None), top_k=k)), args,
+                measure(row, f"ours_{name}_ms", wrap(functools.partial(B._ours(None), top_k=k)), args,
                          _overridden(tiling), error_key=f"ours_{name}_error")
-            _measure(row, "ragged_dot_ms", wrap(functools.partial(B.ragged_dot_moe, top_k=k)), args,
+            measure(row, "ragged_dot_ms", wrap(functools.partial(B.ragged_dot_moe, top_k=k)), args,
                      error_key="ragged_dot_error")
             ours = row.get("ours_default_ms")
             if ours and backward:

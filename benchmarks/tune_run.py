@@ -43,6 +43,36 @@ def rel_err(x, ref) -> float:
     return float(np.linalg.norm(x[fin] - ref[fin]) / (d if d > 0 else 1.0))
 
 
+
+def timed(fn, args, pipeline=None):
+    """(median ms rounded to 4 places, calls per timed batch) of ``fn(*args)`` (``timing.time_fn``)."""
+    from benchmarks import timing
+    t = timing.time_fn(fn, lambda i: args, warmup=2, iters=10, rotations=1, pipeline=pipeline)
+    return round(t.ms, 4), t.batch
+
+
+def measure(row, key, fn, args, *contexts, error_key=None, per=1):
+    """row[key] = ms of fn(*args) (divided by ``per``), traced and compiled inside ``contexts``
+    (tile overrides, module patches; kernels read them at trace time). A failure is recorded
+    under ``error_key`` (default ``<key>_error``) instead; returns the time or None."""
+    import jax
+    try:
+        with contextlib.ExitStack() as stack:
+            for c in contexts:
+                stack.enter_context(c)
+            f = jax.jit(fn).lower(*args).compile()
+        row[key] = round(timed(f, args)[0] / per, 4)
+        return row[key]
+    except Exception as e:  # noqa: BLE001
+        row[error_key or f"{key}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        return None
+
+
+def floor_ms(nbytes) -> float:
+    """Milliseconds to read ``nbytes`` at the copy bandwidth measured in this process."""
+    from benchmarks import timing
+    return nbytes / (timing.ceilings()["copy_gbps"] * 1e9) * 1e3
+
 class TuneRun:
     """``report`` is the script's JSON document (a dict with an ``errors`` list), written to
     ``$OUT/<name>.json``; ``budget_s`` is set once the arguments are parsed. ``phase_end``
