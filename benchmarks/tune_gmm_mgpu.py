@@ -9,9 +9,9 @@ Phases (budget-guarded; JSON ``$OUT/tune_gmm_mgpu.json`` rewritten after each):
 * ``ops`` -- the layer's two grouped products at Mixtral T = 512 / 2048 and at T = 1 for all
   three models: Mosaic GPU (padded rows, aligned groups) under config variants vs the Triton
   kernels on the unpadded rows vs ``torch._grouped_mm``, each against the weight-read floor.
-* ``layer`` -- ``moe_ffn`` as configured (by default unpadded + Triton; run with
-  ``SPARSE_JAX_GPU_GMM_FWD=mosaic_gpu`` for padded dispatch + Mosaic GPU) vs
-  ``SPARSE_JAX_GPU_GMM_FWD=triton``, per-op variants, ragged_dot and the torch MoE; forward at T = 512 / 2048,
+* ``layer`` -- ``moe_ffn`` by default (unpadded + Triton), explicitly on Triton, with
+  ``SPARSE_JAX_GPU_GMM_FWD=mosaic_gpu`` (padded dispatch + Mosaic GPU) and its per-op variants,
+  beside ragged_dot and the torch MoE; forward at T = 512 / 2048,
   decode steps at T = 1 / 32 (8 layers in one jitted loop), forward + backward at T = 512.
 
     PYTHONPATH=. timeout 590 python benchmarks/tune_gmm_mgpu.py --budget-s 560
@@ -71,7 +71,17 @@ def _check_row(name, outs, refs, grads=None, grad_refs=None, tol=2e-2):
     RUN.log(row)
 
 
+def _mgpu():
+    """The Mosaic GPU forward is opt-in (``auto`` runs Triton): ask for it."""
+    return env_choice(ENV, "mosaic_gpu")
+
+
 def check():
+    with _mgpu():
+        _check()
+
+
+def _check():
     cases = [  # name, M, K, N, G, dtype, sizes, offset
         ("gmm tail+empty", 1096, 512, 768, 6, jnp.bfloat16, _aligned_sizes(0, 6, 1000, empty=(2,)), None),
         ("gmm fp16", 512, 256, 512, 4, jnp.float16, _aligned_sizes(1, 4, 512), None),
@@ -152,7 +162,8 @@ def ops_phase(cases):
         active = int(np.count_nonzero(np.asarray(gs)))
         with env_choice(ENV, "triton"):
             h = jax.jit(lambda *a: ops.grouped_swiglu(*a))(xs, wg, wu, gs)
-        h8 = jax.jit(lambda *a: ops.grouped_swiglu(*a, row_align=8))(xs8, wg, wu, gs8)
+        with _mgpu():
+            h8 = jax.jit(lambda *a: ops.grouped_swiglu(*a, row_align=8))(xs8, wg, wu, gs8)
         even = jnp.full((E,), int(xs.shape[0]) // E // 8 * 8, jnp.int32)  # a diagnostic: no partial tiles
         base = dict(model=model, T=T, rows=int(xs.shape[0]), padded_rows=int(np.asarray(gs8).sum()), active=active)
         for op, nw, fn, args, fn8, args8 in (
@@ -172,7 +183,7 @@ def ops_phase(cases):
             with env_choice(ENV, "triton"):
                 measure(row, "triton_ms", fn, args)
             for c in configs:
-                measure(row, f"mgpu_{c}_ms", fn8, args8, _cfg(c))
+                measure(row, f"mgpu_{c}_ms", fn8, args8, _cfg(c), _mgpu())
             try:
                 from benchmarks import peers_torch
                 K, N = (D, F) if op == "gate_up" else (F, D)
@@ -192,9 +203,10 @@ def ops_phase(cases):
 
 
 # ---------------------------------------------------------------------------------------- layer
-LAYER_VARIANTS = {  # name -> context: which forwards run Mosaic GPU on the padded rows
-    "mgpu_down_only": lambda: mock.patch.object(gmm_fwd, "FUSIONS", ("gmm",)),
-    "mgpu_two_gmm": lambda: mock.patch.object(tgm, "fuse_swiglu", lambda *a, **k: False),
+LAYER_VARIANTS = {  # name -> contexts: which forwards run Mosaic GPU on the padded rows
+    "mgpu": lambda: (_mgpu(),),
+    "mgpu_down_only": lambda: (_mgpu(), mock.patch.object(gmm_fwd, "FUSIONS", ("gmm",))),
+    "mgpu_two_gmm": lambda: (_mgpu(), mock.patch.object(tgm, "fuse_swiglu", lambda *a, **k: False)),
 }
 
 
@@ -234,7 +246,7 @@ def layer_phase(fwd_cases, step_cases, bwd_cases, peers: bool):
             with env_choice(ENV, "triton"):
                 measure(row, "ours_triton_ms", ours, args)
             for name, patch in LAYER_VARIANTS.items():
-                measure(row, f"ours_{name}_ms", ours, args, patch())
+                measure(row, f"ours_{name}_ms", ours, args, *patch())
             if model != "deepseek-v3" or mode == "step":
                 measure(row, "ragged_dot_again_ms", ragged, args)
             for key in ("ragged_dot_ms", "ours_ms", "ours_triton_ms", "ragged_dot_again_ms",

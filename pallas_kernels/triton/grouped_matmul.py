@@ -93,10 +93,11 @@ def forward_impl(num_rows: int, num_groups: int, k: int, n: int, *, dtype, fusio
 
     The Mosaic GPU forward (:mod:`pallas_kernels.mosaic_gpu.gmm_fwd`: TMA, warp-specialised)
     takes gmm and SwiGLU forwards over groups aligned to 8 rows (``row_align``) on Hopper.
-    ``SPARSE_JAX_GPU_GMM_FWD`` = ``auto`` (default), ``triton`` or ``mosaic_gpu``. Under ``auto``
-    it runs plain gmms only: H100 (benchmarks/notes/grouped_matmul.md, round 10) Mixtral's down
-    projection at T = 512 took 0.416 ms against Triton's 0.459, while its fused SwiGLU took
-    0.916-0.930 against Triton's two gmm + silu 0.862. Interpret mode and Triton tile overrides
+    ``SPARSE_JAX_GPU_GMM_FWD`` = ``auto`` (default), ``triton`` or ``mosaic_gpu``. It runs only
+    under ``mosaic_gpu``: on the H100 (benchmarks/notes/grouped_matmul.md, round 10) Mixtral's down
+    projection at T = 512 took 0.416 ms in one process and 0.645-0.653 in two others (Triton
+    0.459-0.474 throughout), and its fused SwiGLU took 0.898-0.930 against Triton's 0.850-0.862.
+    Under ``auto`` it stays off until that spread is understood. Interpret mode and Triton tile overrides
     (``gmm_plan.override``) run Triton, and so do the forwards it is not built for (the backward's
     transposed and dual gmms, groups without the alignment promise) even under ``mosaic_gpu``:
     that switch insists only on the forwards it could take.
@@ -109,8 +110,8 @@ def forward_impl(num_rows: int, num_groups: int, k: int, n: int, *, dtype, fusio
     outs = out_dtypes if out_dtypes is not None else [dtype] * fusion.num_out
 
     def why():
-        if os.environ.get(FWD_IMPL_ENV, "auto") == "auto" and fusion.num_rhs > 1:
-            return "fused SwiGLU under auto (measured slower than Triton's two gmm)"
+        if os.environ.get(FWD_IMPL_ENV, "auto") == "auto":
+            return "auto (opt-in: its H100 timings are bimodal, see the docstring)"
         return mgpu_gmm.unsupported(xs, ws, fusion=fusion, transpose_rhs=transpose_rhs, out_dtypes=outs,
                                     row_align=row_align)
     force = interpret or gmm_plan.current_override() is not None
