@@ -9,6 +9,10 @@ Phases (budget-guarded; JSON ``$OUT/tune_gmm_mgpu.json`` rewritten after each):
 * ``ops`` -- the layer's two grouped products at Mixtral T = 512 / 2048 and at T = 1 for all
   three models: Mosaic GPU (padded rows, aligned groups) under config variants vs the Triton
   kernels on the unpadded rows vs ``torch._grouped_mm``, each against the weight-read floor.
+* ``shapes`` -- what a tile's cost follows: Mixtral's down projection (and gate+up) over 8 groups of
+  equal size (64, 128, 136, 192, 256 rows: one to four 64-row chunks, 136 = a full tile plus an
+  8-row tail) and the padded uniform router at T = 512, Mosaic GPU configs vs Triton. If time
+  follows the chunks computed, the kernels are MMA-bound; if it follows the weight bytes, memory-bound.
 * ``layer`` -- ``moe_ffn`` by default (unpadded + Triton), explicitly on Triton, with
   ``SPARSE_JAX_GPU_GMM_FWD=mosaic_gpu`` (padded dispatch + Mosaic GPU) and its per-op variants,
   beside ragged_dot and the torch MoE; forward at T = 512 / 2048,
@@ -42,7 +46,7 @@ from sparse_jax.moe.dispatch import expand, plan_dispatch  # noqa: E402
 
 ENV = tgm.FWD_IMPL_ENV
 MODELS = {**B.MODELS, **B.QUICK_MODELS}
-RUN = TuneRun("tune_gmm_mgpu", {"errors": [], "check": [], "ops": [], "layer": []})
+RUN = TuneRun("tune_gmm_mgpu", {"errors": [], "check": [], "ops": [], "shapes": [], "layer": []})
 
 
 def _rnd(seed, shape, dtype=jnp.bfloat16, scale=1.0):
@@ -140,6 +144,7 @@ def _check():
 # ------------------------------------------------------------------------------------------ ops
 C = gmm_fwd.MgpuGmmConfig
 CONFIGS = {"default": None, "c1": C(chunks=1), "c1_tn128": C(chunks=1, tn=128), "c2_s2": C(chunks=2, stages=2),
+           "c1_tn256": C(chunks=1, tn=256), "c1_tn64": C(chunks=1, tn=64),
            "c2_tn64": C(chunks=2, tn=64), "c1_s2": C(chunks=1, stages=2), "c2_s4": C(chunks=2, stages=4),
            "c1_nooob": C(chunks=1, oob_empty_chunks=False), "c2_nooob": C(chunks=2, oob_empty_chunks=False)}
 
@@ -200,6 +205,48 @@ def ops_phase(cases):
         del wg, wu, wd
         gc.collect()
         RUN.save()
+
+
+# --------------------------------------------------------------------------------------- shapes
+SHAPE_SIZES = (64, 128, 136, 192, 256)
+
+
+def shapes_phase(configs_down, configs_gate_up, sizes=SHAPE_SIZES, T=512):
+    E, k, D, F = MODELS["mixtral-8x7b"]
+    wg, wu, wd = B._weights(E, D, F, jnp.bfloat16)
+    x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
+    r = moe.route(moe.router_logits(x, rw), k)
+    routed = plan_dispatch(r.expert_ids, E, row_align=8).group_sizes
+    patterns = [(f"{s}x{E}", jnp.full((E,), s, jnp.int32)) for s in sizes] + [(f"uniform T={T}", routed)]
+    for op, nw, K, N in (("down", 1, F, D), ("gate_up", 2, D, F)):
+        configs = configs_down if op == "down" else configs_gate_up
+        for name, gs in patterns:
+            if RUN.left() < 20:
+                return
+            M = int(np.asarray(gs).sum())
+            xs = _rnd(20 + M, (M, K), scale=1.0)
+            row = dict(op=op, groups=name, rows=M, sizes=[int(v) for v in np.asarray(gs)],
+                       chunks64=int(sum(-(-int(v) // 64) for v in np.asarray(gs))),
+                       floor_ms=round(floor_ms(E * nw * K * N * 2), 4))
+            if op == "down":
+                fn = lambda h, w, g: ops.grouped_matmul(h, w, g)  # noqa: E731
+                fn8 = lambda h, w, g: ops.grouped_matmul(h, w, g, row_align=8)  # noqa: E731
+                args = (xs, wd, gs)
+            else:
+                fn = lambda x, a, b, g: ops.grouped_swiglu(x, a, b, g)  # noqa: E731
+                fn8 = lambda x, a, b, g: ops.grouped_swiglu(x, a, b, g, row_align=8, fused=True)  # noqa: E731
+                args = (xs, wg, wu, gs)
+            with env_choice(ENV, "triton"):
+                measure(row, "triton_ms", fn, args)
+                if op == "gate_up":
+                    measure(row, "triton_fused_ms", fn8, args)
+            for c in configs:
+                measure(row, f"mgpu_{c}_ms", fn8, args, _cfg(c), _mgpu())
+            for key in [key for key in row if key.endswith("_ms") and key != "floor_ms"]:
+                row[key.replace("_ms", "_tflops")] = round(2 * row["chunks64"] * 64 * K * N * nw / row[key] / 1e9, 1)
+            RUN.report["shapes"].append(row)
+            RUN.log(row)
+            RUN.save()
 
 
 # ---------------------------------------------------------------------------------------- layer
@@ -275,6 +322,8 @@ def main():
     ap.add_argument("--phases", default="check,ops,layer")
     ap.add_argument("--ops", default="mixtral-8x7b:512,qwen2-57b-a14b:1,mixtral-8x7b:2048,deepseek-v3:1,mixtral-8x7b:1")
     ap.add_argument("--configs", default="default,c1,c1_tn128,c2_s2,c2_tn64")
+    ap.add_argument("--shape-configs-down", default="default,c1,c1_tn128")
+    ap.add_argument("--shape-configs-gate-up", default="default,c1")
     ap.add_argument("--fwd", default="mixtral-8x7b:512,mixtral-8x7b:2048,qwen2-57b-a14b:512,deepseek-v3:512")
     ap.add_argument("--step", default="qwen2-57b-a14b:1,mixtral-8x7b:1,deepseek-v3:1,qwen2-57b-a14b:32")
     ap.add_argument("--bwd", default="mixtral-8x7b:512,qwen2-57b-a14b:512")
@@ -289,6 +338,8 @@ def main():
     if "ops" in phases:
         configs = a.configs.split(",")
         RUN.guard("ops", 30)(ops_phase)([(m, t, configs) for m, t in _pairs(a.ops)])
+    if "shapes" in phases:
+        RUN.guard("shapes", 30)(shapes_phase)(a.shape_configs_down.split(","), a.shape_configs_gate_up.split(","))
     if "layer" in phases:
         RUN.guard("layer", 30)(layer_phase)(_pairs(a.fwd), _pairs(a.step), _pairs(a.bwd), not a.no_peers)
     RUN.log(f"done; errors: {len(RUN.report['errors'])}")

@@ -158,14 +158,25 @@ def _gpu_kernels(trace_dir: str, calls: int) -> list[dict]:
     names = {e.get("pid"): e.get("args", {}).get("name", "") for e in ev if e.get("ph") == "M"
              and e.get("name") == "process_name"}
     agg: dict[str, list[float]] = {}
+    spans = []
     for e in ev:
         if e.get("ph") == "X" and "GPU" in str(names.get(e.get("pid"), "")).upper():
             agg.setdefault(e.get("name", "?"), []).append(float(e.get("dur", 0.0)))
+            spans.append((float(e.get("ts", 0.0)), float(e.get("dur", 0.0))))
     if not agg:
         return [{"error": "no GPU events", "processes": sorted(set(map(str, names.values())))[:20]}]
     rows = [dict(kernel=k[:90], launches_per_call=round(len(v) / calls, 2), us_per_call=round(sum(v) / calls, 2))
             for k, v in agg.items()]
-    return sorted(rows, key=lambda r: -r["us_per_call"])
+    rows = sorted(rows, key=lambda r: -r["us_per_call"])
+    # the GPU timeline from the first kernel's start to the last one's end, per call: kernels + gaps
+    spans.sort()
+    busy_end, idle = spans[0][0], 0.0
+    for ts, dur in spans:
+        idle += max(ts - busy_end, 0.0)
+        busy_end = max(busy_end, ts + dur)
+    rows.insert(0, dict(kernel="(idle between kernels)", launches_per_call=0, us_per_call=round(idle / calls, 2),
+                        span_us_per_call=round((busy_end - spans[0][0]) / calls, 2)))
+    return rows
 
 
 def _layer_case(model, T, backward):
@@ -196,7 +207,7 @@ def profile(models, tokens=(1,), backward=False, calls=50):
                     out = layer(*args)
                 jax.block_until_ready(out)
             kernels = _gpu_kernels(d, n)
-            total = round(sum(r.get("us_per_call", 0.0) for r in kernels), 2)
+            total = round(sum(r.get("us_per_call", 0.0) for r in kernels if not r.get("kernel", "(").startswith("(")), 2)
             RUN.report["profile"].append(dict(model=model, T=T, backward=backward, kernel_us_per_call=total,
                                               kernels=kernels[:40]))
             RUN.log(f"{model} T={T} backward={backward}: {total} us of kernels per call; top: {kernels[:14]}")
