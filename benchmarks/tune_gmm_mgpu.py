@@ -40,13 +40,14 @@ from benchmarks import moe as B  # noqa: E402
 from benchmarks import timing  # noqa: E402
 from benchmarks.tune_run import TuneRun, env_choice, floor_ms, measure, rel_err  # noqa: E402
 from pallas_kernels.mosaic_gpu import gmm_fwd  # noqa: E402
+from pallas_kernels.triton import gmm as triton_gmm  # noqa: E402
 from pallas_kernels.triton import grouped_matmul as tgm  # noqa: E402
 from sparse_jax import moe, ops, reference  # noqa: E402
 from sparse_jax.moe.dispatch import expand, plan_dispatch  # noqa: E402
 
 ENV = tgm.FWD_IMPL_ENV
 MODELS = {**B.MODELS, **B.QUICK_MODELS}
-RUN = TuneRun("tune_gmm_mgpu", {"errors": [], "check": [], "ops": [], "shapes": [], "layer": []})
+RUN = TuneRun("tune_gmm_mgpu", {"errors": [], "check": [], "ops": [], "shapes": [], "split": [], "layer": []})
 
 
 def _rnd(seed, shape, dtype=jnp.bfloat16, scale=1.0):
@@ -208,6 +209,11 @@ def ops_phase(cases):
 
 
 # --------------------------------------------------------------------------------------- shapes
+def _no_split():
+    """The Triton forward without its split last wave (round 11's change)."""
+    return mock.patch.object(triton_gmm, "SPLIT_LAST_WAVE", False)
+
+
 SHAPE_SIZES = (64, 128, 136, 192, 256)
 
 
@@ -238,13 +244,61 @@ def shapes_phase(configs_down, configs_gate_up, sizes=SHAPE_SIZES, T=512):
                 args = (xs, wg, wu, gs)
             with env_choice(ENV, "triton"):
                 measure(row, "triton_ms", fn, args)
+                measure(row, "triton_nosplit_ms", fn, args, _no_split())
                 if op == "gate_up":
                     measure(row, "triton_fused_ms", fn8, args)
+                    measure(row, "triton_fused_nosplit_ms", fn8, args, _no_split())
             for c in configs:
                 measure(row, f"mgpu_{c}_ms", fn8, args, _cfg(c), _mgpu())
             for key in [key for key in row if key.endswith("_ms") and key != "floor_ms"]:
                 row[key.replace("_ms", "_tflops")] = round(2 * row["chunks64"] * 64 * K * N * nw / row[key] / 1e9, 1)
             RUN.report["shapes"].append(row)
+            RUN.log(row)
+            RUN.save()
+
+
+# ---------------------------------------------------------------------------------------- split
+SPLIT_VARIANTS = {  # name -> contexts: the Triton forward's split last wave and one-band order (round 11)
+    "default": lambda: (),
+    "nosplit": lambda: (_no_split(),),
+    "band8": lambda: (mock.patch.object(triton_gmm, "ONE_BAND_ROWS", 0),),
+    "neither": lambda: (_no_split(), mock.patch.object(triton_gmm, "ONE_BAND_ROWS", 0)),
+}
+
+
+def split_phase(cases=(("gate", "uniform"), ("down", "uniform"), ("gate", "128x8"), ("swiglu_fused", "uniform")),
+                calls=20):
+    """One gmm (or the fused SwiGLU) of Mixtral at T = 512 under each SPLIT_VARIANTS entry: time and
+    the profile's per-kernel GPU time (matmul, fixup, anything XLA adds), idle gaps and span."""
+    from benchmarks.tune_run import profile_kernels
+    E, k, D, F = MODELS["mixtral-8x7b"]
+    wg, wu, wd = B._weights(E, D, F, jnp.bfloat16)
+    x, rw = B._inputs(512, D, E, "uniform", 0, jnp.bfloat16)
+    r = moe.route(moe.router_logits(x, rw), k)
+    groups = {"uniform": plan_dispatch(r.expert_ids, E).group_sizes,
+              **{f"{s}x{E}": jnp.full((E,), s, jnp.int32) for s in (128, 256)}}
+    for op, name in cases:
+        gs = groups[name]
+        M = int(np.asarray(gs).sum())
+        K, N = (F, D) if op == "down" else (D, F)
+        xs = _rnd(30 + M, (M, K))
+        if op == "swiglu_fused":
+            fn, args = (lambda x, a, b, g: ops.grouped_swiglu(x, a, b, g, fused=True)), (xs, wg, wu, gs)
+        else:
+            fn, args = (lambda h, w, g: ops.grouped_matmul(h, w, g)), (xs, wd if op == "down" else wg, gs)
+        for variant, make in SPLIT_VARIANTS.items():
+            if RUN.left() < 20:
+                return
+            row = dict(op=op, groups=name, rows=M, variant=variant)
+            with env_choice(ENV, "triton"):
+                measure(row, "ms", fn, args, *make())
+                try:
+                    kernels = profile_kernels(fn, args, calls, *make())
+                    row["kernels"] = [dict(kernel=q["kernel"][:60], **{k_: v for k_, v in q.items() if k_ != "kernel"})
+                                      for q in kernels[:8]]
+                except Exception as e:  # noqa: BLE001
+                    row["profile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            RUN.report["split"].append(row)
             RUN.log(row)
             RUN.save()
 
@@ -339,7 +393,10 @@ def main():
         configs = a.configs.split(",")
         RUN.guard("ops", 30)(ops_phase)([(m, t, configs) for m, t in _pairs(a.ops)])
     if "shapes" in phases:
-        RUN.guard("shapes", 30)(shapes_phase)(a.shape_configs_down.split(","), a.shape_configs_gate_up.split(","))
+        down, gate_up = ([c for c in v.split(",") if c] for v in (a.shape_configs_down, a.shape_configs_gate_up))
+        RUN.guard("shapes", 30)(shapes_phase)(down, gate_up)
+    if "split" in phases:
+        RUN.guard("split", 30)(split_phase)()
     if "layer" in phases:
         RUN.guard("layer", 30)(layer_phase)(_pairs(a.fwd), _pairs(a.step), _pairs(a.bwd), not a.no_peers)
     RUN.log(f"done; errors: {len(RUN.report['errors'])}")

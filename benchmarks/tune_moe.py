@@ -41,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks import flops as W  # noqa: E402
 from benchmarks import moe as B  # noqa: E402
 from benchmarks import timing  # noqa: E402
-from benchmarks.tune_run import TuneRun, floor_ms, measure, timed  # noqa: E402
+from benchmarks.tune_run import TuneRun, floor_ms, measure, profile_kernels, timed  # noqa: E402
 from pallas_kernels.common import gmm_plan  # noqa: E402
 from pallas_kernels.common.gmm_plan import Tiles, Tiling  # noqa: E402
 from sparse_jax import moe, ops  # noqa: E402
@@ -145,40 +145,6 @@ def tiles(models, tokens, names=None):
         gc.collect()
 
 
-def _gpu_kernels(trace_dir: str, calls: int) -> list[dict]:
-    """Kernel name -> total / per-call duration from the perfetto trace under ``trace_dir``."""
-    import glob
-    import gzip
-    import json
-    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
-    if not files:
-        return [{"error": f"no trace in {trace_dir}"}]
-    ev = json.load(gzip.open(sorted(files)[-1]))
-    ev = ev.get("traceEvents", ev) if isinstance(ev, dict) else ev
-    names = {e.get("pid"): e.get("args", {}).get("name", "") for e in ev if e.get("ph") == "M"
-             and e.get("name") == "process_name"}
-    agg: dict[str, list[float]] = {}
-    spans = []
-    for e in ev:
-        if e.get("ph") == "X" and "GPU" in str(names.get(e.get("pid"), "")).upper():
-            agg.setdefault(e.get("name", "?"), []).append(float(e.get("dur", 0.0)))
-            spans.append((float(e.get("ts", 0.0)), float(e.get("dur", 0.0))))
-    if not agg:
-        return [{"error": "no GPU events", "processes": sorted(set(map(str, names.values())))[:20]}]
-    rows = [dict(kernel=k[:90], launches_per_call=round(len(v) / calls, 2), us_per_call=round(sum(v) / calls, 2))
-            for k, v in agg.items()]
-    rows = sorted(rows, key=lambda r: -r["us_per_call"])
-    # the GPU timeline from the first kernel's start to the last one's end, per call: kernels + gaps
-    spans.sort()
-    busy_end, idle = spans[0][0], 0.0
-    for ts, dur in spans:
-        idle += max(ts - busy_end, 0.0)
-        busy_end = max(busy_end, ts + dur)
-    rows.insert(0, dict(kernel="(idle between kernels)", launches_per_call=0, us_per_call=round(idle / calls, 2),
-                        span_us_per_call=round((busy_end - spans[0][0]) / calls, 2)))
-    return rows
-
-
 def _layer_case(model, T, backward):
     """(jitted layer or its fwd+bwd, args, active experts) for one model at T tokens."""
     E, k, D, F, (wg, wu, wd), x, rw, active = _setup(model, T)
@@ -190,28 +156,17 @@ def _layer_case(model, T, backward):
 
 
 def profile(models, tokens=(1,), backward=False, calls=50):
-    import tempfile
     for model in models:
         for T in tokens:
             if RUN.left() < 30:
                 return
             fn, args, _ = _layer_case(model, T, backward)
-            layer = jax.jit(fn)
-            n = calls if T < 512 else 10
-            for _ in range(3):
-                jax.block_until_ready(layer(*args))
-            d = tempfile.mkdtemp()
-            with jax.profiler.trace(d, create_perfetto_trace=True):
-                out = None
-                for _ in range(n):
-                    out = layer(*args)
-                jax.block_until_ready(out)
-            kernels = _gpu_kernels(d, n)
+            kernels = profile_kernels(fn, args, calls if T < 512 else 10)
             total = round(sum(r.get("us_per_call", 0.0) for r in kernels if not r.get("kernel", "(").startswith("(")), 2)
             RUN.report["profile"].append(dict(model=model, T=T, backward=backward, kernel_us_per_call=total,
                                               kernels=kernels[:40]))
             RUN.log(f"{model} T={T} backward={backward}: {total} us of kernels per call; top: {kernels[:14]}")
-            del args, layer
+            del args, fn
             gc.collect()
             RUN.save()
 
@@ -240,14 +195,19 @@ def tgrad(models, tokens):
             RUN.save()
 
 
-def variants(model="mixtral-8x7b", T=512):
-    """Layer-level forward under tile and fusion variants (the 3x-ragged_dot goal at T = 512)."""
+def variants(model="mixtral-8x7b", T=512, names=None, backward=False):
+    """Layer-level forward (or forward + gradients) under tile and fusion variants (the 3x-ragged_dot
+    goal at T = 512); ``names``: the variants to run (default: all), ragged_dot first and last."""
+    from pallas_kernels.triton import gmm as gmm_kernel
     from pallas_kernels.triton import grouped_matmul as tgm
     big = Tiles(128, 256, 64, num_warps=8, num_stages=3)
     fused = dict(SWIGLU_FUSED_MAX_ROWS=128)
     fused_big_tiles = {**tgm.FORWARD_TILES, "swiglu": (big.replace(num_stages=2), tgm.FORWARD_TILES["swiglu"][1])}
     cases = {  # name -> contexts (made fresh per use)
         "default": lambda: (),
+        "no_split": lambda: (mock.patch.object(gmm_kernel, "SPLIT_LAST_WAVE", False),),
+        "band8": lambda: (mock.patch.object(gmm_kernel, "ONE_BAND_ROWS", 0),),
+        "neither": lambda: (mock.patch.multiple(gmm_kernel, SPLIT_LAST_WAVE=False, ONE_BAND_ROWS=0),),
         "fused_swiglu": lambda: (mock.patch.multiple(tgm, **fused),),
         "fused_swiglu_128x256": lambda: (mock.patch.multiple(tgm, **fused, FORWARD_TILES=fused_big_tiles),),
         "big_band4": lambda: (_big_only(big.replace(band=4)),),
@@ -265,15 +225,16 @@ def variants(model="mixtral-8x7b", T=512):
               Tiles(128, 256, 32, num_warps=8, num_stages=6), Tiles(128, 256, 32, num_warps=8, num_stages=5)):
         cases[str(t)] = functools.partial(lambda t: (_big_only(t),), t)
     cases["default_again"] = lambda: ()
-    fn, args, _ = _layer_case(model, T, False)
+    fn, args, _ = _layer_case(model, T, backward)
     k = MODELS[model][1]
-    runs = [(name, fn, make) for name, make in cases.items()]
-    ragged = ("ragged_dot", functools.partial(B.ragged_dot_moe, top_k=k), lambda: ())
+    runs = [(name, fn, make) for name, make in cases.items() if names is None or name in names]
+    wrap = B._fwd_bwd if backward else (lambda f: f)
+    ragged = ("ragged_dot", wrap(functools.partial(B.ragged_dot_moe, top_k=k)), lambda: ())
     runs = [ragged, *runs, ragged]  # the peer first and last: its spread in this process
     for name, f, make in runs:
         if RUN.left() < 15:
             return
-        row = dict(model=model, T=T, variant=name)
+        row = dict(model=model, T=T, variant=name, backward=backward)
         measure(row, "ms", f, args, *make(), error_key="error")
         RUN.report["variants"].append(row)
         RUN.log(row)
@@ -407,6 +368,8 @@ def main():
     ap.add_argument("--profile-tokens", default="1")
     ap.add_argument("--tgrad-models", default="qwen2-57b-a14b")
     ap.add_argument("--tiles", default=None, help="comma-separated SMALL_TILES names (and 'default') to sweep")
+    ap.add_argument("--variants", default=None, help="variants phase: comma-separated names (default: all)")
+    ap.add_argument("--variant-tokens", default=None, help="variants phase: token counts (default: first large T)")
     a = ap.parse_args()
     RUN.budget_s = a.budget_s
     RUN.report["env"] = timing.environment()
@@ -424,7 +387,10 @@ def main():
     if "tgrad" in phases:
         RUN.guard("tgrad", 30)(tgrad)(a.tgrad_models.split(","), big[:1])
     if "variants" in phases:
-        RUN.guard("variants", 30)(variants)("tiny" if models == ["tiny"] else "mixtral-8x7b", big[0])
+        names = a.variants.split(",") if a.variants else None
+        for T in [int(t) for t in a.variant_tokens.split(",")] if a.variant_tokens else big[:1]:
+            RUN.guard("variants", 30)(variants)("tiny" if models == ["tiny"] else "mixtral-8x7b", T, names,
+                                                a.backward)
     if "step" in phases:
         RUN.guard("step", 30)(step)(models, small)
     if "mid" in phases:

@@ -60,12 +60,68 @@ def measure(row, key, fn, args, *contexts, error_key=None, per=1):
         with contextlib.ExitStack() as stack:
             for c in contexts:
                 stack.enter_context(c)
-            f = jax.jit(fn).lower(*args).compile()
+            # a fresh function object: JAX's trace cache is keyed on it, not on the patches
+            f = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
         row[key] = round(timed(f, args)[0] / per, 4)
         return row[key]
     except Exception as e:  # noqa: BLE001
         row[error_key or f"{key}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         return None
+
+
+def _gpu_kernels(trace_dir: str, calls: int) -> list[dict]:
+    """Kernel name -> total / per-call duration from the perfetto trace under ``trace_dir``."""
+    import glob
+    import gzip
+    import json
+    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    if not files:
+        return [{"error": f"no trace in {trace_dir}"}]
+    ev = json.load(gzip.open(sorted(files)[-1]))
+    ev = ev.get("traceEvents", ev) if isinstance(ev, dict) else ev
+    names = {e.get("pid"): e.get("args", {}).get("name", "") for e in ev if e.get("ph") == "M"
+             and e.get("name") == "process_name"}
+    agg: dict[str, list[float]] = {}
+    spans = []
+    for e in ev:
+        if e.get("ph") == "X" and "GPU" in str(names.get(e.get("pid"), "")).upper():
+            agg.setdefault(e.get("name", "?"), []).append(float(e.get("dur", 0.0)))
+            spans.append((float(e.get("ts", 0.0)), float(e.get("dur", 0.0))))
+    if not agg:
+        return [{"error": "no GPU events", "processes": sorted(set(map(str, names.values())))[:20]}]
+    rows = [dict(kernel=k[:90], launches_per_call=round(len(v) / calls, 2), us_per_call=round(sum(v) / calls, 2))
+            for k, v in agg.items()]
+    rows = sorted(rows, key=lambda r: -r["us_per_call"])
+    # the GPU timeline from the first kernel's start to the last one's end, per call: kernels + gaps
+    spans.sort()
+    busy_end, idle = spans[0][0], 0.0
+    for ts, dur in spans:
+        idle += max(ts - busy_end, 0.0)
+        busy_end = max(busy_end, ts + dur)
+    rows.insert(0, dict(kernel="(idle between kernels)", launches_per_call=0, us_per_call=round(idle / calls, 2),
+                        span_us_per_call=round((busy_end - spans[0][0]) / calls, 2)))
+    return rows
+
+
+def profile_kernels(fn, args, calls: int, *contexts) -> list[dict]:
+    """Per-kernel GPU time of ``calls`` pipelined calls of jit(fn) (traced inside ``contexts``):
+    rows from :func:`_gpu_kernels`, the first being the idle time between kernels and the span."""
+    import tempfile
+
+    import jax
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        f = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
+    for _ in range(3):
+        jax.block_until_ready(f(*args))
+    d = tempfile.mkdtemp()
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+        out = None
+        for _ in range(calls):
+            out = f(*args)
+        jax.block_until_ready(out)
+    return _gpu_kernels(d, calls)
 
 
 def floor_ms(nbytes) -> float:

@@ -278,6 +278,98 @@ def test_swiglu_weight_gradients_split_at_few_rows():
     assert few[0] > 0 and few[1] == 0 and many[0] == 0 and many[1] > 0, (few, many)
 
 
+# --- split last wave (GPU) -------------------------------------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(items=st.integers(0, 2000), programs=st.integers(1, 200), nk=st.integers(1, 400))
+def test_last_wave_split_schedule(items, programs, nk):
+    """Every item's K steps run exactly once: whole items in full waves, leftover items as pieces."""
+    from pallas_kernels.triton.gmm import MAX_PIECES, SPLIT_MAX_BUSY, SPLIT_MIN_GAIN, last_wave_split
+    s = int(last_wave_split(jnp.int32(items), programs, nk))
+    assert 1 <= s <= min(MAX_PIECES, nk)
+    rem = items % programs
+    if s == 1:
+        return
+    assert items > programs and 0 < rem <= SPLIT_MAX_BUSY * programs  # only a partial last wave, not too full
+    assert rem * s <= programs  # one wave of pieces
+    chunk = -(-nk // s)
+    assert chunk <= SPLIT_MIN_GAIN * nk
+    cover = np.zeros((rem, nk), np.int32)
+    for q in range(rem * s):  # the kernel's piece q: item q % rem, K steps [j chunk, (j + 1) chunk)
+        j = q // rem
+        cover[q % rem, j * chunk:min(nk, (j + 1) * chunk)] += 1
+    assert np.all(cover == 1)
+
+
+def test_last_wave_split_cases():
+    """Mixtral T = 512 on 132 SMs: uniform router 176 down items (224 K steps), 616 gate items (64 K
+    steps); 8 x 128 rows: 448 gate items."""
+    from pallas_kernels.triton.gmm import last_wave_split
+    assert int(last_wave_split(176, 132, 224)) == 3    # 44 leftover -> 132 pieces of 75 steps
+    assert int(last_wave_split(616, 132, 64)) == 1     # 88 leftover already saturate HBM (measured: split lost)
+    assert int(last_wave_split(448, 132, 64)) == 2     # 52 leftover -> 104 pieces of 32 steps (not 260 of 13)
+    assert int(last_wave_split(128, 132, 224)) == 1    # one partial wave only: the weight-streaming regime
+    assert int(last_wave_split(264, 132, 224)) == 1    # full waves
+    assert int(last_wave_split(256, 132, 32)) == 1     # 124 leftover: no s wins
+
+
+@pytest.mark.parametrize("op,programs,sizes", [("gmm_offset", 7, [9, 17, 20, 3, 11]),
+                                               ("swiglu_fused", 5, [9, 17, 36, 3, 1])])
+def test_split_last_wave_matches_reference(kernel_backend, op, programs, sizes, monkeypatch):
+    """Sizes chosen so the leftover wave is split (checked on the schedule table), incl. zero-fill
+    items of other experts' rows (group offset) in the leftover; forward and gradients."""
+    backend, interpret = kernel_backend
+    if backend != "triton":
+        pytest.skip("the GPU forward's schedule")
+    from pallas_kernels.common import gmm_segments
+    from pallas_kernels.triton import gmm as gmm_kernel
+    from pallas_kernels.triton.gmm import last_wave_split
+    monkeypatch.setattr(gmm_kernel, "FIXUP_ROWS", 8)  # two row slices per 16-row tile
+    M, K, N = 70, 72, 40
+    tiles = Tiles(16, 16, 16, band=2, programs=programs)  # nk = 5, nt = 3
+    offset = 1 if op == "gmm_offset" else 0
+    table = gmm_segments.table_xla(jnp.asarray(sizes), offset, num_rows=M, num_groups=3 if offset else 5, tm0=16)
+    items = int(table[gmm_segments.SCALARS, gmm_segments.TOTAL0]) * 3
+    assert int(last_wave_split(items, programs, 5)) > 1, items  # the test must exercise the split
+    gs, off = jnp.asarray(sizes, jnp.int32), jnp.int32(offset)
+    tiling = Tiling(forward=tiles, transposed=SHAPES["triton"]["t"], policy="big")
+    if op == "gmm_offset":
+        lhs, rhs, ct = randn(1, (M, K)), randn(2, (3, K, N)), randn(3, (M, N))
+
+        def fn(kernel, l, r):
+            if kernel:
+                return sparse_jax.grouped_matmul(l, r, gs, group_offset=off, backend=backend, interpret=interpret)
+            return reference.grouped_matmul(l, r, gs, group_offset=off)
+        args = (lhs, rhs)
+    else:
+        x, wg, wu, ct = randn(4, (M, K)), randn(5, (5, K, N), scale=0.3), randn(6, (5, K, N), scale=0.3), randn(7, (M, N))
+
+        def fn(kernel, x, wg, wu):
+            if kernel:
+                return sparse_jax.grouped_swiglu(x, wg, wu, gs, fused=True, backend=backend, interpret=interpret)
+            return reference.grouped_swiglu(x, wg, wu, gs)
+        args = (x, wg, wu)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def fwd_bwd(kernel, ct, *a):
+        with gmm_plan.override(tiling):
+            out, vjp = jax.vjp(functools.partial(fn, kernel), *a)
+            return (out, *vjp(ct))
+    got, want = fwd_bwd(True, ct, *args), fwd_bwd(False, ct, *args)
+    _check(got, want, jnp.float32, interpret, ["out"] + [f"d arg{i}" for i in range(len(args))])
+    if op == "gmm_offset":
+        outside = ~_rows_of(sizes, M, 3, offset)
+        assert np.all(np.asarray(got[0])[outside] == 0), "zero-fill rows of the leftover wave"
+
+
+def test_split_last_wave_lowers_with_fixup():
+    """Mixtral's down projection at T = 512 lowers to the matmul launch plus its fixup launch."""
+    S = jax.ShapeDtypeStruct
+    fn = lambda x, w, g: sparse_jax.grouped_matmul(x, w, g, backend="triton")  # noqa: E731
+    text = _compat.export(fn, "cuda", S((1024, 14336), jnp.bfloat16), S((8, 14336, 4096), jnp.bfloat16),
+                          S((8,), jnp.int32)).mlir_module()
+    assert text.count("gmm_gmm_fixup") >= 1 and text.count("__gpu$xla.gpu.triton") == 3
+
+
 # --- adaptive tile height --------------------------------------------------------------------------
 def test_adaptive_tiles_match_reference(kernel_backend):
     """GPU: rows split between a big- and a small-tile launch; TPU: lax.switch over tile heights."""

@@ -84,7 +84,9 @@ class Tiles:
 
     GPU-only: num_warps, num_stages; band (row tiles per L2 swizzle band); occupancy:
     programs per SM of a persistent forward launch (0: one program per tile slot);
-    programs: a fixed persistent program count instead (tests use a few).
+    programs: a fixed persistent program count instead (tests use a few); split_last_wave:
+    whether a persistent forward may split its partial last wave along K
+    (``pallas_kernels.triton.gmm``).
     """
 
     tm: int
@@ -95,9 +97,11 @@ class Tiles:
     band: int = 8
     occupancy: int = 1
     programs: int = 0
+    split_last_wave: bool = True
 
     def __str__(self):
-        return f"{self.tm}x{self.tn}x{self.tk}/w{self.num_warps}s{self.num_stages}b{self.band}o{self.occupancy}"
+        split = "" if self.split_last_wave else "/nosplit"
+        return f"{self.tm}x{self.tn}x{self.tk}/w{self.num_warps}s{self.num_stages}b{self.band}o{self.occupancy}{split}"
 
     def replace(self, **kw) -> "Tiles":
         return dataclasses.replace(self, **kw)

@@ -38,7 +38,8 @@ from pallas_kernels.triton import tgmm as tgmm_kernel
 FORWARD_TILES = {
     "gmm": (gmm_kernel.BIG, gmm_kernel.SMALL),
     "transposed": (gmm_kernel.BIG, gmm_kernel.SMALL),
-    "swiglu": (Tiles(128, 128, 64, num_warps=8, num_stages=3), Tiles(32, 64, 128, num_warps=4, num_stages=4)),
+    "swiglu": (Tiles(128, 128, 64, num_warps=8, num_stages=3),
+               Tiles(32, 64, 128, num_warps=4, num_stages=4, split_last_wave=False)),
 }
 # Small tile of a plain gmm from this many mean rows per group (M / G) up: a 64-row tile holds a
 # whole group, so each group's weights are streamed by one tile row (measured only at 64 and 2
