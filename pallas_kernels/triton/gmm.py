@@ -8,9 +8,10 @@ The launch is persistent: ``occupancy`` programs per SM each walk the *active* i
 ``pid, pid + P, ...`` (a dynamic-trip-count loop), so a static worst-case tile count costs
 nothing -- with one program per slot a DeepSeek-size schedule would launch ~20k programs
 that only find they have no work (about 1 us of SM time each). Items are ordered in bands
-of ``band`` row tiles per column block, so the tiles of one group stream the same weight
-block through L2 together. Row tiles are group-aligned (a tile never straddles groups;
-stores are row-masked); zero-fill tiles (launch 0 only) write the rows of no local group.
+of ``band`` row tiles per column block (one band of all of them when they are few,
+:func:`row_band`), so the tiles of one group stream the same weight block through L2
+together. Row tiles are group-aligned (a tile never straddles groups; stores are
+row-masked); zero-fill tiles (launch 0 only) write the rows of no local group.
 The K loop is an ``scf.for`` Triton software-pipelines with ``num_stages`` buffers.
 
 Split last wave: when the active items fill some waves of P programs and leave a partial
@@ -50,15 +51,16 @@ BIG = Tiles(tm=128, tn=256, tk=64, num_warps=8, num_stages=3, band=8)
 SMALL = Tiles(tm=32, tn=128, tk=128, num_warps=4, num_stages=4, band=8, split_last_wave=False)
 SMALL_WIDE = Tiles(tm=64, tn=256, tk=64, num_warps=8, num_stages=3, band=8)
 
-# H100 round 11 (profiles, Mixtral T = 512, uniform router: 11 row tiles, group 6's two tiles were
-# split between the bands of 8): see benchmarks/notes/grouped_matmul.md.
+# All active row tiles form one band up to ONE_BAND_ROWS x band (row_band). H100 round 11 profiles,
+# Mixtral T = 512, uniform router (11 row tiles; group 6's two tiles fell into different bands of 8):
+# gate projection 393 -> 363 us, down 367 -> 345, fused SwiGLU 793 -> 737 (GPU time per launch).
 ONE_BAND_ROWS = 2
 
 # Split the last wave (module docstring). H100 round 11 (benchmarks/notes/grouped_matmul.md):
 # Mixtral's down projection at T = 512 took 0.343 ms over 8 groups of 128 rows (128 items on 132
 # programs, one wave) and 0.460 ms over the uniform router's 8 groups of 112-152 rows (176 items:
 # one wave and 44 items that each stream 7 MB of weights at one SM's rate).
-# Profiles (GPU time of the matmul launch + fixup, split vs not): down 365 + 6 vs 430 us (44 items
+# Profiles (GPU time of the matmul launch + fixup, split vs not, bands of 8): down 365 + 6 vs 430 us (44 items
 # left over: 44 SMs cannot draw the HBM bandwidth, one SM streams ~36 GB/s of the ~3 TB/s); the gate
 # projection over the same groups 401 + 8 vs 391 us (88 left over: they already saturate HBM, and
 # the pieces' partial tiles add 34 MB of traffic) -- hence SPLIT_MAX_BUSY.
