@@ -299,8 +299,9 @@ def mid(model="mixtral-8x7b", T=512):
         RUN.save()
 
 
-def large(models, tokens, peers: bool, backward: bool = False):
-    """Forward (or, with ``backward``, forward + all gradients) of the layer at T >= 512."""
+def large(models, tokens, peers: bool, backward: bool = False, router: str = "uniform"):
+    """Forward (or, with ``backward``, forward + all gradients) of the layer at T >= 512
+    (``router``: "uniform" or "zipf", as in benchmarks.moe)."""
     policies = {"default": None} if backward else {"default": None, "big": Tiling(policy="big"),
                                                    "small": Tiling(policy="small")}
     wrap = B._fwd_bwd if backward else (lambda f: f)
@@ -310,15 +311,15 @@ def large(models, tokens, peers: bool, backward: bool = False):
         # torch first, before JAX holds this model's weights or grows its pool with ragged_dot's
         # temporaries (JAX keeps freed memory in its pool; torch hands its cache back below)
         for T in tokens:
-            inputs[T] = x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
+            inputs[T] = x, rw = B._inputs(T, D, E, router, 0, jnp.bfloat16)
             active = B._active_experts(x, rw, k)
-            rows[T] = row = dict(model=model, T=T, active=active, backward=backward,
+            rows[T] = row = dict(model=model, T=T, router=router, active=active, backward=backward,
                                  floor_ms=round(floor_ms(active * 3 * D * F * 2), 4))
             if peers:
                 from benchmarks import peers_torch
                 from benchmarks.peers import router_bias
                 try:
-                    t = peers_torch.time_moe(T, D, F, E, k, jnp.bfloat16, router_bias(E, "uniform"), backward=backward)
+                    t = peers_torch.time_moe(T, D, F, E, k, jnp.bfloat16, router_bias(E, router), backward=backward)
                     row["torch_ms"] = round(t.ms, 4)
                 except Exception as e:  # noqa: BLE001
                     row["torch_error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -365,6 +366,7 @@ def main():
     ap.add_argument("--large-tokens", default="512,2048")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--backward", action="store_true", help="large phase: forward + all gradients")
+    ap.add_argument("--router", default="uniform", help="large phase: uniform or zipf")
     ap.add_argument("--profile-tokens", default="1")
     ap.add_argument("--tgrad-models", default="qwen2-57b-a14b")
     ap.add_argument("--tiles", default=None, help="comma-separated SMALL_TILES names (and 'default') to sweep")
@@ -397,7 +399,7 @@ def main():
         RUN.guard("mid", 30)(mid)("tiny" if models == ["tiny"] else "mixtral-8x7b", big[0])
     if "large" in phases:
         RUN.guard("large", 40)(large)(a.large_models.split(",") if a.large_models else models, big, not a.no_peers,
-                                          a.backward)
+                                          a.backward, a.router)
     RUN.log(f"done; errors: {len(RUN.report['errors'])}")
 
 
