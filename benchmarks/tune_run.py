@@ -51,17 +51,23 @@ def timed(fn, args, pipeline=None):
     return round(t.ms, 4), t.batch
 
 
+def compiled(fn, args, *contexts):
+    """jit(fn) lowered and compiled for ``args`` inside ``contexts`` (tile overrides, module
+    patches; kernels read them at trace time)."""
+    import jax
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        # a fresh function object: JAX's trace cache is keyed on it, not on the patches
+        return jax.jit(lambda *a: fn(*a)).lower(*args).compile()
+
+
 def measure(row, key, fn, args, *contexts, error_key=None, per=1):
     """row[key] = ms of fn(*args) (divided by ``per``), traced and compiled inside ``contexts``
     (tile overrides, module patches; kernels read them at trace time). A failure is recorded
     under ``error_key`` (default ``<key>_error``) instead; returns the time or None."""
-    import jax
     try:
-        with contextlib.ExitStack() as stack:
-            for c in contexts:
-                stack.enter_context(c)
-            # a fresh function object: JAX's trace cache is keyed on it, not on the patches
-            f = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
+        f = compiled(fn, args, *contexts)
         row[key] = round(timed(f, args)[0] / per, 4)
         return row[key]
     except Exception as e:  # noqa: BLE001
@@ -109,10 +115,7 @@ def profile_kernels(fn, args, calls: int, *contexts) -> list[dict]:
     import tempfile
 
     import jax
-    with contextlib.ExitStack() as stack:
-        for c in contexts:
-            stack.enter_context(c)
-        f = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
+    f = compiled(fn, args, *contexts)
     for _ in range(3):
         jax.block_until_ready(f(*args))
     d = tempfile.mkdtemp()

@@ -103,12 +103,12 @@ def last_wave_split(items, programs: int, nk: int):
     shorter pieces lost on the H100: 8 x 128-row gate items, 260 pieces of 13 steps 356 us +
     16 us of fixup, 104 of 32 steps 350 + 7.
     """
-    waves, rem = items // programs, items % programs
+    rem = items % programs
+    eligible = (items > programs) & (rem > 0) & (rem <= int(SPLIT_MAX_BUSY * programs))
     best_s, best = jnp.int32(1), jnp.int32(nk)
     for s in range(2, min(MAX_PIECES, nk) + 1):
         steps = gmm_plan.cdiv(nk, s)
-        ok = (waves >= 1) & (rem > 0) & (rem <= int(SPLIT_MAX_BUSY * programs)) & (rem * s <= programs) \
-            & (steps < best)
+        ok = eligible & (rem * s <= programs) & (steps < best)
         best_s, best = jnp.where(ok, s, best_s), jnp.where(ok, steps, best)
     return jnp.where(best <= int(SPLIT_MIN_GAIN * nk), best_s, 1).astype(jnp.int32)
 
@@ -144,18 +144,31 @@ class _Geometry(NamedTuple):
 
 
 class _Item(NamedTuple):
+    """A block of rows [row0, row0 + height) x one column block of a work item."""
     g: jax.Array  # local group, -1: zero fill
     lo: jax.Array  # rows [lo, hi) are this item's
     hi: jax.Array
-    row0: jax.Array  # first row of the [tm] block it loads and stores
+    nb: jax.Array  # column block
+    row0: jax.Array  # first row of the block it loads and stores
     cols: jax.Array  # int32 [tn]
-    out_mask: jax.Array  # bool [tm, tn]
+    out_mask: jax.Array  # bool [height, tn]
     rows_ds: object
     cols_ds: object
 
 
+def _block(g, lo, hi, nb, row0, height: int, geo: _Geometry) -> _Item:
+    rows = row0 + lax.broadcasted_iota(jnp.int32, (height,), 0)
+    row_ok = (rows >= lo) & (rows < hi)
+    cols = nb * geo.tn + lax.broadcasted_iota(jnp.int32, (geo.tn,), 0)
+    if geo.N % geo.tn:
+        out_mask = row_ok[:, None] & (cols < geo.N)[None, :]
+    else:
+        out_mask = jnp.broadcast_to(row_ok[:, None], (height, geo.tn))
+    return _Item(g, lo, hi, nb, row0, cols, out_mask, pl.ds(row0, height), pl.ds(nb * geo.tn, geo.tn))
+
+
 def _item(tab_ref, w, active, geo: _Geometry) -> _Item:
-    """Work item number ``w`` (< active * nt) -> its group, rows and columns."""
+    """Work item number ``w`` (< active * nt) -> its group and its [tm] x [tn] block."""
     t, nb = swizzle(w, active, geo.nt, row_band(active, geo.band))
     g, lo, hi = gmm_segments.decode(t, launch=geo.launch, tm=geo.tm, num_rows=geo.M,
                                     row=lambda r: tab_ref[r, pl.ds(0, geo.W)], at=lambda r, i: tab_ref[r, i])
@@ -165,25 +178,18 @@ def _item(tab_ref, w, active, geo: _Geometry) -> _Item:
         # [lo, hi) it reads belong to other groups and are never stored (row i of the
         # product depends on row i of lhs only). Saves registers in the K loop.
         row0 = jnp.minimum(row0, geo.M - geo.tm)
-    rows = row0 + lax.broadcasted_iota(jnp.int32, (geo.tm,), 0)
-    row_ok = (rows >= lo) & (rows < hi)
-    cols = nb * geo.tn + lax.broadcasted_iota(jnp.int32, (geo.tn,), 0)
-    if geo.N % geo.tn:
-        out_mask = row_ok[:, None] & (cols < geo.N)[None, :]
-    else:
-        out_mask = jnp.broadcast_to(row_ok[:, None], (geo.tm, geo.tn))
-    return _Item(g, lo, hi, row0, cols, out_mask, pl.ds(row0, geo.tm), pl.ds(nb * geo.tn, geo.tn))
+    return _block(g, lo, hi, nb, row0, geo.tm, geo)
 
 
 def _store_tile(o_refs, it: _Item, fusion: Fusion, accs):
-    """Epilogue of the float32 accumulators, stored to the item's rows and columns."""
+    """Epilogue of the float32 accumulators, stored to the block's rows and columns."""
     for o_ref, val in zip(o_refs, gmm_plan.epilogue(fusion.epilogue, accs)):
         plgpu.store(o_ref.at[it.rows_ds, it.cols_ds], val.astype(o_ref.dtype), mask=it.out_mask)
 
 
-def _zero_tile(o_refs, it: _Item, geo: _Geometry):
+def _zero_tile(o_refs, it: _Item):
     for o_ref in o_refs:
-        plgpu.store(o_ref.at[it.rows_ds, it.cols_ds], jnp.zeros((geo.tm, geo.tn), o_ref.dtype), mask=it.out_mask)
+        plgpu.store(o_ref.at[it.rows_ds, it.cols_ds], jnp.zeros(it.out_mask.shape, o_ref.dtype), mask=it.out_mask)
 
 
 def _split_plan(active, programs: int, geo: _Geometry):
@@ -276,7 +282,7 @@ def forward(xs, ws, table, *, launch: int, fusion: Fusion, tiles: Tiles, transpo
 
             @pl.when(it.g < 0)
             def _zero_fill():
-                _zero_tile(o_refs, it, geo)
+                _zero_tile(o_refs, it)
 
         def piece(q, whole, rem, chunk):
             """Piece q of the leftover: K steps [j chunk, (j + 1) chunk) of item whole + q % rem."""
@@ -359,11 +365,8 @@ def _fixup(table, partials, outs, *, geo: _Geometry, fusion: Fusion, programs: i
         @pl.when((s > 1) & (r < rem))
         def _():
             it = _item(tab_ref, whole + r, active, geo)
-            rows = it.row0 + i * fr + lax.broadcasted_iota(jnp.int32, (fr,), 0)  # a slice of the item's rows
-            row_ok = (rows >= it.lo) & (rows < it.hi)
-            mask = row_ok[:, None] & (it.cols < geo.N)[None, :]
-            first = it.row0 + i * fr
-            rows_ds, any_row = pl.ds(first, fr), (first < it.hi) & (first + fr > it.lo)
+            sl = _block(it.g, it.lo, it.hi, it.nb, it.row0 + i * fr, fr, geo)  # slice i of the item's rows
+            any_row = (sl.row0 < it.hi) & (sl.row0 + fr > it.lo)
 
             @pl.when(any_row & (it.g >= 0))
             def _sum():
@@ -375,13 +378,11 @@ def _fixup(table, partials, outs, *, geo: _Geometry, fusion: Fusion, programs: i
                         acc = acc + plgpu.load(part_ref.at[q, pl.ds(i * fr, fr), pl.ds(0, geo.tn)],
                                                mask=jnp.broadcast_to(j < s, (fr, geo.tn)), other=0.0)
                     accs.append(acc)
-                for o_ref, val in zip(o_refs, gmm_plan.epilogue(fusion.epilogue, accs)):
-                    plgpu.store(o_ref.at[rows_ds, it.cols_ds], val.astype(o_ref.dtype), mask=mask)
+                _store_tile(o_refs, sl, fusion, accs)
 
             @pl.when(any_row & (it.g < 0))
             def _zero_fill():
-                for o_ref in o_refs:
-                    plgpu.store(o_ref.at[rows_ds, it.cols_ds], jnp.zeros((fr, geo.tn), o_ref.dtype), mask=mask)
+                _zero_tile(o_refs, sl)
 
     return tuple(pl.pallas_call(
         kernel,
