@@ -312,24 +312,41 @@ def test_last_wave_split_cases():
     assert int(last_wave_split(256, 132, 32)) == 1     # 124 leftover: no s wins
 
 
-@pytest.mark.parametrize("op,programs,sizes", [("gmm_offset", 7, [9, 17, 20, 3, 11]),
-                                               ("swiglu_fused", 5, [9, 17, 36, 3, 1])])
+def _leftover_groups(table, programs: int, *, tm: int, M: int, nt: int, nk: int, band: int):
+    """Local group (-1: zero fill) of each item of a launch-0 schedule's split leftover, as the
+    Triton forward orders its items ([] when it does not split)."""
+    from pallas_kernels.common import gmm_segments
+    from pallas_kernels.triton import gmm as gmm_kernel
+    active = int(table[gmm_segments.SCALARS, gmm_segments.TOTAL0])
+    items = active * nt
+    if int(gmm_kernel.last_wave_split(items, programs, nk)) == 1:
+        return []
+    groups = []
+    for w in range(items // programs * programs, items):
+        t, _ = gmm_kernel.swizzle(jnp.int32(w), active, nt, gmm_kernel.row_band(jnp.int32(active), band))
+        g, _, _ = gmm_segments.decode(t, launch=0, tm=tm, num_rows=M, row=lambda r: table[r], at=lambda r, i: table[r, i])
+        groups.append(int(g))
+    return groups
+
+
+@pytest.mark.parametrize("op,programs,sizes", [("gmm_offset", 7, [19, 25, 8, 17, 22]),
+                                               ("swiglu_fused", 5, [25, 12, 10, 18, 7])])
 def test_split_last_wave_matches_reference(kernel_backend, op, programs, sizes, monkeypatch):
-    """Sizes chosen so the leftover wave is split (checked on the schedule table), incl. zero-fill
-    items of other experts' rows (group offset) in the leftover; forward and gradients."""
+    """Sizes chosen so the leftover wave is split and holds computed items (checked on the schedule
+    table) and, with a group offset, zero-fill items of other experts' rows; forward and gradients."""
     backend, interpret = kernel_backend
     if backend != "triton":
         pytest.skip("the GPU forward's schedule")
     from pallas_kernels.common import gmm_segments
     from pallas_kernels.triton import gmm as gmm_kernel
-    from pallas_kernels.triton.gmm import last_wave_split
     monkeypatch.setattr(gmm_kernel, "FIXUP_ROWS", 8)  # two row slices per 16-row tile
     M, K, N = 70, 72, 40
     tiles = Tiles(16, 16, 16, band=2, programs=programs)  # nk = 5, nt = 3
     offset = 1 if op == "gmm_offset" else 0
     table = gmm_segments.table_xla(jnp.asarray(sizes), offset, num_rows=M, num_groups=3 if offset else 5, tm0=16)
-    items = int(table[gmm_segments.SCALARS, gmm_segments.TOTAL0]) * 3
-    assert int(last_wave_split(items, programs, 5)) > 1, items  # the test must exercise the split
+    left = _leftover_groups(table, programs, tm=16, M=M, nt=3, nk=5, band=2)
+    assert any(g >= 0 for g in left), left  # the pieces of a computed item are summed by the fixup
+    assert any(g < 0 for g in left) or not offset, left  # and the fixup zero-fills
     gs, off = jnp.asarray(sizes, jnp.int32), jnp.int32(offset)
     tiling = Tiling(forward=tiles, transposed=SHAPES["triton"]["t"], policy="big")
     if op == "gmm_offset":
