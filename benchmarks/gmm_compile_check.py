@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 import tempfile
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 from benchmarks import triton_compile
 
 SMEM_LIMIT = 232448  # bytes of shared memory per block on sm_90
+DECODE_MODELS = {"mixtral": (8, 2, 4096, 14336), "qwen2": (64, 4, 3584, 2560), "deepseek-v3": (256, 8, 7168, 2048)}
 
 
 def capture_ttir(fn, args) -> list[tuple[str, str, int, int]]:
@@ -70,7 +72,23 @@ def cases(all_candidates: bool):
            ("swiglu fwd+bwd bf16 32 rows/group", vjp_swiglu,  # Qwen2-MoE at T=512: few-rows tgmm, two operands
             (S((2048, 3584), bf), S((64, 3584, 2560), bf), S((64, 3584, 2560), bf), S((64,), i32),
              S((2048, 2560), bf)), True)]
+    for model, (E_, k, D, F) in DECODE_MODELS.items():
+        out.append((f"moe decode (experts_by_id) {model} T=1", lambda x, w, i, a, b, c: sparse_jax.ops.experts_by_id(
+            x, w, i, a, b, c, backend="triton"),
+            (S((1, D), bf), S((1, k), jnp.float32), S((1, k), i32), S((E_, D, F), bf), S((E_, D, F), bf),
+             S((E_, F, D), bf)), True))
     if all_candidates:
+        from benchmarks import tune_moe
+        from pallas_kernels.triton import moe_decode
+        for name, t in tune_moe.DECODE_TILES.items():
+            if t is None:
+                continue
+            def dec(x, w, i, a, b, c, t=t):
+                with mock.patch.object(moe_decode, "TILES", t):
+                    return sparse_jax.ops.experts_by_id(x, w, i, a, b, c, backend="triton")
+            out.append((f"moe decode {name}", dec, (S((1, 3584), bf), S((1, 4), jnp.float32), S((1, 4), i32),
+                                                     S((64, 3584, 2560), bf), S((64, 3584, 2560), bf),
+                                                     S((64, 2560, 3584), bf)), False))
         from benchmarks import tune_gmm
         for t in tune_gmm.BIG_CANDIDATES + tune_gmm.SMALL_CANDIDATES:
             def f(x, w, gs, t=t):

@@ -95,13 +95,15 @@ def _ours(backend):
     return f
 
 
-def in_step(fn, layers: int):
+def in_step(fn, layers: int, unroll: bool = False):
     """fn applied ``layers`` times in one jitted loop, as a decode step runs its layers (no host
-    dispatch or sync in between); x[:, 0] is reset to 1 each time (the router-bias column)."""
+    dispatch or sync in between); x[:, 0] is reset to 1 each time (the router-bias column).
+    ``unroll``: straight-line code instead of an XLA while loop (as a model whose layers are
+    not scanned runs them)."""
     def f(x, router_weights, w_gate, w_up, w_down):
         def body(_, h):
             return fn(h, router_weights, w_gate, w_up, w_down).astype(h.dtype).at[:, 0].set(1)
-        return jax.lax.fori_loop(0, layers, body, x)
+        return jax.lax.fori_loop(0, layers, body, x, unroll=unroll)
     return f
 
 

@@ -16,6 +16,12 @@ Phases (each guarded by the budget; JSON rewritten after each, ``$OUT/tune_moe.j
 * ``step`` -- T = 1 / 32: the layer applied ``L`` times inside one jitted loop (as a
   decode step runs its layers: no host dispatch or sync between layers), ours vs
   ragged_dot, per layer; ours also per call (one layer per jitted call, calls pipelined).
+* ``decode`` -- ``--decode-tokens`` (default 1): the layer in a decode step on the decode path
+  (``ops.experts_by_id``) under each ``DECODE_TILES`` candidate at T = 1 (the default tiles
+  at more tokens) against the grouped path (``DECODE_MAX_TOKENS = 0``) and the floor; the op
+  alone (fixed routing) with the default tiles.
+* ``decode_kernels`` -- T = 1: the decode kernel's GPU time alone (profiler) per candidate, beside
+  XLA's copy and reduction of the same number of bytes.
 * ``mid`` -- Mixtral T = 512: the gate+up (fused / two gmm) and down matmuls under
   candidate tiles and policies (the 3x-ragged_dot goal needs ~1.05x the weight floor).
 * ``large`` -- T >= 512: ours (default, and the tile policies) vs ragged_dot vs the torch
@@ -43,14 +49,17 @@ from benchmarks import moe as B  # noqa: E402
 from benchmarks import timing  # noqa: E402
 from benchmarks.tune_run import TuneRun, floor_ms, measure, profile_kernels, timed  # noqa: E402
 from pallas_kernels.common import gmm_plan  # noqa: E402
+from pallas_kernels.common.decode_plan import DecodeTiles  # noqa: E402
 from pallas_kernels.common.gmm_plan import Tiles, Tiling  # noqa: E402
+from pallas_kernels.triton import moe_decode  # noqa: E402
 from sparse_jax import moe, ops  # noqa: E402
+from sparse_jax.moe import layer as moe_layer  # noqa: E402
 from sparse_jax.moe import routing as moe_routing  # noqa: E402
 from sparse_jax.moe.dispatch import expand, plan_dispatch  # noqa: E402
 
 MODELS = {**B.MODELS, **B.QUICK_MODELS}  # "tiny": the CPU smoke run
 RUN = TuneRun("tune_moe", {"errors": [], "breakdown": [], "tiles": [], "profile": [], "step": [], "mid": [], "large": [],
-                                "tgrad": [], "variants": []})
+                                "tgrad": [], "variants": [], "decode": [], "decode_kernels": []})
 
 def _named(*tiles: Tiles) -> dict[str, Tiles]:
     """Candidates keyed by a short label ("16x64x128w4s4", as the JSON rows and --tiles name them)."""
@@ -270,6 +279,103 @@ def step(models, tokens, L=8):
         RUN.save()
 
 
+# Decode kernel candidates (decode / decode_kernels phases; "default": moe_decode.default_tiles).
+DECODE_TILES = {"default": None, **{str(t): t for t in (
+    moe_decode.WIDE, moe_decode.NARROW, DecodeTiles(), DecodeTiles(tn=32), DecodeTiles(tn=128), DecodeTiles(programs_per_sm=4),
+    DecodeTiles(td=256, num_stages=3), DecodeTiles(num_stages=6), DecodeTiles(programs_per_sm=1),
+    DecodeTiles(programs_per_sm=3), DecodeTiles(tn=128, num_warps=8), DecodeTiles(tn=32, tk=128, td=64),
+    DecodeTiles(tk=32, num_stages=8),
+    DecodeTiles(tn=64, tk=128, num_stages=3), DecodeTiles(tn=128, tk=128, num_stages=4),
+    DecodeTiles(tn=64, tk=128, num_stages=4), DecodeTiles(tn=64, tk=128, td=256, num_stages=3),
+    DecodeTiles(tn=64, tk=128, num_warps=8, num_stages=3), DecodeTiles(tn=64, tk=128, td=64, num_stages=3),
+    DecodeTiles(tn=128, tk=128, td=256, num_stages=3),
+    # round 12, second call: wider strips (longer contiguous runs per weight row), deeper pipelines
+    DecodeTiles(tn=128, num_stages=6), DecodeTiles(tn=128, tk=128, num_stages=3),
+    DecodeTiles(tn=128, num_warps=8, num_stages=6), DecodeTiles(tn=256, tk=32, td=32, num_stages=6),
+    DecodeTiles(tn=256, tk=64, td=64, num_stages=3), DecodeTiles(tn=256, tk=32, td=64, num_warps=8, num_stages=4))}}
+
+
+def decode_kernels(models, names=None, calls=20):
+    """T = 1: GPU time of the decode kernel alone (profiler) under each candidate, against the
+    same bytes streamed by XLA's own kernels (a copy and a reduction of one contiguous buffer)."""
+    for model in models:
+        E, k, D, F = MODELS[model]
+        wg, wu, wd = B._weights(E, D, F, jnp.bfloat16)
+        x, rw = B._inputs(1, D, E, "uniform", 0, jnp.bfloat16)
+        r = moe.route(moe.router_logits(x, rw), k)
+        args = (x, r.weights, r.expert_ids, wg, wu, wd)
+        nbytes = k * 3 * D * F * 2
+        row = dict(model=model, weight_mb=round(nbytes / 1e6, 1), floor_us=round(floor_ms(nbytes) * 1e3, 2))
+        buf = jnp.ones((nbytes // 2 // 4096, 4096), jnp.bfloat16)
+        for key, fn in (("xla_copy", lambda b: b + 1), ("xla_reduce", lambda b: jnp.sum(b, axis=0, dtype=jnp.float32))):
+            ks = profile_kernels(fn, (buf,), calls)
+            us = sum(r_.get("us_per_call", 0.0) for r_ in ks if not r_.get("kernel", "(").startswith("("))
+            row[f"{key}_us"] = round(us, 2)
+        del buf
+        for n, t in DECODE_TILES.items():
+            if (names is not None and n not in names) or RUN.left() < 15:
+                continue
+            try:
+                ks = profile_kernels(functools.partial(ops.experts_by_id, backend="triton"), args, calls,
+                                     mock.patch.multiple(moe_decode, TILES=t))
+                us = [r_["us_per_call"] for r_ in ks if r_.get("kernel", "").startswith("moe_decode")]
+                other = sum(r_.get("us_per_call", 0.0) for r_ in ks if not r_.get("kernel", "(").startswith(("(", "moe_decode")))
+                row[f"{n}_us"] = round(us[0], 2) if us else None
+                row[f"{n}_tbps"] = round(nbytes / us[0] / 1e6, 3) if us else None
+                row[f"{n}_other_us"] = round(other, 2)
+            except Exception as e:  # noqa: BLE001
+                row[f"{n}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        RUN.report["decode_kernels"].append(row)
+        RUN.log(row)
+        del wg, wu, wd
+        gc.collect()
+        RUN.save()
+
+
+def decode(models, tokens=(1,), L=8, names=None, profile_step=False):
+    for model in models:
+        E, k, D, F = MODELS[model]
+        wg, wu, wd = B._weights(E, D, F, jnp.bfloat16)
+        for T in tokens:
+            if RUN.left() < 20:
+                return
+            x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
+            active = B._active_experts(x, rw, k)
+            args = (x, rw, wg, wu, wd)
+            row = dict(model=model, T=T, L=L, active=active, floor_ms=round(floor_ms(active * 3 * D * F * 2), 4),
+                       assigned_floor_ms=round(floor_ms(T * k * 3 * D * F * 2), 4))
+            ours = B.in_step(functools.partial(B._ours(None), top_k=k), L)
+            measure(row, "grouped_step_ms", ours, args, mock.patch.multiple(moe_layer, DECODE_MAX_TOKENS=0), per=L)
+            unrolled = B.in_step(functools.partial(B._ours(None), top_k=k), L, unroll=True)
+            measure(row, "grouped_unrolled_step_ms", unrolled, args, mock.patch.multiple(moe_layer, DECODE_MAX_TOKENS=0),
+                    per=L)
+            measure(row, "decode_unrolled_step_ms", unrolled, args, mock.patch.multiple(moe_layer, DECODE_MAX_TOKENS=T),
+                    per=L)
+            if profile_step:
+                for key, n in (("grouped", 0), ("decode", T)):
+                    ks = profile_kernels(unrolled, args, 10, mock.patch.multiple(moe_layer, DECODE_MAX_TOKENS=n))
+                    row[f"{key}_unrolled_kernels"] = [dict(r_, us_per_layer=round(r_.get("us_per_call", 0) / L, 2))
+                                                      for r_ in ks[:16]]
+            cands = {n: t for n, t in DECODE_TILES.items() if names is None or n in names}
+            for n, t in (cands if T == 1 else {"default": None}).items():
+                if RUN.left() < 15:
+                    break
+                ms = measure(row, f"decode_{n}_step_ms", ours, args, mock.patch.multiple(moe_layer, DECODE_MAX_TOKENS=T),
+                             mock.patch.multiple(moe_decode, TILES=t), per=L)
+                if ms:
+                    row[f"decode_{n}_vs_floor"] = round(ms / row["floor_ms"], 3)
+            r = moe.route(moe.router_logits(x, rw), k)
+            measure(row, "op_ms", functools.partial(ops.experts_by_id, backend="triton"),
+                    (x, r.weights, r.expert_ids, wg, wu, wd))
+            measure(row, "layer_call_ms", functools.partial(B._ours(None), top_k=k), args,
+                    mock.patch.multiple(moe_layer, DECODE_MAX_TOKENS=T))
+            RUN.report["decode"].append(row)
+            RUN.log(row)
+        del wg, wu, wd
+        gc.collect()
+        RUN.save()
+
+
 MID_TILES = _named(Tiles(128, 256, 64, num_warps=8, num_stages=3), Tiles(128, 128, 64, num_warps=4, num_stages=4),
                    Tiles(128, 128, 64, num_warps=8, num_stages=4), Tiles(64, 256, 64, num_warps=8, num_stages=3),
                    Tiles(64, 128, 128, num_warps=4, num_stages=4), Tiles(128, 256, 64, num_warps=8, num_stages=4))
@@ -368,6 +474,9 @@ def main():
     ap.add_argument("--backward", action="store_true", help="large phase: forward + all gradients")
     ap.add_argument("--router", default="uniform", help="large phase: uniform or zipf")
     ap.add_argument("--profile-tokens", default="1")
+    ap.add_argument("--decode-tokens", default="1")
+    ap.add_argument("--profile-step", action="store_true", help="decode phase: profile the unrolled step too")
+    ap.add_argument("--decode-tiles", default=None, help="decode phase: comma-separated DECODE_TILES names")
     ap.add_argument("--tgrad-models", default="qwen2-57b-a14b")
     ap.add_argument("--tiles", default=None, help="comma-separated SMALL_TILES names (and 'default') to sweep")
     ap.add_argument("--variants", default=None, help="variants phase: comma-separated names (default: all)")
@@ -395,6 +504,12 @@ def main():
                                                 a.backward)
     if "step" in phases:
         RUN.guard("step", 30)(step)(models, small)
+    if "decode_kernels" in phases:
+        RUN.guard("decode_kernels", 30)(decode_kernels)(models, a.decode_tiles.split(",") if a.decode_tiles else None)
+    if "decode" in phases:
+        RUN.guard("decode", 30)(decode)(models, [int(t) for t in a.decode_tokens.split(",")],
+                                        names=a.decode_tiles.split(",") if a.decode_tiles else None,
+                                        profile_step=a.profile_step)
     if "mid" in phases:
         RUN.guard("mid", 30)(mid)("tiny" if models == ["tiny"] else "mixtral-8x7b", big[0])
     if "large" in phases:

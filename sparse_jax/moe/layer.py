@@ -28,6 +28,14 @@ def shared_expert_ffn(x, w_gate, w_up, w_down):
     return jnp.dot(h, w_down, preferred_element_type=f32)
 
 
+# Up to this many tokens the experts run by id (ops.experts_by_id: one launch, each
+# assignment streams its expert's weights) instead of sort -> grouped matmuls -> combine
+# (~20 launches). At one token the k ids are distinct, so no expert is read twice; at two or
+# more, ids repeat (Mixtral: 2 tokens x top-2 of 8) and the grouped path reads each expert once.
+# H100 measurements: benchmarks/notes/moe_layer.md, round 12.
+DECODE_MAX_TOKENS = 1
+
+
 def routed_experts(x, weights, expert_ids, w_gate, w_up, w_down, *, kept=None, num_rows=None, row_align=None,
                    backend=None, interpret=False):
     """y[t] = sum_j weights[t, j] * SwiGLU_{expert_ids[t, j]}(x[t]) -> float32 [T, D].
@@ -37,10 +45,15 @@ def routed_experts(x, weights, expert_ids, w_gate, w_up, w_down, *, kept=None, n
     that many rows (>= the kept assignments); row_align (static) pads each expert's rows
     to start at a multiple of it (None: what the backend's kernels prefer,
     :func:`sparse_jax.ops.preferred_row_alignment`). The building
-    block of the layer.
+    block of the layer; at T <= DECODE_MAX_TOKENS the decode path (``num_rows`` and
+    ``row_align`` do not apply there).
     """
     E, D, F = w_gate.shape
     k = expert_ids.shape[1]
+    if x.shape[0] <= DECODE_MAX_TOKENS:
+        if kept is not None:
+            weights, expert_ids = jnp.where(kept, weights, 0.0), jnp.where(kept, expert_ids, 0)
+        return ops.experts_by_id(x, weights, expert_ids, w_gate, w_up, w_down, backend=backend, interpret=interpret)
     if row_align is None:
         row_align = min(ops.preferred_row_alignment(x.dtype, kk, nn, backend=backend, interpret=interpret)
                         for kk, nn in ((D, F), (F, D)))

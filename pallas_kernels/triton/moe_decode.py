@@ -1,0 +1,162 @@
+"""The decode expert kernel (a few tokens' k experts by id, one launch) lowered through Pallas-Triton.
+
+Work items and their math: :mod:`pallas_kernels.common.decode_plan`. The launch is
+persistent (``decode_plan.persistent_schedule``): programs walk items ``p, p + P, ...``.
+An item has two loops over D: gate/up steps (a [tk, tn] strip block of each weight against
+tk entries of x) and down steps (a [tn, td] block of the strip's w_down rows -> td columns
+of the item's float32 partial). A row vector goes through ``tl.dot`` broadcast to 16 MMA
+rows (its smallest M): the tensor cores do 16x the arithmetic of a GEMV, which costs nothing
+in a launch bound by streaming weights, and it keeps both loops' loads in Triton's software
+pipeline (a dot's operands are pipelined with ``num_stages`` buffers). All 16 rows are equal;
+``max`` over them picks one exactly.
+
+Refs are whole arrays (no BlockSpec): every load and store past an edge is masked.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.common import decode_plan, gmm_plan
+from pallas_kernels.common.decode_plan import DecodeTiles
+from pallas_kernels.triton.gmm import num_sms
+from sparse_jax import _compat
+
+ROWS = 16  # the broadcast row count (tl.dot's minimum M)
+# H100 round 12 (benchmarks/notes/moe_layer.md; decode kernel alone, T = 1): 128-column strips
+# stream 256-byte runs of each gate/up weight row and reach XLA's own 1-launch read rate
+# (Mixtral 238-240 us, DeepSeek-V3 233 us for 705 MB; XLA's reduction of as many bytes 238 us);
+# 64-column strips lose 5-17 % there, but Qwen2-MoE (4 x 2560 / 128 = 80 items on 132 SMs)
+# needs their 160 items: 81 us vs 85-91 us for 220 MB.
+WIDE = DecodeTiles(tn=128, tk=128, td=256, num_warps=4, num_stages=3, programs_per_sm=2)
+NARROW = DecodeTiles(tn=64, tk=128, td=128, num_warps=4, num_stages=3, programs_per_sm=2)
+WIDE_MIN_BUSY = 0.75  # WIDE when its items keep at least this fraction of the SMs busy
+TILES: DecodeTiles | None = None  # forces one tile set (benchmarks)
+SMEM_PER_SM = 232448  # bytes an H100 SM gives its resident programs
+
+
+def resident_programs(tiles: DecodeTiles, tn: int, tk: int, td: int, itemsize: int) -> int:
+    """Programs per SM: ``tiles.programs_per_sm``, fewer if their pipeline buffers (num_stages - 1
+    in flight per loop, the larger loop's) do not fit the SM's shared memory together."""
+    per_stage = max(2 * tk * tn + ROWS * tk, tn * td + ROWS * tn) * itemsize
+    smem = (tiles.num_stages - 1) * per_stage + 1024 * 4  # + Triton's scratch (layout conversions)
+    return max(1, min(tiles.programs_per_sm, SMEM_PER_SM // smem))
+
+
+def _rows(v):
+    """[n] -> [ROWS, n]: the vector broadcast to the MMA's rows."""
+    return jnp.broadcast_to(v[None, :], (ROWS, v.shape[0]))
+
+
+def default_tiles(num_assignments: int, F: int, sms: int) -> DecodeTiles:
+    """WIDE strips if they make enough work items for the SMs, else NARROW."""
+    return WIDE if num_assignments * gmm_plan.cdiv(F, WIDE.tn) >= WIDE_MIN_BUSY * sms else NARROW
+
+
+def experts_by_id(x, weights, ids, w_gate, w_up, w_down, *, top_k: int, tiles: DecodeTiles | None = None,
+                  interpret: bool = False):
+    """y float32 [T, D] = sum_j weights[t k + j] * SwiGLU_{ids[t k + j]}(x[t]).
+
+    x [T, D]; weights float32 [N = T k]; ids int32 [N] (a zero weight or an id outside
+    [0, E) skips the assignment: zeros, no weight traffic);
+    w_gate/w_up [E, D, F], w_down [E, F, D] in x.dtype.
+    """
+    T, D = x.shape
+    N = ids.shape[0]
+    E, F = w_gate.shape[0], w_gate.shape[2]
+    tiles = tiles or TILES or default_tiles(N, F, num_sms())
+    tn, tk, td = gmm_plan.pow2_block(F, tiles.tn), gmm_plan.pow2_block(D, tiles.tk), gmm_plan.pow2_block(D, tiles.td)
+    nf, nk, nd = gmm_plan.cdiv(F, tn), gmm_plan.cdiv(D, tk), gmm_plan.cdiv(D, td)
+    items = N * nf
+    resident = resident_programs(tiles, tn, tk, td, w_gate.dtype.itemsize)
+    programs, per = decode_plan.persistent_schedule(items, num_sms(), resident)
+    h_dtype = x.dtype
+
+    mask_k, mask_f, mask_d = D % tk != 0, F % tn != 0, D % td != 0  # static: full blocks load unmasked
+
+    def mask2(rows_ok, cols_ok, shape):
+        """[r, c] mask from optional row and column masks (None: no mask at all)."""
+        if rows_ok is None and cols_ok is None:
+            return None
+        r = jnp.ones((shape[0],), jnp.bool_) if rows_ok is None else rows_ok
+        c = jnp.ones((shape[1],), jnp.bool_) if cols_ok is None else cols_ok
+        return r[:, None] & c[None, :]
+
+    def kernel(ids_ref, w_ref, x_ref, wg_ref, wu_ref, wd_ref, o_ref):
+        p = pl.program_id(0)
+
+        def d_mask(d0):
+            return (d0 + lax.broadcasted_iota(jnp.int32, (td,), 0)) < D if mask_d else None
+
+        def run_item(q):
+            a, fb = q // nf, q % nf
+            e, wt, t = ids_ref[a], w_ref[a], a // top_k
+            live = (wt != 0) & (e >= 0) & (e < E)
+            strip = pl.ds(fb * tn, tn)
+            f_ok = (fb * tn + lax.broadcasted_iota(jnp.int32, (tn,), 0)) < F if mask_f else None
+
+            def gate_up_step(kb, accs):
+                k0 = pl.multiple_of(kb * tk, tk)
+                k_ok = (k0 + lax.broadcasted_iota(jnp.int32, (tk,), 0)) < D if mask_k else None
+                xr = plgpu.load(x_ref.at[t, pl.ds(k0, tk)], mask=k_ok, other=None if k_ok is None else 0.0)
+                mask = mask2(k_ok, f_ok, (tk, tn))
+                other = None if mask is None else 0.0
+                wg = plgpu.load(wg_ref.at[e, pl.ds(k0, tk), strip], mask=mask, other=other)
+                wu = plgpu.load(wu_ref.at[e, pl.ds(k0, tk), strip], mask=mask, other=other)
+                xa = _rows(xr)
+                return (accs[0] + jnp.dot(xa, wg, preferred_element_type=jnp.float32),
+                        accs[1] + jnp.dot(xa, wu, preferred_element_type=jnp.float32))
+
+            @pl.when(live)
+            def _compute():
+                zero = jnp.zeros((ROWS, tn), jnp.float32)
+                g, u = lax.fori_loop(0, nk, gate_up_step, (zero, zero))
+                h = _rows((gmm_plan.silu(jnp.max(g, axis=0)) * jnp.max(u, axis=0)).astype(h_dtype))
+
+                def down_step(db, carry):
+                    d0 = pl.multiple_of(db * td, td)
+                    d_ok = d_mask(d0)
+                    mask = mask2(f_ok, d_ok, (tn, td))
+                    wd = plgpu.load(wd_ref.at[e, strip, pl.ds(d0, td)], mask=mask, other=None if mask is None else 0.0)
+                    y = jnp.max(jnp.dot(h, wd, preferred_element_type=jnp.float32), axis=0)
+                    plgpu.store(o_ref.at[q, pl.ds(d0, td)], wt * y, mask=d_ok)
+                    return carry
+
+                lax.fori_loop(0, nd, down_step, 0)
+
+            @pl.when(jnp.logical_not(live))  # a skipped assignment: zeros, no weight traffic
+            def _skip():
+                def zero_step(db, carry):
+                    d0 = pl.multiple_of(db * td, td)
+                    plgpu.store(o_ref.at[q, pl.ds(d0, td)], jnp.zeros((td,), jnp.float32), mask=d_mask(d0))
+                    return carry
+
+                lax.fori_loop(0, nd, zero_step, 0)
+
+        def walk(i, carry):
+            q = p + i * programs
+
+            @pl.when(q < items)
+            def _():
+                run_item(q)
+            return carry
+
+        lax.fori_loop(0, per, walk, 0)
+
+    itemsize = w_gate.dtype.itemsize
+    parts = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((items, D), jnp.float32),
+        grid=(programs,),
+        compiler_params=_compat.triton_compiler_params(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+        interpret=interpret,
+        cost_estimate=pl.CostEstimate(flops=6 * N * D * F, transcendentals=N * F,
+                                      bytes_accessed=3 * N * D * F * itemsize + 4 * items * D),
+        name=f"moe_decode_{tn}x{tk}x{td}",
+    )(ids, weights, x, w_gate, w_up, w_down)
+    # Item q = (t k + j) nf + f: a token's k * nf partials are contiguous; summed in a fixed order.
+    return jnp.sum(parts.reshape(T, top_k * nf, D), axis=1)

@@ -1,0 +1,85 @@
+"""experts_by_id: the MoE expert half for a few tokens, by expert id (no sort, no group schedule).
+
+The decode path of :func:`sparse_jax.moe.moe_ffn` (one token): one kernel launch for
+the whole SwiGLU expert (gate/up, silu, down, routing weight) instead of the grouped
+path's ~20 (sort, scatters, schedule, gathers, two grouped matmuls, combine). Every
+assignment streams its expert's weights itself, so an expert chosen by two assignments
+is read twice: it pays only where the ids are distinct (one token).
+Kernels: :mod:`pallas_kernels.common.decode_plan` and its per-backend lowerings.
+
+The backward (training at one token is rare) is the VJP of the plan's jnp math, which
+gathers each assignment's expert weights: exact, not fast, and O(T k D F) memory -- meant
+for the few tokens this op is for (the layer uses it at T <= ``DECODE_MAX_TOKENS``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+
+from sparse_jax import _compat, backends
+from pallas_kernels.common import decode_plan
+
+_KERNEL_MODULES = {backends.TRITON: "pallas_kernels.triton.moe_decode",
+                   backends.MOSAIC_TPU: "pallas_kernels.tpu.moe_decode"}
+
+
+def _forward(backend, interpret, top_k, x, weights, ids, w_gate, w_up, w_down):
+    if backend == backends.XLA:
+        return decode_plan.experts_by_id(x, weights, ids, w_gate, w_up, w_down, top_k)
+    kernel = importlib.import_module(_KERNEL_MODULES[backend])
+    if interpret and backend == backends.MOSAIC_TPU:
+        interpret = _compat.tpu_interpret_params()
+    return kernel.experts_by_id(x, weights, ids, w_gate, w_up, w_down, top_k=top_k, interpret=interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _experts(backend, interpret, top_k, x, weights, ids, w_gate, w_up, w_down):
+    return _forward(backend, interpret, top_k, x, weights, ids, w_gate, w_up, w_down)
+
+
+def _experts_fwd(backend, interpret, top_k, x, weights, ids, w_gate, w_up, w_down):
+    y = _forward(backend, interpret, top_k, x, weights, ids, w_gate, w_up, w_down)
+    return y, (x, weights, ids, w_gate, w_up, w_down)
+
+
+def _experts_bwd(backend, interpret, top_k, res, gy):
+    x, weights, ids, w_gate, w_up, w_down = res
+    math = functools.partial(decode_plan.experts_by_id, top_k=top_k)
+    _, pull = jax.vjp(lambda x, w, a, b, c: math(x, w, ids, a, b, c), x, weights, w_gate, w_up, w_down)
+    dx, dw, da, db, dc = pull(gy)
+    return dx, dw, None, da, db, dc
+
+
+_experts.defvjp(_experts_fwd, _experts_bwd)
+
+
+def experts_by_id(x, weights, expert_ids, w_gate, w_up, w_down, *, backend: str | None = None,
+                  interpret: bool = False):
+    """y[t] = sum_j weights[t, j] * SwiGLU_{expert_ids[t, j]}(x[t]) -> float32 [T, D].
+
+    x [T, D] (float32/bfloat16/float16); weights float [T, k]; expert_ids int [T, k]
+    (ids outside [0, E) contribute nothing); w_gate/w_up [E, D, F], w_down [E, F, D] in
+    x.dtype. float32 accumulation; the hidden activation is rounded to x.dtype (as
+    the grouped path rounds it). Differentiable in x, weights and the expert weights.
+    """
+    if x.ndim != 2 or weights.ndim != 2 or weights.shape != expert_ids.shape or weights.shape[0] != x.shape[0]:
+        raise ValueError(f"x must be [T, D] and weights, expert_ids [T, k]; got {tuple(x.shape)}, "
+                         f"{tuple(weights.shape)}, {tuple(expert_ids.shape)}")
+    if not jnp.issubdtype(expert_ids.dtype, jnp.integer):
+        raise ValueError(f"expert_ids must be integers; got {expert_ids.dtype}")
+    E, D, F = w_gate.shape
+    if x.shape[1] != D or w_up.shape != (E, D, F) or w_down.shape != (E, F, D):
+        raise ValueError(f"expected w_gate/w_up [E, {x.shape[1]}, F] and w_down [E, F, {x.shape[1]}]; got "
+                         f"{tuple(w_gate.shape)}, {tuple(w_up.shape)}, {tuple(w_down.shape)}")
+    if not all(w.dtype == x.dtype for w in (w_gate, w_up, w_down)):
+        raise ValueError(f"expert weights must have x's dtype {x.dtype}")
+    name = backends.resolve(backend, op="experts_by_id", supported=(backends.TRITON, backends.MOSAIC_TPU,
+                                                                     backends.XLA))
+    k = expert_ids.shape[1]
+    # Invalid ids are the kernels' business (no XLA pass over ids and weights at decode).
+    return _experts(name, bool(interpret), k, x, weights.reshape(-1).astype(jnp.float32),
+                    expert_ids.reshape(-1).astype(jnp.int32), w_gate, w_up, w_down)
