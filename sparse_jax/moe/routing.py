@@ -191,10 +191,20 @@ def select_experts(logits, top_k: int, *, scoring: str = "softmax", normalize_to
     _, expert_ids = jax.lax.top_k(sel, int(top_k))
     expert_ids = expert_ids.astype(jnp.int32)
 
+    return logits, scores, chosen_weights(scores, expert_ids, normalize_topk), expert_ids
+
+
+def router_scores(logits, scoring: str):
+    """float32 [T, E] scores: softmax or sigmoid of the (float32) logits."""
+    return jax.nn.softmax(logits, axis=-1) if scoring == "softmax" else jax.nn.sigmoid(logits)
+
+
+def chosen_weights(scores, expert_ids, normalize_topk: bool):
+    """Combine weights float32 [T, k]: the scores at the chosen experts, over their sum if normalised."""
     weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
     if normalize_topk:
         weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
-    return logits, scores, weights, expert_ids
+    return weights
 
 
 def route(logits, top_k: int, *, scoring: str = "softmax", normalize_topk: bool = True, bias=None,
