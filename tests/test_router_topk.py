@@ -57,6 +57,21 @@ def test_ties_break_to_the_lower_index(seed, k, scoring, levels):
     assert all(len(set(row)) == k for row in np.asarray(ids).tolist())
 
 
+def test_num_tokens_routes_the_first_rows():
+    """Padded logits [8, E] with num_tokens = 1: the first row's choice; the padding rows get
+    zero gradient."""
+    logits = randn(4, (8, 24))
+    w, ids = ops.topk_routing(logits, 3, num_tokens=1, **KERNEL)
+    w_ref, ids_ref = _jnp(logits[:1], 3)
+    assert ids.shape == (1, 3)
+    np.testing.assert_array_equal(ids, ids_ref)
+    np.testing.assert_allclose(w, w_ref, rtol=2e-6)
+    g = jax.grad(lambda lg: jnp.sum(ops.topk_routing(lg, 3, num_tokens=1, **KERNEL)[0] * jnp.arange(3.0)))(logits)
+    g_ref = jax.grad(lambda lg: jnp.sum(_jnp(lg, 3)[0] * jnp.arange(3.0)))(logits[:1])
+    np.testing.assert_allclose(g[:1], g_ref, rtol=1e-5, atol=1e-7)
+    assert not np.any(np.asarray(g[1:]))
+
+
 def test_nan_row_gives_in_range_ids():
     logits = jnp.full((1, 16), jnp.nan, jnp.float32)
     _, ids = ops.topk_routing(logits, 4, **KERNEL)
@@ -83,9 +98,11 @@ def test_layer_routes_in_one_launch_at_one_token():
     (dict(k=5), "top_k"),
     (dict(bias=jnp.zeros((3,))), "bias"),
     (dict(scoring="relu"), "scoring"),
+    (dict(num_tokens=3), "num_tokens"),
 ])
 def test_bad_input_raises(change, match):
-    a = dict(logits=jnp.zeros((2, 4)), k=2, bias=None, scoring="softmax")
+    a = dict(logits=jnp.zeros((2, 4)), k=2, bias=None, scoring="softmax", num_tokens=None)
     a.update(change)
     with pytest.raises(ValueError, match=match):
-        ops.topk_routing(a["logits"], a["k"], bias=a["bias"], scoring=a["scoring"], backend="xla")
+        ops.topk_routing(a["logits"], a["k"], bias=a["bias"], scoring=a["scoring"], num_tokens=a["num_tokens"],
+                         backend="xla")

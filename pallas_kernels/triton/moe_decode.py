@@ -33,7 +33,7 @@ ROWS = 16  # the broadcast row count (tl.dot's minimum M)
 # 64-column strips lose 5-17 % there, but Qwen2-MoE (4 x 2560 / 128 = 80 items on 132 SMs)
 # needs their 160 items: 81 us vs 85-91 us for 220 MB.
 WIDE = DecodeTiles(tn=128, tk=128, td=256, num_warps=4, num_stages=3, programs_per_sm=2)
-NARROW = DecodeTiles(tn=64, tk=128, td=64, num_warps=4, num_stages=3, programs_per_sm=2)
+NARROW = DecodeTiles(tn=64, tk=128, td=128, num_warps=8, num_stages=3, programs_per_sm=2)
 WIDE_MIN_BUSY = 0.75  # WIDE when its items keep at least this fraction of the SMs busy
 TILES: DecodeTiles | None = None  # forces one tile set (benchmarks)
 SMEM_PER_SM = 232448  # bytes an H100 SM gives its resident programs

@@ -23,9 +23,12 @@ from pallas_kernels.common import gmm_plan
 from sparse_jax import _compat
 
 
-def topk_route(logits, bias, *, top_k: int, scoring: str, normalize_topk: bool, interpret: bool = False):
-    """logits float32 [T, E]; bias float32 [E] or None -> (weights float32 [T, k], ids int32 [T, k])."""
-    T, E = logits.shape
+def topk_route(logits, bias, *, top_k: int, scoring: str, normalize_topk: bool, rows: int | None = None,
+               interpret: bool = False):
+    """logits float32 [R, E]; bias float32 [E] or None -> (weights float32 [T, k], ids int32 [T, k])
+    for the first T = ``rows`` (default R) rows."""
+    E = logits.shape[1]
+    T = logits.shape[0] if rows is None else rows
     Ep, kp = gmm_plan.next_pow2(max(E, 2)), gmm_plan.next_pow2(max(top_k, 2))
     tiny = float(jnp.finfo(jnp.float32).tiny)
 

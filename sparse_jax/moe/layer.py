@@ -120,14 +120,16 @@ def moe_ffn(x, router_weights, w_gate, w_up, w_down, *, top_k: int, scoring: str
     T, D, E, F = check_moe_args(x, router_weights, w_gate, w_up, w_down, top_k=top_k, scoring=scoring, bias=bias,
                                 num_groups=num_groups, topk_groups=topk_groups, capacity_factor=capacity_factor,
                                 shared_expert=shared_expert, jitter=jitter, rng=rng)
-    logits = router_logits(x, router_weights)
-    if T <= DECODE_MAX_TOKENS and num_groups is None and jitter == 0.0:  # one routing launch at decode
-        weights, ids = ops.topk_routing(logits, top_k, scoring=scoring, normalize_topk=normalize_topk, bias=bias,
-                                        backend=None if backend == "mosaic_tpu" else backend, interpret=interpret)
+    if 0 < T <= DECODE_MAX_TOKENS and num_groups is None and jitter == 0.0:  # one routing launch at decode
+        padded = router_logits(x, router_weights, keep_padding=True)
+        weights, ids = ops.topk_routing(padded, top_k, scoring=scoring, normalize_topk=normalize_topk, bias=bias,
+                                        num_tokens=T, backend=None if backend == "mosaic_tpu" else backend,
+                                        interpret=interpret)
+        logits = padded[:T]
         stats = aux_stats(logits, router_scores(logits, scoring), ids, scoring)  # only if the aux is used
         r = Routing(weights, ids, aux_from_stats(stats, T, top_k))
     else:
-        r = route(logits, top_k, scoring=scoring, normalize_topk=normalize_topk, bias=bias,
+        r = route(router_logits(x, router_weights), top_k, scoring=scoring, normalize_topk=normalize_topk, bias=bias,
                   num_groups=num_groups, topk_groups=topk_groups, jitter=jitter, rng=rng)
     kept = num_rows = None
     if capacity_factor is not None:

@@ -76,12 +76,14 @@ class Routing(NamedTuple):
 ROUTER_MIN_ROWS = 8
 
 
-def router_logits(x, router_weights):
+def router_logits(x, router_weights, keep_padding: bool = False):
     """x [T, D] @ router_weights [D, E] -> float32 [T, E], float32 accumulation.
 
     The product runs in the promoted dtype of the two: keep ``router_weights`` in
     float32 for a float32 router (x is upcast), or in x.dtype for a bf16 one.
     Default matmul precision, so ``jax.default_matmul_precision`` governs it.
+    ``keep_padding``: return the padded product [max(T, ROUTER_MIN_ROWS), E] (rows past T are
+    zeros' logits) -- a consumer that reads only the first T rows saves XLA's slice kernel.
     """
     if x.ndim != 2 or router_weights.ndim != 2 or x.shape[1] != router_weights.shape[0]:
         raise ValueError(f"router: x [T, D] and router_weights [D, E] expected; got x {tuple(x.shape)}, "
@@ -90,7 +92,8 @@ def router_logits(x, router_weights):
     T = x.shape[0]
     pad = ROUTER_MIN_ROWS - T if 0 < T < ROUTER_MIN_ROWS else 0  # a matrix product, not XLA's matvec reduction
     xp = jnp.pad(x.astype(dtype), ((0, pad), (0, 0)))
-    return jnp.dot(xp, router_weights.astype(dtype), preferred_element_type=jnp.float32)[:T]
+    logits = jnp.dot(xp, router_weights.astype(dtype), preferred_element_type=jnp.float32)
+    return logits if keep_padding else logits[:T]
 
 
 def check_route_args(num_experts: int, top_k, scoring, bias, num_groups, topk_groups, jitter, rng) -> None:
