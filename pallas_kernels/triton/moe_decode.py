@@ -27,11 +27,11 @@ from pallas_kernels.triton.gmm import num_sms
 from sparse_jax import _compat
 
 ROWS = 16  # the broadcast row count (tl.dot's minimum M)
-# H100 round 12 (benchmarks/notes/moe_layer.md; decode kernel alone, T = 1): 128-column strips
-# stream 256-byte runs of each gate/up weight row and reach XLA's own 1-launch read rate
-# (Mixtral 238-240 us, DeepSeek-V3 233 us for 705 MB; XLA's reduction of as many bytes 238 us);
-# 64-column strips lose 5-17 % there, but Qwen2-MoE (4 x 2560 / 128 = 80 items on 132 SMs)
-# needs their 160 items: 81 us vs 85-91 us for 220 MB.
+# H100 round 12 (benchmarks/notes/moe_decode.md; the kernel alone at T = 1): 128-column strips
+# stream 256-byte runs of each gate/up weight row and match XLA's own one-launch read of as many
+# bytes (705 MB: Mixtral 238-242 us, DeepSeek-V3 233 us; XLA's reduction 238 us); 64-column
+# strips lose 5-12 % there. Qwen2-MoE has only 4 x 2560 / 128 = 80 wide items for 132 SMs: its
+# 160 narrow ones take 80.8-81.5 us for 220 MB against 85-91 us wide (XLA's reduction: 76-77 us).
 WIDE = DecodeTiles(tn=128, tk=128, td=256, num_warps=4, num_stages=3, programs_per_sm=2)
 NARROW = DecodeTiles(tn=64, tk=128, td=128, num_warps=8, num_stages=3, programs_per_sm=2)
 WIDE_MIN_BUSY = 0.75  # WIDE when its items keep at least this fraction of the SMs busy
