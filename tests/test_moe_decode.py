@@ -154,6 +154,21 @@ def test_lowers_for_hardware(platform, backend):
                    S((1, D), jnp.float32))
 
 
+@pytest.mark.parametrize("T, k, E", [(0, 2, 4), (1, 0, 4), (2, 2, 0)], ids=["no-tokens", "top-0", "no-experts"])
+def test_empty_inputs_give_zeros(kernel_backend, T, k, E):
+    """Nothing to stream: zeros [T, D] (and zero gradients), without launching a kernel."""
+    backend, interpret = kernel_backend
+    D, F = 8, 16
+    x, w = jnp.ones((T, D)), jnp.ones((T, k))
+    ids = jnp.zeros((T, k), jnp.int32)
+    experts = (jnp.ones((E, D, F)), jnp.ones((E, D, F)), jnp.ones((E, F, D)))
+    fn = functools.partial(ops.experts_by_id, backend=backend, interpret=interpret)
+    y = fn(x, w, ids, *experts)
+    assert y.shape == (T, D) and y.dtype == jnp.float32 and not np.any(np.asarray(y))
+    g = jax.grad(lambda x: jnp.sum(fn(x, w, ids, *experts)))(x)
+    assert g.shape == x.shape and not np.any(np.asarray(g))
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(x=jnp.zeros((2, 8, 1))), "x must be"),
     (dict(ids=jnp.zeros((1, 3), jnp.int32)), "weights, expert_ids"),

@@ -72,6 +72,11 @@ def test_num_tokens_routes_the_first_rows():
     assert not np.any(np.asarray(g[1:]))
 
 
+def test_no_tokens():
+    w, ids = ops.topk_routing(jnp.zeros((0, 6)), 2, **KERNEL)
+    assert w.shape == ids.shape == (0, 2) and ids.dtype == jnp.int32
+
+
 def test_nan_row_gives_in_range_ids():
     logits = jnp.full((1, 16), jnp.nan, jnp.float32)
     _, ids = ops.topk_routing(logits, 4, **KERNEL)

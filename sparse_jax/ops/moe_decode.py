@@ -80,6 +80,8 @@ def experts_by_id(x, weights, expert_ids, w_gate, w_up, w_down, *, backend: str 
     name = backends.resolve(backend, op="experts_by_id", supported=(backends.TRITON, backends.MOSAIC_TPU,
                                                                      backends.XLA))
     k = expert_ids.shape[1]
+    if 0 in (x.shape[0], k, D, F, E):  # nothing to stream (a kernel grid cannot be empty)
+        return jnp.zeros((x.shape[0], D), jnp.float32)
     # Invalid ids are the kernels' business (no XLA pass over ids and weights at decode).
     return _experts(name, bool(interpret), k, x, weights.reshape(-1).astype(jnp.float32),
                     expert_ids.reshape(-1).astype(jnp.int32), w_gate, w_up, w_down)

@@ -80,6 +80,8 @@ def topk_routing(logits, top_k: int, *, scoring: str = "softmax", normalize_topk
     if not 0 <= rows <= logits.shape[0]:
         raise ValueError(f"num_tokens must be in [0, {logits.shape[0]}] (the rows of logits); got {num_tokens!r}")
     name = backends.resolve(backend, op="topk_routing", supported=(backends.TRITON, backends.XLA))
+    if rows == 0:
+        return jnp.zeros((0, top_k), jnp.float32), jnp.zeros((0, top_k), jnp.int32)
     logits = logits.astype(jnp.float32)
     bias = None if bias is None else bias.astype(jnp.float32)
     return _route((name, bool(interpret), int(top_k), scoring, bool(normalize_topk), rows), logits, bias)
