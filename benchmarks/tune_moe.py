@@ -288,6 +288,9 @@ DECODE_TILES = {"default": None, **{str(t): t for t in (
     DecodeTiles(tn=64, tk=128, num_stages=3), DecodeTiles(tn=128, tk=128, num_stages=4),
     DecodeTiles(tn=64, tk=128, num_stages=4), DecodeTiles(tn=64, tk=128, td=256, num_stages=3),
     DecodeTiles(tn=64, tk=128, num_warps=8, num_stages=3), DecodeTiles(tn=64, tk=128, td=64, num_stages=3),
+    DecodeTiles(tn=64, tk=128, td=256, num_warps=8, num_stages=3), DecodeTiles(tn=64, tk=128, num_warps=8, num_stages=4),
+    DecodeTiles(tn=64, tk=256, td=256, num_warps=8, num_stages=2), DecodeTiles(tn=64, tk=256, td=256, num_warps=8,
+                                                                                num_stages=3),
     DecodeTiles(tn=128, tk=128, td=256, num_stages=3),
     # round 12, second call: wider strips (longer contiguous runs per weight row), deeper pipelines
     DecodeTiles(tn=128, num_stages=6), DecodeTiles(tn=128, tk=128, num_stages=3),

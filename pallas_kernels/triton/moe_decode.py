@@ -34,9 +34,10 @@ ROWS = 16  # the broadcast row count (tl.dot's minimum M)
 # stream 256-byte runs of each gate/up weight row and match XLA's own one-launch read of as many
 # bytes (705 MB: Mixtral 238-242 us, DeepSeek-V3 233 us; XLA's reduction 238 us); 64-column
 # strips lose 5-12 % there. Qwen2-MoE has only 4 x 2560 / 128 = 80 wide items for 132 SMs: its
-# 160 narrow ones take 80.8-81.5 us for 220 MB against 85-91 us wide (XLA's reduction: 76-77 us).
+# 160 narrow ones take 78.7 us for 220 MB (80.8-81.5 with 128-column down steps) against 85-91 us
+# wide (XLA's reduction of as many bytes: 76-77 us).
 WIDE = DecodeTiles(tn=128, tk=128, td=256, num_warps=4, num_stages=3, programs_per_sm=2)
-NARROW = DecodeTiles(tn=64, tk=128, td=128, num_warps=8, num_stages=3, programs_per_sm=2)
+NARROW = DecodeTiles(tn=64, tk=128, td=256, num_warps=8, num_stages=3, programs_per_sm=2)
 WIDE_MIN_BUSY = 0.75  # WIDE when its items keep at least this fraction of the SMs busy
 TILES: DecodeTiles | None = None  # forces one tile set (benchmarks)
 SMEM_PER_SM = 232448  # bytes an H100 SM gives its resident programs

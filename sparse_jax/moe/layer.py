@@ -34,7 +34,7 @@ def shared_expert_ffn(x, w_gate, w_up, w_down):
 # (~20 launches). At one token the k ids are distinct, so no expert is read twice; at two or
 # more, ids repeat (Mixtral: 2 tokens x top-2 of 8) and the grouped path reads each expert once.
 # H100 round 12 (benchmarks/notes/moe_decode.md), ms per layer in a decode step, decode path vs
-# grouped: T = 1 Mixtral 0.270 vs 0.281, Qwen2-MoE 0.098 vs 0.136, DeepSeek-V3 0.265 vs 0.291;
+# grouped: T = 1 Mixtral 0.272 vs 0.286, Qwen2-MoE 0.097 vs 0.138, DeepSeek-V3 0.265 vs 0.291;
 # T = 2 Mixtral 0.508 vs 0.462, Qwen2-MoE 0.207 vs 0.200 (DeepSeek-V3 0.510 vs 0.535).
 DECODE_MAX_TOKENS = 1
 
