@@ -253,7 +253,9 @@ def variants(model="mixtral-8x7b", T=512, names=None, backward=False):
 ROUTER_PADS = (8, 16)  # routing.ROUTER_MIN_ROWS candidates (step phase, T < 16)
 
 
-def step(models, tokens, L=8):
+def _step_cases(models, tokens, L):
+    """(top_k, layer args, report row) per model and T (uniform router, bf16): the model's
+    weights are made once per model; the row holds the active experts' weight-read floor."""
     for model in models:
         E, k, D, F = MODELS[model]
         wg, wu, wd = B._weights(E, D, F, jnp.bfloat16)
@@ -262,21 +264,25 @@ def step(models, tokens, L=8):
                 return
             x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
             active = B._active_experts(x, rw, k)
-            args = (x, rw, wg, wu, wd)
-            row = dict(model=model, T=T, L=L, active=active, floor_ms=round(floor_ms(active * 3 * D * F * 2), 4))
-            for impl, fn in (("ours", B._ours(None)), ("ragged_dot", B.ragged_dot_moe)):
-                row[f"{impl}_step_ms"] = round(timed(jax.jit(B.in_step(functools.partial(fn, top_k=k), L)), args)[0] / L, 4)
-            ours = B.in_step(functools.partial(B._ours(None), top_k=k), L)
-            for pad in ROUTER_PADS if T < 16 else ():
-                measure(row, f"ours_router_pad{pad}_step_ms", ours, args,
-                         mock.patch.multiple(moe_routing, ROUTER_MIN_ROWS=pad), per=L)
-            measure(row, "ours_call_ms", functools.partial(B._ours(None), top_k=k), args)  # one layer per call
-            row["vs_floor"] = round(row["ours_step_ms"] / row["floor_ms"], 3)
-            RUN.report["step"].append(row)
-            RUN.log(row)
+            yield k, (x, rw, wg, wu, wd), dict(model=model, T=T, L=L, active=active,
+                                               floor_ms=round(floor_ms(active * 3 * D * F * 2), 4))
         del wg, wu, wd
         gc.collect()
         RUN.save()
+
+
+def step(models, tokens, L=8):
+    for k, args, row in _step_cases(models, tokens, L):
+        for impl, fn in (("ours", B._ours(None)), ("ragged_dot", B.ragged_dot_moe)):
+            row[f"{impl}_step_ms"] = round(timed(jax.jit(B.in_step(functools.partial(fn, top_k=k), L)), args)[0] / L, 4)
+        ours = B.in_step(functools.partial(B._ours(None), top_k=k), L)
+        for pad in ROUTER_PADS if row["T"] < 16 else ():
+            measure(row, f"ours_router_pad{pad}_step_ms", ours, args,
+                    mock.patch.multiple(moe_routing, ROUTER_MIN_ROWS=pad), per=L)
+        measure(row, "ours_call_ms", functools.partial(B._ours(None), top_k=k), args)  # one layer per call
+        row["vs_floor"] = round(row["ours_step_ms"] / row["floor_ms"], 3)
+        RUN.report["step"].append(row)
+        RUN.log(row)
 
 
 # Decode kernel candidates (decode / decode_kernels phases; "default": moe_decode.default_tiles).
@@ -302,9 +308,7 @@ def decode_kernels(models, names=None, calls=20):
     """T = 1: GPU time of the decode kernel alone (profiler) under each candidate, against the
     same bytes streamed by XLA's own kernels (a copy and a reduction of one contiguous buffer)."""
     for model in models:
-        E, k, D, F = MODELS[model]
-        wg, wu, wd = B._weights(E, D, F, jnp.bfloat16)
-        x, rw = B._inputs(1, D, E, "uniform", 0, jnp.bfloat16)
+        E, k, D, F, (wg, wu, wd), x, rw, _ = _setup(model, 1)
         r = moe.route(moe.router_logits(x, rw), k)
         args = (x, r.weights, r.expert_ids, wg, wu, wd)
         nbytes = k * 3 * D * F * 2
@@ -336,47 +340,36 @@ def decode_kernels(models, names=None, calls=20):
 
 
 def decode(models, tokens=(1,), L=8, names=None, profile_step=False):
-    for model in models:
-        E, k, D, F = MODELS[model]
-        wg, wu, wd = B._weights(E, D, F, jnp.bfloat16)
-        for T in tokens:
-            if RUN.left() < 20:
-                return
-            x, rw = B._inputs(T, D, E, "uniform", 0, jnp.bfloat16)
-            active = B._active_experts(x, rw, k)
-            args = (x, rw, wg, wu, wd)
-            row = dict(model=model, T=T, L=L, active=active, floor_ms=round(floor_ms(active * 3 * D * F * 2), 4),
-                       assigned_floor_ms=round(floor_ms(T * k * 3 * D * F * 2), 4))
-            ours = B.in_step(functools.partial(B._ours(None), top_k=k), L)
-            measure(row, "grouped_step_ms", ours, args, mock.patch.multiple(moe_layer, DECODE_MAX_TOKENS=0), per=L)
-            unrolled = B.in_step(functools.partial(B._ours(None), top_k=k), L, unroll=True)
-            measure(row, "grouped_unrolled_step_ms", unrolled, args, mock.patch.multiple(moe_layer, DECODE_MAX_TOKENS=0),
-                    per=L)
-            measure(row, "decode_unrolled_step_ms", unrolled, args, mock.patch.multiple(moe_layer, DECODE_MAX_TOKENS=T),
-                    per=L)
-            if profile_step:
-                for key, n in (("grouped", 0), ("decode", T)):
-                    ks = profile_kernels(unrolled, args, 10, mock.patch.multiple(moe_layer, DECODE_MAX_TOKENS=n))
-                    row[f"{key}_unrolled_kernels"] = [dict(r_, us_per_layer=round(r_.get("us_per_call", 0) / L, 2))
-                                                      for r_ in ks[:16]]
-            cands = {n: t for n, t in DECODE_TILES.items() if names is None or n in names}
-            for n, t in (cands if T == 1 else {"default": None}).items():
-                if RUN.left() < 15:
-                    break
-                ms = measure(row, f"decode_{n}_step_ms", ours, args, mock.patch.multiple(moe_layer, DECODE_MAX_TOKENS=T),
-                             mock.patch.multiple(moe_decode, TILES=t), per=L)
-                if ms:
-                    row[f"decode_{n}_vs_floor"] = round(ms / row["floor_ms"], 3)
-            r = moe.route(moe.router_logits(x, rw), k)
-            measure(row, "op_ms", functools.partial(ops.experts_by_id, backend="triton"),
-                    (x, r.weights, r.expert_ids, wg, wu, wd))
-            measure(row, "layer_call_ms", functools.partial(B._ours(None), top_k=k), args,
-                    mock.patch.multiple(moe_layer, DECODE_MAX_TOKENS=T))
-            RUN.report["decode"].append(row)
-            RUN.log(row)
-        del wg, wu, wd
-        gc.collect()
-        RUN.save()
+    for k, args, row in _step_cases(models, tokens, L):
+        T = row["T"]
+        # every assignment streams its own expert on the decode path: T k experts' weights
+        row["assigned_floor_ms"] = round(row["floor_ms"] * T * k / row["active"], 4)
+        layer = functools.partial(B._ours(None), top_k=k)
+        ours, unrolled = B.in_step(layer, L), B.in_step(layer, L, unroll=True)
+        grouped, decode_path = (mock.patch.multiple(moe_layer, DECODE_MAX_TOKENS=n) for n in (0, T))
+        measure(row, "grouped_step_ms", ours, args, grouped, per=L)
+        measure(row, "grouped_unrolled_step_ms", unrolled, args, grouped, per=L)
+        measure(row, "decode_unrolled_step_ms", unrolled, args, decode_path, per=L)
+        if profile_step:
+            for key, patch in (("grouped", grouped), ("decode", decode_path)):
+                ks = profile_kernels(unrolled, args, 10, patch)
+                row[f"{key}_unrolled_kernels"] = [dict(r_, us_per_layer=round(r_.get("us_per_call", 0) / L, 2))
+                                                  for r_ in ks[:16]]
+        cands = {n: t for n, t in DECODE_TILES.items() if names is None or n in names}
+        for n, t in (cands if T == 1 else {"default": None}).items():
+            if RUN.left() < 15:
+                break
+            ms = measure(row, f"decode_{n}_step_ms", ours, args, decode_path, mock.patch.multiple(moe_decode, TILES=t),
+                         per=L)
+            if ms:
+                row[f"decode_{n}_vs_floor"] = round(ms / row["floor_ms"], 3)
+        x, rw, wg, wu, wd = args
+        r = moe.route(moe.router_logits(x, rw), k)
+        measure(row, "op_ms", functools.partial(ops.experts_by_id, backend="triton"),
+                (x, r.weights, r.expert_ids, wg, wu, wd))
+        measure(row, "layer_call_ms", layer, args, decode_path)
+        RUN.report["decode"].append(row)
+        RUN.log(row)
 
 
 MID_TILES = _named(Tiles(128, 256, 64, num_warps=8, num_stages=3), Tiles(128, 128, 64, num_warps=4, num_stages=4),

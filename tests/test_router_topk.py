@@ -72,6 +72,15 @@ def test_num_tokens_routes_the_first_rows():
     assert not np.any(np.asarray(g[1:]))
 
 
+def test_tpu_backend_runs_the_jnp_routing():
+    """No Mosaic kernel: backend="mosaic_tpu" is XLA's top-k (what the TPU layer runs)."""
+    logits = randn(2, (3, 20))
+    w, ids = ops.topk_routing(logits, 4, bias=randn(3, (20,)), backend="mosaic_tpu")
+    w_ref, ids_ref = _jnp(logits, 4, bias=randn(3, (20,)))
+    np.testing.assert_array_equal(ids, ids_ref)
+    np.testing.assert_allclose(w, w_ref, rtol=1e-6)
+
+
 def test_no_tokens():
     w, ids = ops.topk_routing(jnp.zeros((0, 6)), 2, **KERNEL)
     assert w.shape == ids.shape == (0, 2) and ids.dtype == jnp.int32

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from sparse_jax import ops
 from sparse_jax.moe._checks import check_experts, check_moe_args
 from sparse_jax.moe.dispatch import combine, expand, plan_dispatch
-from sparse_jax.moe.routing import (MoEAux, Routing, aux_from_stats, aux_stats, capacity, capacity_mask, route,
-                                    router_logits, router_scores)
+from sparse_jax.moe.routing import (MoEAux, capacity, capacity_mask, route, router_logits, router_scores,
+                                    routing_of_choice)
 
 
 def shared_expert_ffn(x, w_gate, w_up, w_down):
@@ -125,11 +125,9 @@ def moe_ffn(x, router_weights, w_gate, w_up, w_down, *, top_k: int, scoring: str
     if 0 < T <= DECODE_MAX_TOKENS and num_groups is None and jitter == 0.0:  # one routing launch at decode
         padded = router_logits(x, router_weights, keep_padding=True)
         weights, ids = ops.topk_routing(padded, top_k, scoring=scoring, normalize_topk=normalize_topk, bias=bias,
-                                        num_tokens=T, backend=None if backend == "mosaic_tpu" else backend,
-                                        interpret=interpret)
+                                        num_tokens=T, backend=backend, interpret=interpret)
         logits = padded[:T]
-        stats = aux_stats(logits, router_scores(logits, scoring), ids, scoring)  # only if the aux is used
-        r = Routing(weights, ids, aux_from_stats(stats, T, top_k))
+        r = routing_of_choice(logits, router_scores(logits, scoring), weights, ids, top_k, scoring)
     else:
         r = route(router_logits(x, router_weights), top_k, scoring=scoring, normalize_topk=normalize_topk, bias=bias,
                   num_groups=num_groups, topk_groups=topk_groups, jitter=jitter, rng=rng)

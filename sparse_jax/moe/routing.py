@@ -233,8 +233,14 @@ def route(logits, top_k: int, *, scoring: str = "softmax", normalize_topk: bool 
     logits, scores, weights, expert_ids = select_experts(
         logits, top_k, scoring=scoring, normalize_topk=normalize_topk, bias=bias, num_groups=num_groups,
         topk_groups=topk_groups, jitter=jitter, rng=rng)
-    aux = aux_from_stats(aux_stats(logits, scores, expert_ids, scoring), logits.shape[0], top_k)
-    return Routing(weights, expert_ids, aux)
+    return routing_of_choice(logits, scores, weights, expert_ids, top_k, scoring)
+
+
+def routing_of_choice(logits, scores, weights, expert_ids, top_k: int, scoring: str) -> Routing:
+    """:class:`Routing` of a choice made from ``logits`` float32 [T, E] (``scores`` [T, E] as the
+    selection scored them): the choice and its aux losses (XLA drops them when unused)."""
+    return Routing(weights, expert_ids, aux_from_stats(aux_stats(logits, scores, expert_ids, scoring),
+                                                       logits.shape[0], top_k))
 
 
 def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:

@@ -3,8 +3,8 @@
 The decode path of :func:`sparse_jax.moe.moe_ffn` (as ``experts_by_id`` is for the experts):
 the same choice as :func:`sparse_jax.moe.routing.select_experts` without group limits or
 jitter (the layer keeps the jnp routing for those). Backends: ``triton``
-(``pallas_kernels.triton.router_topk``) and ``xla`` (the jnp routing itself; the default
-off GPUs -- on a TPU XLA's own top-k is what runs).
+(``pallas_kernels.triton.router_topk``); ``xla`` and ``mosaic_tpu`` run the jnp routing
+itself (on a TPU XLA's own top-k is what runs: there is no Mosaic kernel for it).
 
 The backward recomputes the combine weights from the logits at the chosen ids in jnp
 (softmax or sigmoid, gather, normalisation) and takes their VJP: the gradient the jnp
@@ -30,7 +30,7 @@ def _jnp_choice(logits, bias, top_k, scoring, normalize_topk, rows):
 
 def _forward(static, logits, bias):
     backend, interpret, top_k, scoring, normalize_topk, rows = static
-    if backend == backends.XLA:
+    if backend != backends.TRITON:
         return _jnp_choice(logits, bias, top_k, scoring, normalize_topk, rows)
     from pallas_kernels.triton import router_topk
     return tuple(router_topk.topk_route(logits, bias, top_k=top_k, scoring=scoring, normalize_topk=normalize_topk,
@@ -79,7 +79,7 @@ def topk_routing(logits, top_k: int, *, scoring: str = "softmax", normalize_topk
     rows = logits.shape[0] if num_tokens is None else int(num_tokens)
     if not 0 <= rows <= logits.shape[0]:
         raise ValueError(f"num_tokens must be in [0, {logits.shape[0]}] (the rows of logits); got {num_tokens!r}")
-    name = backends.resolve(backend, op="topk_routing", supported=(backends.TRITON, backends.XLA))
+    name = backends.resolve(backend, op="topk_routing")
     if rows == 0:
         return jnp.zeros((0, top_k), jnp.float32), jnp.zeros((0, top_k), jnp.int32)
     logits = logits.astype(jnp.float32)
