@@ -77,6 +77,9 @@ def cases(all_candidates: bool):
             x, w, i, a, b, c, backend="triton"),
             (S((1, D), bf), S((1, k), jnp.float32), S((1, k), i32), S((E_, D, F), bf), S((E_, D, F), bf),
              S((E_, F, D), bf)), True))
+        out.append((f"moe decode (moe_decode: router partials + routed experts) {model} T=1",
+                    lambda x, r, a, b, c, k=k: sparse_jax.ops.moe_decode(x, r, a, b, c, top_k=k, backend="triton"),
+                    (S((1, D), bf), S((D, E_), bf), S((E_, D, F), bf), S((E_, D, F), bf), S((E_, F, D), bf)), True))
     if all_candidates:
         from benchmarks import tune_moe
         from pallas_kernels.triton import moe_decode

@@ -17,11 +17,13 @@ Phases (each guarded by the budget; JSON rewritten after each, ``$OUT/tune_moe.j
   decode step runs its layers: no host dispatch or sync between layers), ours vs
   ragged_dot, per layer; ours also per call (one layer per jitted call, calls pipelined).
 * ``decode`` -- ``--decode-tokens`` (default 1): the layer in a decode step on the decode path
-  (``ops.experts_by_id``) under each ``DECODE_TILES`` candidate at T = 1 (the default tiles
-  at more tokens) against the grouped path (``DECODE_MAX_TOKENS = 0``) and the floor; the op
-  alone (fixed routing) with the default tiles.
+  (``ops.moe_decode``) under each ``DECODE_TILES`` candidate and each router split
+  (``ROUTER_SPLITS``) at T = 1 (the default tiles at more tokens) against the grouped path
+  (``DECODE_MAX_TOKENS = 0``), round 12's decode path (three launches more) and the floor;
+  ``experts_by_id`` alone (fixed routing) with the default tiles.
 * ``decode_kernels`` -- T = 1: the decode kernel's GPU time alone (profiler) per candidate, beside
-  XLA's copy and reduction of the same number of bytes.
+  XLA's copy and reduction of the same number of bytes; the router product's kernels per
+  ``ROUTER_SPLITS`` candidate beside XLA's (padded GEMM, split-K sum, padding).
 * ``mid`` -- Mixtral T = 512: the gate+up (fused / two gmm) and down matmuls under
   candidate tiles and policies (the 3x-ragged_dot goal needs ~1.05x the weight floor).
 * ``large`` -- T >= 512: ours (default, and the tile policies) vs ragged_dot vs the torch
@@ -51,7 +53,7 @@ from benchmarks.tune_run import TuneRun, floor_ms, measure, profile_kernels, tim
 from pallas_kernels.common import gmm_plan  # noqa: E402
 from pallas_kernels.common.decode_plan import DecodeTiles  # noqa: E402
 from pallas_kernels.common.gmm_plan import Tiles, Tiling  # noqa: E402
-from pallas_kernels.triton import moe_decode  # noqa: E402
+from pallas_kernels.triton import moe_decode, router_product  # noqa: E402
 from sparse_jax import moe, ops  # noqa: E402
 from sparse_jax.moe import layer as moe_layer  # noqa: E402
 from sparse_jax.moe import routing as moe_routing  # noqa: E402
@@ -271,16 +273,38 @@ def _step_cases(models, tokens, L):
         RUN.save()
 
 
+# Seconds of steps per timed batch in the step and decode phases (round 13; at most
+# timing.PIPELINE_MAX calls): the steady state of steps issued back to back, GPU-bound. A batch
+# ends in a host sync that costs ~200 us on the H100 machine (an 8-layer Qwen2-MoE T = 1 step:
+# 111 us per layer at one call per sync, 90.7 at 8 calls, 85.8 at 64, 84.8 at 200; its kernels'
+# GPU time 85.5), and timing's default batch (10 ms of calls) left 2-5 us per layer of it in the
+# step times of rounds <= 12. ``*_auto_*`` keys keep the default batch for comparison.
+STEP_BATCH_S = 0.1
+AUTO_BATCH_S = timing.PIPELINE_TARGET_S
+
+
+def _deep_batches():
+    return mock.patch.object(timing, "PIPELINE_TARGET_S", STEP_BATCH_S)
+
+
 def step(models, tokens, L=8):
+    with _deep_batches():
+        _step(models, tokens, L)
+
+
+def _step(models, tokens, L):
     for k, args, row in _step_cases(models, tokens, L):
         for impl, fn in (("ours", B._ours(None)), ("ragged_dot", B.ragged_dot_moe)):
-            row[f"{impl}_step_ms"] = round(timed(jax.jit(B.in_step(functools.partial(fn, top_k=k), L)), args)[0] / L, 4)
+            measure(row, f"{impl}_step_ms", B.in_step(functools.partial(fn, top_k=k), L), args, per=L)
         ours = B.in_step(functools.partial(B._ours(None), top_k=k), L)
-        for pad in ROUTER_PADS if row["T"] < 16 else ():
+        with mock.patch.object(timing, "PIPELINE_TARGET_S", AUTO_BATCH_S):
+            measure(row, "ours_step_auto_ms", ours, args, per=L)
+        for pad in ROUTER_PADS if 1 < row["T"] < 16 else ():  # T = 1 takes the decode path (no padding)
             measure(row, f"ours_router_pad{pad}_step_ms", ours, args,
                     mock.patch.multiple(moe_routing, ROUTER_MIN_ROWS=pad), per=L)
         measure(row, "ours_call_ms", functools.partial(B._ours(None), top_k=k), args)  # one layer per call
-        row["vs_floor"] = round(row["ours_step_ms"] / row["floor_ms"], 3)
+        if row.get("ours_step_ms"):
+            row["vs_floor"] = round(row["ours_step_ms"] / row["floor_ms"], 3)
         RUN.report["step"].append(row)
         RUN.log(row)
 
@@ -304,6 +328,17 @@ DECODE_TILES = {"default": None, **{str(t): t for t in (
     DecodeTiles(tn=256, tk=64, td=64, num_stages=3), DecodeTiles(tn=256, tk=32, td=64, num_warps=8, num_stages=4))}}
 
 
+
+
+# router_product.plan candidates (MAX_SPLITS, STEP_ROWS); the first is the shipped one.
+ROUTER_SPLITS = ((32, 128), (16, 128), (16, 256), (32, 256), (8, 256), (64, 128))
+
+
+def _router_partials(splits, step_rows, x, rw):
+    with mock.patch.multiple(router_product, MAX_SPLITS=splits, STEP_ROWS=step_rows):
+        return router_product.partial_logits(x, rw)
+
+
 def decode_kernels(models, names=None, calls=20):
     """T = 1: GPU time of the decode kernel alone (profiler) under each candidate, against the
     same bytes streamed by XLA's own kernels (a copy and a reduction of one contiguous buffer)."""
@@ -319,6 +354,11 @@ def decode_kernels(models, names=None, calls=20):
             us = sum(r_.get("us_per_call", 0.0) for r_ in ks if not r_.get("kernel", "(").startswith("("))
             row[f"{key}_us"] = round(us, 2)
         del buf
+        for key, fn in (("xla_router", moe_routing.router_logits),  # rows padded to 8: pad, GEMM, split-K sum
+                        *((f"router_s{s_}k{k_}", functools.partial(_router_partials, s_, k_)) for s_, k_ in ROUTER_SPLITS)):
+            ks = profile_kernels(fn, (x, rw), calls)
+            row[f"{key}_us"] = round(sum(r_.get("us_per_call", 0.0) for r_ in ks
+                                         if not r_.get("kernel", "(").startswith("(")), 2)
         for n, t in DECODE_TILES.items():
             if (names is not None and n not in names) or RUN.left() < 15:
                 continue
@@ -339,22 +379,48 @@ def decode_kernels(models, names=None, calls=20):
         RUN.save()
 
 
+
+
+def _round12_decode(x, router_weights, w_gate, w_up, w_down, *, top_k):
+    """Round 12's decode path, for comparison: XLA's router product on rows padded to 8, the
+    ``topk_routing`` launch, ``experts_by_id`` (three launches more than ``ops.moe_decode``)."""
+    padded = moe_routing.router_logits(x, router_weights, keep_padding=True)
+    weights, ids = ops.topk_routing(padded, top_k, num_tokens=x.shape[0], backend="triton")
+    return ops.experts_by_id(x, weights, ids, w_gate, w_up, w_down, backend="triton").astype(x.dtype)
+
+
 def decode(models, tokens=(1,), L=8, names=None, profile_step=False):
+    with _deep_batches():
+        _decode(models, tokens, L, names, profile_step)
+
+
+def _decode(models, tokens, L, names, profile_step):
     for k, args, row in _step_cases(models, tokens, L):
         T = row["T"]
         # every assignment streams its own expert on the decode path: T k experts' weights
         row["assigned_floor_ms"] = round(row["floor_ms"] * T * k / row["active"], 4)
         layer = functools.partial(B._ours(None), top_k=k)
         ours, unrolled = B.in_step(layer, L), B.in_step(layer, L, unroll=True)
+        r12 = functools.partial(_round12_decode, top_k=k)
         grouped, decode_path = (mock.patch.multiple(moe_layer, DECODE_MAX_TOKENS=n) for n in (0, T))
         measure(row, "grouped_step_ms", ours, args, grouped, per=L)
         measure(row, "grouped_unrolled_step_ms", unrolled, args, grouped, per=L)
         measure(row, "decode_unrolled_step_ms", unrolled, args, decode_path, per=L)
+        measure(row, "r12_path_step_ms", B.in_step(r12, L), args, per=L)
+        with mock.patch.object(timing, "PIPELINE_TARGET_S", AUTO_BATCH_S):
+            measure(row, "decode_default_auto_step_ms", ours, args, decode_path, per=L)
+        measure(row, "decode_update_glue_step_ms", B.in_step(layer, L, glue="update"), args, decode_path, per=L)
         if profile_step:
-            for key, patch in (("grouped", grouped), ("decode", decode_path)):
-                ks = profile_kernels(unrolled, args, 10, patch)
+            for key, fn, patch in (("grouped", unrolled, grouped), ("decode", unrolled, decode_path),
+                                   ("r12", B.in_step(r12, L, unroll=True), contextlib.nullcontext())):
+                ks = profile_kernels(fn, args, 10, patch)
                 row[f"{key}_unrolled_kernels"] = [dict(r_, us_per_layer=round(r_.get("us_per_call", 0) / L, 2))
                                                   for r_ in ks[:16]]
+        for splits, step_rows in ROUTER_SPLITS if T == 1 else ():  # the op's GPU time per router split
+            ks = profile_kernels(layer, args, 20, decode_path,
+                                 mock.patch.multiple(router_product, MAX_SPLITS=splits, STEP_ROWS=step_rows))
+            row[f"decode_router_s{splits}k{step_rows}_gpu_us"] = round(
+                sum(r_.get("us_per_call", 0.0) for r_ in ks if not r_.get("kernel", "(").startswith("(")), 2)
         cands = {n: t for n, t in DECODE_TILES.items() if names is None or n in names}
         for n, t in (cands if T == 1 else {"default": None}).items():
             if RUN.left() < 15:

@@ -62,13 +62,14 @@ def compiled(fn, args, *contexts):
         return jax.jit(lambda *a: fn(*a)).lower(*args).compile()
 
 
-def measure(row, key, fn, args, *contexts, error_key=None, per=1):
+def measure(row, key, fn, args, *contexts, error_key=None, per=1, pipeline=None):
     """row[key] = ms of fn(*args) (divided by ``per``), traced and compiled inside ``contexts``
-    (tile overrides, module patches; kernels read them at trace time). A failure is recorded
-    under ``error_key`` (default ``<key>_error``) instead; returns the time or None."""
+    (tile overrides, module patches; kernels read them at trace time); ``pipeline``: calls per
+    timed batch (``timing.time_fn``). A failure is recorded under ``error_key`` (default
+    ``<key>_error``) instead; returns the time or None."""
     try:
         f = compiled(fn, args, *contexts)
-        row[key] = round(timed(f, args)[0] / per, 4)
+        row[key] = round(timed(f, args, pipeline)[0] / per, 4)
         return row[key]
     except Exception as e:  # noqa: BLE001
         row[error_key or f"{key}_error"] = f"{type(e).__name__}: {str(e)[:200]}"

@@ -1,5 +1,5 @@
 """topk_routing (the decode path's one-launch routing) vs the jnp routing: choices, weights,
-gradients, ties, NaN rows, the layer's switch to it, lowering for cuda."""
+gradients, ties, NaN rows."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from sparse_jax import _compat, moe, ops
+from sparse_jax import ops
 from sparse_jax.moe import routing
 from tests.conftest import randn
 
@@ -90,20 +90,6 @@ def test_nan_row_gives_in_range_ids():
     logits = jnp.full((1, 16), jnp.nan, jnp.float32)
     _, ids = ops.topk_routing(logits, 4, **KERNEL)
     assert np.all((np.asarray(ids) >= 0) & (np.asarray(ids) < 16))
-
-
-def test_layer_routes_in_one_launch_at_one_token():
-    """moe_ffn at T = 1 lowers its routing to the kernel (and its experts to the decode kernel);
-    with group-limited routing it keeps the jnp routing."""
-    S = jax.ShapeDtypeStruct
-    E, k, D, F = 16, 4, 64, 128
-    shapes = (S((1, D), jnp.bfloat16), S((D, E), jnp.bfloat16), S((E, D, F), jnp.bfloat16),
-              S((E, D, F), jnp.bfloat16), S((E, F, D), jnp.bfloat16))
-    one = _compat.export(functools.partial(moe.moe_ffn, top_k=k, backend="triton"), "cuda", *shapes).mlir_module()
-    assert "router_topk_4of16" in one and "moe_decode_" in one
-    grouped = _compat.export(functools.partial(moe.moe_ffn, top_k=k, num_groups=4, topk_groups=2, backend="triton"),
-                             "cuda", *shapes).mlir_module()
-    assert "router_topk_4of16" not in grouped
 
 
 @pytest.mark.parametrize("change, match", [

@@ -61,6 +61,69 @@ def default_tiles(num_assignments: int, F: int, sms: int) -> DecodeTiles:
     return WIDE if num_assignments * gmm_plan.cdiv(F, WIDE.tn) >= WIDE_MIN_BUSY * sms else NARROW
 
 
+class _ByIds:
+    """Assignments given: ids int32 [N], weights float32 [N] (inputs before x)."""
+
+    def __init__(self, ids, weights):
+        self.inputs, self.out_shapes = (ids, weights), ()
+
+    def __call__(self, ins, outs, a, fb):
+        ids_ref, w_ref = ins
+        return ids_ref[a], w_ref[a]
+
+
+class _Routed:
+    """Assignments chosen in the kernel from the router's partial products (the routing
+    prologue): partials float32 [T, S, E] (``router_product.partial_logits``) and bias
+    float32 [E] or None as inputs; outputs weights float32 [N], ids int32 [N] (written by
+    each assignment's first strip) and logits float32 [T, E] (by each token's first item).
+
+    Every item adds its token's S partials and runs the top-k of ``router_topk.choose``
+    itself: the same instructions on the same data in every program, so all agree on the
+    choice bit for bit, and no launch or cross-program sync sits between router and experts.
+    """
+
+    def __init__(self, partials, bias, *, top_k, scoring, normalize_topk):
+        self.T, self.S, self.E = partials.shape
+        self.top_k, self.scoring, self.normalize_topk = top_k, scoring, normalize_topk
+        self.has_bias = bias is not None
+        self.inputs = (partials,) if bias is None else (partials, bias)
+        N = self.T * top_k
+        self.out_shapes = (jax.ShapeDtypeStruct((N,), jnp.float32), jax.ShapeDtypeStruct((N,), jnp.int32),
+                           jax.ShapeDtypeStruct((self.T, self.E), jnp.float32))
+
+    def __call__(self, ins, outs, a, fb):
+        from pallas_kernels.triton import router_topk
+        E, top_k = self.E, self.top_k
+        Ep, Sp = gmm_plan.next_pow2(max(E, 2)), gmm_plan.next_pow2(max(self.S, 2))
+        part_ref, bias_ref = ins if self.has_bias else (ins[0], None)
+        w_out, id_out, logit_out = outs
+        t, j = a // top_k, a % top_k
+        # Traced zero starts: Pallas rejects a static slice past an edge; the masks cover it.
+        e_cols = lax.broadcasted_iota(jnp.int32, (Ep,), 0) < E
+        s_rows = lax.broadcasted_iota(jnp.int32, (Sp,), 0) < self.S
+        parts = plgpu.load(part_ref.at[t, pl.ds(t * 0, Sp), pl.ds(t * 0, Ep)],
+                           mask=s_rows[:, None] & e_cols[None, :], other=0.0)
+        logits = jnp.sum(parts, axis=0)
+        bias = None if bias_ref is None else plgpu.load(bias_ref.at[pl.ds(t * 0, Ep)], mask=e_cols, other=0.0)
+        ids, scores = router_topk.choose(logits, bias, E=E, top_k=top_k, scoring=self.scoring)
+        weights = router_topk.normalised(scores, self.normalize_topk)
+        e, wt = ids[0], weights[0]
+        for jj in range(1, top_k):
+            e, wt = jnp.where(j == jj, ids[jj], e), jnp.where(j == jj, weights[jj], wt)
+
+        @pl.when(fb == 0)
+        def _():
+            id_out[a] = e
+            w_out[a] = wt
+
+        @pl.when((fb == 0) & (j == 0))
+        def _():
+            plgpu.store(logit_out.at[t, pl.ds(t * 0, Ep)], logits, mask=e_cols)
+
+        return e, wt
+
+
 def experts_by_id(x, weights, ids, w_gate, w_up, w_down, *, top_k: int, tiles: DecodeTiles | None = None,
                   interpret: bool = False):
     """y float32 [T, D] = sum_j weights[t k + j] * SwiGLU_{ids[t k + j]}(x[t]).
@@ -69,8 +132,30 @@ def experts_by_id(x, weights, ids, w_gate, w_up, w_down, *, top_k: int, tiles: D
     [0, E) skips the assignment: zeros, no weight traffic);
     w_gate/w_up [E, D, F], w_down [E, F, D] in x.dtype.
     """
+    y, = _launch(_ByIds(ids, weights), x, w_gate, w_up, w_down, top_k=top_k, tiles=tiles, interpret=interpret)
+    return y
+
+
+def routed_experts(x, partials, bias, w_gate, w_up, w_down, *, top_k: int, scoring: str, normalize_topk: bool,
+                   tiles: DecodeTiles | None = None, interpret: bool = False):
+    """Routing and experts in one launch: -> (y float32 [T, D], weights float32 [T, k],
+    ids int32 [T, k], logits float32 [T, E]).
+
+    partials float32 [T, S, E] (the router product's split partials,
+    :func:`pallas_kernels.triton.router_product.partial_logits`); bias float32 [E] or None;
+    the choice and weights are those of ``router_topk`` on the logits (their sum over S).
+    """
+    T = x.shape[0]
+    source = _Routed(partials, bias, top_k=top_k, scoring=scoring, normalize_topk=normalize_topk)
+    y, weights, ids, logits = _launch(source, x, w_gate, w_up, w_down, top_k=top_k, tiles=tiles, interpret=interpret)
+    return y, weights.reshape(T, top_k), ids.reshape(T, top_k), logits
+
+
+def _launch(source, x, w_gate, w_up, w_down, *, top_k: int, tiles: DecodeTiles | None, interpret: bool):
+    """The persistent launch; ``source`` gives each item's (expert id, weight) and its extra
+    inputs and outputs. Returns (y float32 [T, D], *source's outputs)."""
     T, D = x.shape
-    N = ids.shape[0]
+    N = T * top_k
     E, F = w_gate.shape[0], w_gate.shape[2]
     tiles = tiles or TILES or default_tiles(N, F, num_sms())
     tn, tk, td = gmm_plan.pow2_block(F, tiles.tn), gmm_plan.pow2_block(D, tiles.tk), gmm_plan.pow2_block(D, tiles.td)
@@ -90,7 +175,11 @@ def experts_by_id(x, weights, ids, w_gate, w_up, w_down, *, top_k: int, tiles: D
         c = jnp.ones((shape[1],), jnp.bool_) if cols_ok is None else cols_ok
         return r[:, None] & c[None, :]
 
-    def kernel(ids_ref, w_ref, x_ref, wg_ref, wu_ref, wd_ref, o_ref):
+    n_in = len(source.inputs)
+
+    def kernel(*refs):
+        x_ref, wg_ref, wu_ref, wd_ref, o_ref = refs[n_in:n_in + 5]
+        src_in, src_out = refs[:n_in], refs[n_in + 5:]
         p = pl.program_id(0)
 
         def d_mask(d0):
@@ -98,7 +187,8 @@ def experts_by_id(x, weights, ids, w_gate, w_up, w_down, *, top_k: int, tiles: D
 
         def run_item(q):
             a, fb = q // nf, q % nf
-            e, wt, t = ids_ref[a], w_ref[a], a // top_k
+            e, wt = source(src_in, src_out, a, fb)
+            t = a // top_k
             live = (wt != 0) & (e >= 0) & (e < E)
             strip = pl.ds(fb * tn, tn)
             f_ok = (fb * tn + lax.broadcasted_iota(jnp.int32, (tn,), 0)) < F if mask_f else None
@@ -152,15 +242,15 @@ def experts_by_id(x, weights, ids, w_gate, w_up, w_down, *, top_k: int, tiles: D
         lax.fori_loop(0, per, walk, 0)
 
     itemsize = w_gate.dtype.itemsize
-    parts = pl.pallas_call(
+    parts, *extra = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((items, D), jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct((items, D), jnp.float32), *source.out_shapes],
         grid=(programs,),
         compiler_params=_compat.triton_compiler_params(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
         cost_estimate=pl.CostEstimate(flops=6 * N * D * F, transcendentals=N * F,
                                       bytes_accessed=3 * N * D * F * itemsize + 4 * items * D),
-        name=f"moe_decode_{tn}x{tk}x{td}",
-    )(ids, weights, x, w_gate, w_up, w_down)
+        name=f"moe_decode_{'routed_' if source.out_shapes else ''}{tn}x{tk}x{td}",
+    )(*source.inputs, x, w_gate, w_up, w_down)
     # Item q = (t k + j) nf + f: a token's k * nf partials are contiguous; summed in a fixed order.
-    return jnp.sum(parts.reshape(T, top_k * nf, D), axis=1)
+    return (jnp.sum(parts.reshape(T, top_k * nf, D), axis=1), *extra)

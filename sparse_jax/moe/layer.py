@@ -122,11 +122,14 @@ def moe_ffn(x, router_weights, w_gate, w_up, w_down, *, top_k: int, scoring: str
     T, D, E, F = check_moe_args(x, router_weights, w_gate, w_up, w_down, top_k=top_k, scoring=scoring, bias=bias,
                                 num_groups=num_groups, topk_groups=topk_groups, capacity_factor=capacity_factor,
                                 shared_expert=shared_expert, jitter=jitter, rng=rng)
-    if 0 < T <= DECODE_MAX_TOKENS and num_groups is None and jitter == 0.0:  # one routing launch at decode
-        padded = router_logits(x, router_weights, keep_padding=True)
-        weights, ids = ops.topk_routing(padded, top_k, scoring=scoring, normalize_topk=normalize_topk, bias=bias,
-                                        num_tokens=T, backend=backend, interpret=interpret)
-        logits = padded[:T]
+    # The decode path: routing and experts in two launches (ops.moe_decode). One token's k ids
+    # are distinct, so a capacity (>= 1 per expert) drops nothing there.
+    decode = (0 < T <= DECODE_MAX_TOKENS and num_groups is None and jitter == 0.0
+              and (capacity_factor is None or T == 1))
+    if decode:
+        y, weights, ids, logits = ops.moe_decode(x, router_weights, w_gate, w_up, w_down, top_k=top_k, scoring=scoring,
+                                                 normalize_topk=normalize_topk, bias=bias, backend=backend,
+                                                 interpret=interpret)
         r = routing_of_choice(logits, router_scores(logits, scoring), weights, ids, top_k, scoring)
     else:
         r = route(router_logits(x, router_weights), top_k, scoring=scoring, normalize_topk=normalize_topk, bias=bias,
@@ -138,7 +141,7 @@ def moe_ffn(x, router_weights, w_gate, w_up, w_down, *, top_k: int, scoring: str
         num_rows = max(min(T * top_k, E * cap), 1)
     if T == 0:
         y = jnp.zeros((0, D), jnp.float32)
-    else:
+    elif not decode:
         y = routed_experts(x, r.weights, r.expert_ids, w_gate, w_up, w_down, kept=kept, num_rows=num_rows,
                            backend=backend, interpret=interpret)
     if shared_expert is not None:
