@@ -24,6 +24,8 @@ Phases (each guarded by the budget; JSON rewritten after each, ``$OUT/tune_moe.j
 * ``decode_kernels`` -- T = 1: the decode kernel's GPU time alone (profiler) per candidate, beside
   XLA's copy and reduction of the same number of bytes; the router product's kernels per
   ``ROUTER_SPLITS`` candidate beside XLA's (padded GEMM, split-K sum, padding).
+* ``batches`` -- Qwen2-MoE T = 1: a step's us per layer against steps per host sync and its
+  GPU time (why the step phases time ~0.1 s batches, ``STEP_BATCH_S``).
 * ``mid`` -- Mixtral T = 512: the gate+up (fused / two gmm) and down matmuls under
   candidate tiles and policies (the 3x-ragged_dot goal needs ~1.05x the weight floor).
 * ``large`` -- T >= 512: ours (default, and the tile policies) vs ragged_dot vs the torch
@@ -61,7 +63,8 @@ from sparse_jax.moe.dispatch import expand, plan_dispatch  # noqa: E402
 
 MODELS = {**B.MODELS, **B.QUICK_MODELS}  # "tiny": the CPU smoke run
 RUN = TuneRun("tune_moe", {"errors": [], "breakdown": [], "tiles": [], "profile": [], "step": [], "mid": [], "large": [],
-                                "tgrad": [], "variants": [], "decode": [], "decode_kernels": []})
+                                "tgrad": [], "variants": [], "decode": [], "decode_kernels": [],
+                                "batches": []})
 
 def _named(*tiles: Tiles) -> dict[str, Tiles]:
     """Candidates keyed by a short label ("16x64x128w4s4", as the JSON rows and --tiles name them)."""
@@ -438,6 +441,31 @@ def _decode(models, tokens, L, names, profile_step):
         RUN.log(row)
 
 
+def batches(model="qwen2-57b-a14b", calls=200):
+    """T = 1 on the shipped path: us per layer of a 1- and an 8-layer step against steps per host
+    sync (1, 8, 64, ``calls``) and the profiler's GPU time (round 13's STEP_BATCH_S experiment;
+    run it again under ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` for no CUDA graphs)."""
+    import time
+    k, args, row = next(_step_cases([model], [1], 8))
+    row["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    layer = functools.partial(B._ours(None), top_k=k)
+    for L in (1, 8):
+        f = jax.jit(B.in_step(layer, L, unroll=True))
+        for pipe in (1, 8, 64):
+            row[f"L{L}_sync_every{pipe}_us_per_layer"] = round(timed(f, args, pipe)[0] * 1e3 / L, 2)
+        jax.block_until_ready(f(*args))
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(calls):
+            out = f(*args)
+        jax.block_until_ready(out)
+        row[f"L{L}_sync_every{calls}_us_per_layer"] = round((time.perf_counter() - t0) / calls / L * 1e6, 2)
+        ks = profile_kernels(B.in_step(layer, L, unroll=True), args, 20)
+        row[f"L{L}_gpu_us_per_layer"] = round(sum(r_.get("us_per_call", 0) for r_ in ks[1:]) / L, 2)
+    RUN.report["batches"].append(row)
+    RUN.log(row)
+
+
 MID_TILES = _named(Tiles(128, 256, 64, num_warps=8, num_stages=3), Tiles(128, 128, 64, num_warps=4, num_stages=4),
                    Tiles(128, 128, 64, num_warps=8, num_stages=4), Tiles(64, 256, 64, num_warps=8, num_stages=3),
                    Tiles(64, 128, 128, num_warps=4, num_stages=4), Tiles(128, 256, 64, num_warps=8, num_stages=4))
@@ -572,6 +600,8 @@ def main():
         RUN.guard("decode", 30)(decode)(models, [int(t) for t in a.decode_tokens.split(",")],
                                         names=a.decode_tiles.split(",") if a.decode_tiles else None,
                                         profile_step=a.profile_step)
+    if "batches" in phases:
+        RUN.guard("batches", 30)(batches)("tiny" if models == ["tiny"] else "qwen2-57b-a14b")
     if "mid" in phases:
         RUN.guard("mid", 30)(mid)("tiny" if models == ["tiny"] else "mixtral-8x7b", big[0])
     if "large" in phases:

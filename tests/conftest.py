@@ -80,6 +80,14 @@ def tolerance(dtype, *, interpret: bool | None = None) -> float:
     return 2e-2
 
 
+def kernel_names(exported) -> set[str]:
+    """Names of the Pallas kernels in a ``jax.export`` result (its custom calls' ``name``;
+    the module's source locations, which name test files, are not searched)."""
+    import re
+    return {name for line in exported.mlir_module().splitlines() if "stablehlo.custom_call" in line
+            for name in re.findall(r'\bname = "([A-Za-z0-9_]+)"', line)}
+
+
 def rel_err(x, ref) -> float:
     x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
     ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)

@@ -2,11 +2,16 @@
 
 At decode the router product x [T, D] @ W [D, E] is a few hundred KB of weights (Qwen2-MoE:
 3584 x 64 bf16, 459 KB) and no arithmetic. XLA:GPU runs it as a GEMM on rows padded to 8, a
-split-K reduction and the padding: three launches, ~5 us on an H100 (round 12 profile). Here
+split-K reduction and the padding: three launches, 5.1-5.7 us of GPU time on an H100. Here
 S programs per (token, expert block) each stream ``rows`` rows of W and write a float32
 partial product: partials [T, S, E]. The logits are their sum over S; the fused
 decode kernel (:mod:`pallas_kernels.triton.moe_decode`) adds them in its routing prologue,
 so the product costs one launch and the reduction none.
+
+H100 round 13 (benchmarks/notes/moe_decode.md), GPU time alone at T = 1: 32 splits of 128 rows
+(shipped) 1.5 / 1.7 / 2.6 us for Mixtral / Qwen2-MoE / DeepSeek-V3; 16 splits 2.0 / 2.3 / 3.3;
+64 splits 1.4 / 1.5 / 2.4, but the decode kernel's prologue then reads twice the partials (the
+whole op: 32 and 64 splits within 0.4 us of each other).
 
 The products run in the promoted dtype of x and W with float32 accumulation (as
 :func:`sparse_jax.moe.routing.router_logits`), float32 at full precision (no TF32: the

@@ -29,13 +29,14 @@ def shared_expert_ffn(x, w_gate, w_up, w_down):
     return jnp.dot(h, w_down, preferred_element_type=f32)
 
 
-# Up to this many tokens the experts run by id (ops.experts_by_id: one launch, each
-# assignment streams its expert's weights) instead of sort -> grouped matmuls -> combine
-# (~20 launches). At one token the k ids are distinct, so no expert is read twice; at two or
-# more, ids repeat (Mixtral: 2 tokens x top-2 of 8) and the grouped path reads each expert once.
-# H100 round 12 (benchmarks/notes/moe_decode.md), ms per layer in a decode step, decode path vs
-# grouped: T = 1 Mixtral 0.272 vs 0.286, Qwen2-MoE 0.097 vs 0.138, DeepSeek-V3 0.265 vs 0.291;
-# T = 2 Mixtral 0.508 vs 0.462, Qwen2-MoE 0.207 vs 0.200 (DeepSeek-V3 0.510 vs 0.535).
+# Up to this many tokens the layer runs ops.moe_decode (router product, then routing and experts
+# in one launch: each assignment streams its expert's weights) instead of sort -> grouped
+# matmuls -> combine (~20 launches). At one token the k ids are distinct, so no expert is read
+# twice; at two or more, ids repeat (Mixtral: 2 tokens x top-2 of 8) and the grouped path reads
+# each expert once. H100, ms per layer in a decode step (benchmarks/notes/moe_decode.md), decode
+# path vs grouped: T = 1 (round 13) Mixtral 0.253 vs 0.266, Qwen2-MoE 0.088 vs 0.125,
+# DeepSeek-V3 0.247 vs 0.272; T = 2 (round 12) Mixtral 0.508 vs 0.462, Qwen2-MoE 0.207 vs 0.200
+# (DeepSeek-V3 0.510 vs 0.535).
 DECODE_MAX_TOKENS = 1
 
 

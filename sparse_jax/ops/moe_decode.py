@@ -151,7 +151,8 @@ def moe_decode(x, router_weights, w_gate, w_up, w_down, *, top_k: int, scoring: 
     """The routed MoE for a few tokens: routing and experts by id.
 
     x [T, D] (float32/bfloat16/float16); router_weights [D, E] (any float dtype: the product
-    runs in the promoted dtype with float32 accumulation, as ``router_logits``); w_gate/w_up
+    runs in the promoted dtype with float32 accumulation, as ``router_logits``; a float32
+    product at full precision on Triton, at XLA's default elsewhere); w_gate/w_up
     [E, D, F], w_down [E, F, D] in x.dtype; bias float [E] or None (selection only).
     Returns (y float32 [T, D], weights float32 [T, k], expert_ids int32 [T, k], logits
     float32 [T, E]): the choice of :func:`sparse_jax.ops.topk_routing` on the logits and

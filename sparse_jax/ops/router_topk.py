@@ -1,8 +1,9 @@
 """topk_routing: a few tokens' top-k expert choice and combine weights in one kernel launch.
 
-The decode path of :func:`sparse_jax.moe.moe_ffn` (as ``experts_by_id`` is for the experts):
-the same choice as :func:`sparse_jax.moe.routing.select_experts` without group limits or
-jitter (the layer keeps the jnp routing for those). Backends: ``triton``
+The routing half of :func:`sparse_jax.ops.moe_decode` as an op of its own, for logits made
+elsewhere (``experts_by_id`` is the experts' half; ``moe_decode`` runs the same top-k inside its
+expert kernel): the same choice as :func:`sparse_jax.moe.routing.select_experts` without group
+limits or jitter. Backends: ``triton``
 (``pallas_kernels.triton.router_topk``); ``xla`` and ``mosaic_tpu`` run the jnp routing
 itself (on a TPU XLA's own top-k is what runs: there is no Mosaic kernel for it).
 
