@@ -177,8 +177,8 @@ def test_no_tokens(kernel_backend):
 
 @pytest.mark.parametrize("change, match", [
     (dict(x=jnp.zeros((8,))), "x must be"),
-    (dict(rw=jnp.zeros((7, 4))), "router_weights \\[D, E\\]"),
-    (dict(rw=jnp.zeros((8, 5))), "experts"),
+    (dict(rw=jnp.zeros((7, 4))), "router_weights must be \\[D, E\\] = \\(8, 4\\); got \\(7, 4\\)"),
+    (dict(rw=jnp.zeros((8, 5))), "router_weights must be \\[D, E\\] = \\(8, 4\\); got \\(8, 5\\)"),
     (dict(rw=jnp.zeros((8, 4), jnp.int32)), "floating"),
     (dict(wd=jnp.zeros((4, 8, 16))), "w_down"),
     (dict(k=5), "top_k"),

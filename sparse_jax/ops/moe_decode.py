@@ -63,15 +63,6 @@ def _experts_bwd(backend, interpret, top_k, res, gy):
 _experts.defvjp(_experts_fwd, _experts_bwd)
 
 
-def _check_experts(x, w_gate, w_up, w_down):
-    E, D, F = w_gate.shape
-    if x.shape[1] != D or w_up.shape != (E, D, F) or w_down.shape != (E, F, D):
-        raise ValueError(f"expected w_gate/w_up [E, {x.shape[1]}, F] and w_down [E, F, {x.shape[1]}]; got "
-                         f"{tuple(w_gate.shape)}, {tuple(w_up.shape)}, {tuple(w_down.shape)}")
-    if not all(w.dtype == x.dtype for w in (w_gate, w_up, w_down)):
-        raise ValueError(f"expert weights must have x's dtype {x.dtype}")
-
-
 def experts_by_id(x, weights, expert_ids, w_gate, w_up, w_down, *, backend: str | None = None,
                   interpret: bool = False):
     """y[t] = sum_j weights[t, j] * SwiGLU_{expert_ids[t, j]}(x[t]) -> float32 [T, D].
@@ -86,8 +77,12 @@ def experts_by_id(x, weights, expert_ids, w_gate, w_up, w_down, *, backend: str 
                          f"{tuple(weights.shape)}, {tuple(expert_ids.shape)}")
     if not jnp.issubdtype(expert_ids.dtype, jnp.integer):
         raise ValueError(f"expert_ids must be integers; got {expert_ids.dtype}")
-    _check_experts(x, w_gate, w_up, w_down)
     E, D, F = w_gate.shape
+    if x.shape[1] != D or w_up.shape != (E, D, F) or w_down.shape != (E, F, D):
+        raise ValueError(f"expected w_gate/w_up [E, {x.shape[1]}, F] and w_down [E, F, {x.shape[1]}]; got "
+                         f"{tuple(w_gate.shape)}, {tuple(w_up.shape)}, {tuple(w_down.shape)}")
+    if not all(w.dtype == x.dtype for w in (w_gate, w_up, w_down)):
+        raise ValueError(f"expert weights must have x's dtype {x.dtype}")
     name = backends.resolve(backend, op="experts_by_id", supported=(backends.TRITON, backends.MOSAIC_TPU,
                                                                      backends.XLA))
     k = expert_ids.shape[1]
@@ -159,18 +154,12 @@ def moe_decode(x, router_weights, w_gate, w_up, w_down, *, top_k: int, scoring: 
     y[t] = sum_j weights[t, j] * SwiGLU_{expert_ids[t, j]}(x[t]) as ``experts_by_id``.
     Differentiable in x, router_weights (through the weights and the logits) and the expert
     weights; meant for the tokens of one decode step (each assignment streams its expert).
+    Arguments are checked as :func:`sparse_jax.moe.moe_ffn` checks them.
     """
     from sparse_jax.moe import routing
-    if x.ndim != 2 or router_weights.ndim != 2 or router_weights.shape[0] != x.shape[1]:
-        raise ValueError(f"x must be [T, D] and router_weights [D, E]; got {tuple(x.shape)}, "
-                         f"{tuple(router_weights.shape)}")
-    if not jnp.issubdtype(router_weights.dtype, jnp.floating):
-        raise ValueError(f"router_weights must be floating; got {router_weights.dtype}")
-    _check_experts(x, w_gate, w_up, w_down)
-    E = w_gate.shape[0]
-    if router_weights.shape[1] != E:
-        raise ValueError(f"router_weights has {router_weights.shape[1]} experts, the expert weights {E}")
-    routing.check_route_args(E, top_k, scoring, bias, None, None, 0.0, None)
+    from sparse_jax.moe._checks import check_moe_args
+    check_moe_args(x, router_weights, w_gate, w_up, w_down, top_k=top_k, scoring=scoring, bias=bias, num_groups=None,
+                   topk_groups=None, capacity_factor=None, shared_expert=None, jitter=0.0, rng=None)
     name = backends.resolve(backend, op="moe_decode", supported=(backends.TRITON, backends.MOSAIC_TPU, backends.XLA))
     T, D = x.shape
     if 0 in (T, D, w_gate.shape[2]):  # nothing to route or stream (a kernel grid cannot be empty)
