@@ -4,11 +4,9 @@ Work items and their math: :mod:`pallas_kernels.common.decode_plan`. The launch 
 persistent (``decode_plan.persistent_schedule``): programs walk items ``p, p + P, ...``.
 An item has two loops over D: gate/up steps (a [tk, tn] strip block of each weight against
 tk entries of x) and down steps (a [tn, td] block of the strip's w_down rows -> td columns
-of the item's float32 partial). A row vector goes through ``tl.dot`` broadcast to 16 MMA
-rows (its smallest M): the tensor cores do 16x the arithmetic of a GEMV, which costs nothing
-in a launch bound by streaming weights, and it keeps both loops' loads in Triton's software
-pipeline (a dot's operands are pipelined with ``num_stages`` buffers). All 16 rows are equal;
-``max`` over them picks one exactly.
+of the item's float32 partial). Both are row-vector products on the tensor cores
+(:mod:`pallas_kernels.triton.row_vector`), which keeps both loops' loads in Triton's software
+pipeline.
 
 Refs are whole arrays (no BlockSpec). Loads of full blocks carry no mask; only a dimension
 that the block does not divide (static) is masked (H100 round 12: the same times as masking
@@ -32,11 +30,10 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import decode_plan, gmm_plan
 from pallas_kernels.common.decode_plan import DecodeTiles
-from pallas_kernels.triton import router_topk
+from pallas_kernels.triton import router_topk, row_vector
 from pallas_kernels.triton.gmm import num_sms
 from sparse_jax import _compat
 
-ROWS = 16  # the broadcast row count (tl.dot's minimum M)
 # H100 round 12 (benchmarks/notes/moe_decode.md; the kernel alone at T = 1): 128-column strips
 # stream 256-byte runs of each gate/up weight row and match XLA's own one-launch read of as many
 # bytes (705 MB: Mixtral 238-242 us, DeepSeek-V3 233 us; XLA's reduction 238 us); 64-column
@@ -53,14 +50,9 @@ SMEM_PER_SM = 232448  # bytes an H100 SM gives its resident programs
 def resident_programs(tiles: DecodeTiles, tn: int, tk: int, td: int, itemsize: int) -> int:
     """Programs per SM: ``tiles.programs_per_sm``, fewer if their pipeline buffers (num_stages - 1
     in flight per loop, the larger loop's) do not fit the SM's shared memory together."""
-    per_stage = max(2 * tk * tn + ROWS * tk, tn * td + ROWS * tn) * itemsize
+    per_stage = max(2 * tk * tn + row_vector.ROWS * tk, tn * td + row_vector.ROWS * tn) * itemsize
     smem = (tiles.num_stages - 1) * per_stage + 1024 * 4  # + Triton's scratch (layout conversions)
     return max(1, min(tiles.programs_per_sm, SMEM_PER_SM // smem))
-
-
-def _rows(v):
-    """[n] -> [ROWS, n]: the vector broadcast to the MMA's rows."""
-    return jnp.broadcast_to(v[None, :], (ROWS, v.shape[0]))
 
 
 def default_tiles(num_assignments: int, F: int, sms: int) -> DecodeTiles:
@@ -173,14 +165,6 @@ def _launch(source, x, w_gate, w_up, w_down, *, top_k: int, tiles: DecodeTiles |
 
     mask_k, mask_f, mask_d = D % tk != 0, F % tn != 0, D % td != 0  # static: full blocks load unmasked
 
-    def mask2(rows_ok, cols_ok, shape):
-        """[r, c] mask from optional row and column masks (None: no mask at all)."""
-        if rows_ok is None and cols_ok is None:
-            return None
-        r = jnp.ones((shape[0],), jnp.bool_) if rows_ok is None else rows_ok
-        c = jnp.ones((shape[1],), jnp.bool_) if cols_ok is None else cols_ok
-        return r[:, None] & c[None, :]
-
     n_in = len(source.inputs)
 
     def kernel(*refs):
@@ -203,24 +187,24 @@ def _launch(source, x, w_gate, w_up, w_down, *, top_k: int, tiles: DecodeTiles |
                 k0 = pl.multiple_of(kb * tk, tk)
                 k_ok = (k0 + lax.broadcasted_iota(jnp.int32, (tk,), 0)) < D if mask_k else None
                 xr = plgpu.load(x_ref.at[t, pl.ds(k0, tk)], mask=k_ok, other=None if k_ok is None else 0.0)
-                mask = mask2(k_ok, f_ok, (tk, tn))
+                mask = row_vector.block_mask(k_ok, f_ok, (tk, tn))
                 other = None if mask is None else 0.0
                 wg = plgpu.load(wg_ref.at[e, pl.ds(k0, tk), strip], mask=mask, other=other)
                 wu = plgpu.load(wu_ref.at[e, pl.ds(k0, tk), strip], mask=mask, other=other)
-                xa = _rows(xr)
+                xa = row_vector.rows(xr)
                 return (accs[0] + jnp.dot(xa, wg, preferred_element_type=jnp.float32),
                         accs[1] + jnp.dot(xa, wu, preferred_element_type=jnp.float32))
 
             @pl.when(live)
             def _compute():
-                zero = jnp.zeros((ROWS, tn), jnp.float32)
+                zero = jnp.zeros((row_vector.ROWS, tn), jnp.float32)
                 g, u = lax.fori_loop(0, nk, gate_up_step, (zero, zero))
-                h = _rows((gmm_plan.silu(jnp.max(g, axis=0)) * jnp.max(u, axis=0)).astype(h_dtype))
+                h = row_vector.rows((gmm_plan.silu(jnp.max(g, axis=0)) * jnp.max(u, axis=0)).astype(h_dtype))
 
                 def down_step(db, carry):
                     d0 = pl.multiple_of(db * td, td)
                     d_ok = d_mask(d0)
-                    mask = mask2(f_ok, d_ok, (tn, td))
+                    mask = row_vector.block_mask(f_ok, d_ok, (tn, td))
                     wd = plgpu.load(wd_ref.at[e, strip, pl.ds(d0, td)], mask=mask, other=None if mask is None else 0.0)
                     y = jnp.max(jnp.dot(h, wd, preferred_element_type=jnp.float32), axis=0)
                     plgpu.store(o_ref.at[q, pl.ds(d0, td)], wt * y, mask=d_ok)

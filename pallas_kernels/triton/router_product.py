@@ -15,8 +15,9 @@ whole op: 32 and 64 splits within 0.4 us of each other).
 
 The products run in the promoted dtype of x and W with float32 accumulation (as
 :func:`sparse_jax.moe.routing.router_logits`), float32 at full precision (no TF32: the
-router decides which experts run). A row vector goes through ``tl.dot`` broadcast to 16 MMA
-rows, as in the decode kernel: its loads then ride Triton's software pipeline.
+router decides which experts run). The products are row-vector products on the tensor cores
+(:mod:`pallas_kernels.triton.row_vector`), as in the decode kernel: its loads then ride
+Triton's software pipeline.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import gmm_plan
+from pallas_kernels.triton import row_vector
 from sparse_jax import _compat
 
-ROWS = 16  # the broadcast row count (tl.dot's minimum M)
 MAX_SPLITS = 32  # partials per logit at most: the decode kernel's prologue reads all of them
 STEP_ROWS = 128  # D rows per pipelined step
 EXPERT_BLOCK = 64  # expert columns per program: 128-byte runs of a bf16 router row
@@ -77,16 +78,12 @@ def partial_logits(x, router_weights, *, interpret: bool = False):
             k0 = pl.multiple_of(s * rows + i * tk, tk)
             k_ok = (k0 + lax.broadcasted_iota(jnp.int32, (tk,), 0)) < D if ragged_d else None
             xr = plgpu.load(x_ref.at[t, pl.ds(k0, tk)], mask=k_ok, other=None if k_ok is None else 0)
-            if k_ok is None and e_ok is None:
-                mask = None
-            else:
-                mask = ((jnp.ones((tk,), jnp.bool_) if k_ok is None else k_ok)[:, None]
-                        & (jnp.ones((be,), jnp.bool_) if e_ok is None else e_ok)[None, :])
+            mask = row_vector.block_mask(k_ok, e_ok, (tk, be))
             w = plgpu.load(w_ref.at[pl.ds(k0, tk), cols], mask=mask, other=None if mask is None else 0)
-            xa = jnp.broadcast_to(xr.astype(dtype)[None, :], (ROWS, tk))
-            return acc + jnp.dot(xa, w.astype(dtype), precision=precision, preferred_element_type=jnp.float32)
+            return acc + jnp.dot(row_vector.rows(xr.astype(dtype)), w.astype(dtype), precision=precision,
+                                 preferred_element_type=jnp.float32)
 
-        acc = lax.fori_loop(0, steps, step, jnp.zeros((ROWS, be), jnp.float32))
+        acc = lax.fori_loop(0, steps, step, jnp.zeros((row_vector.ROWS, be), jnp.float32))
         plgpu.store(o_ref.at[t, s, cols], jnp.max(acc, axis=0), mask=e_ok)
 
     return pl.pallas_call(
